@@ -1,0 +1,91 @@
+"""Typed errors of chunkfs.
+
+Lower layers raise these; only the edges translate them (``fs.py`` into errno via
+``FUSEError``, ``csi/`` into gRPC status codes, ``cli.py`` into an exit status), so
+every layer below the edges stays free of protocol concerns.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+
+class ChunkfsError(Exception):
+    """Base of every error chunkfs raises on purpose; ``errno`` is what FUSE returns."""
+
+    errno: int = errno.EIO
+
+
+class InvalidArgument(ChunkfsError):
+    errno = errno.EINVAL
+
+
+class VolumeNotFound(ChunkfsError):
+    errno = errno.ENOENT
+
+
+class VolumeExists(ChunkfsError):
+    errno = errno.EEXIST
+
+    def __init__(self, message: str, existing: Any = None) -> None:
+        super().__init__(message)
+        self.existing = existing
+
+
+class SnapshotNotFound(ChunkfsError):
+    errno = errno.ENOENT
+
+
+class SnapshotExists(ChunkfsError):
+    errno = errno.EEXIST
+
+    def __init__(self, message: str, existing: Any = None) -> None:
+        super().__init__(message)
+        self.existing = existing
+
+
+class NoSpace(ChunkfsError):
+    """The volume's capacity would be exceeded."""
+
+    errno = errno.ENOSPC
+
+
+class Fenced(ChunkfsError):
+    """This mount's writer epoch was superseded: another node owns the volume now."""
+
+    errno = errno.EIO
+
+
+class ReadOnly(ChunkfsError):
+    errno = errno.EROFS
+
+
+class MetaUnavailable(ChunkfsError):
+    """Redis could not be reached (after retries)."""
+
+    errno = errno.EIO
+
+
+class StorageUnavailable(ChunkfsError):
+    """The object store could not be reached (after retries)."""
+
+    errno = errno.EIO
+
+
+class NoSuchObject(ChunkfsError):
+    errno = errno.EIO
+
+
+class CorruptObject(ChunkfsError):
+    """An object's content does not match its content address."""
+
+    errno = errno.EIO
+
+
+class FsError(ChunkfsError):
+    """A POSIX error from the metadata layer (ENOENT, EEXIST, ENOTEMPTY, ...)."""
+
+    def __init__(self, err: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(err, str(err)))
+        self.errno = err

@@ -1,0 +1,269 @@
+"""Metadata of one mounted volume, over Redis.
+
+The key schema is documented in ``chunkfs.meta.schema``; every mutation is one Lua
+script from ``chunkfs.meta.scripts`` (atomic, fenced by the writer epoch). This module
+adds the client-side policy: retries with backoff while Redis is unreachable (bounded
+by ``deadline``), waiting out a snapshot freeze, and translating script error codes
+into typed exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chunkfs.config import redact_url
+from chunkfs.errors import Fenced, FsError, MetaUnavailable, NoSpace, ReadOnly
+from chunkfs.meta import scripts
+from chunkfs.meta.schema import ATTR_FIELDS, Attr, BlockEntry, Keys
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_ERRNO_CODES = {name: getattr(errno, name) for name in (
+    "ENOENT", "EEXIST", "ENOTEMPTY", "ENOTDIR", "EISDIR", "EINVAL", "EPERM", "ENODATA")}
+_FROZEN_WAIT = 30.0
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url``; short socket timeouts so a dead Redis is noticed quickly."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5,
+        health_check_interval=30, max_connections=64)
+
+
+def translate(exc: ResponseError) -> Exception:
+    code = str(exc).split()[0] if str(exc) else ""
+    if code in _ERRNO_CODES:
+        return FsError(_ERRNO_CODES[code])
+    if code == "FENCED":
+        return Fenced("this mount's writer lease was revoked (volume published to another node)")
+    if code == "ENOSPC":
+        return NoSpace("volume capacity exceeded")
+    if code == "EROFS":
+        return ReadOnly("snapshots are read-only")
+    if code == "NOVOL":
+        return FsError(errno.ESTALE, "volume was deleted")
+    return exc
+
+
+@dataclass
+class MetaStats:
+    requests: int = 0
+    errors: int = 0
+    latency_sum: float = 0.0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        avg = self.latency_sum / self.requests if self.requests else 0.0
+        return {"requests": self.requests, "errors": self.errors,
+                "avg_latency_ms": round(avg * 1000, 3), "by_op": dict(self.by_op)}
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
+                       stats: MetaStats | None = None, op: str = "") -> T:
+    """Run ``call``, retrying connection failures and snapshot freezes until ``deadline``."""
+    limit = time.monotonic() + deadline
+    frozen_limit = time.monotonic() + _FROZEN_WAIT
+    delay = 0.02
+    while True:
+        start = time.monotonic()
+        try:
+            result = await call()
+            if stats is not None:
+                stats.requests += 1
+                stats.latency_sum += time.monotonic() - start
+                stats.by_op[op] = stats.by_op.get(op, 0) + 1
+            return result
+        except ResponseError as exc:
+            if str(exc).startswith("FROZEN") and time.monotonic() < frozen_limit:
+                await asyncio.sleep(0.01 + random.random() * 0.02)
+                continue
+            raise translate(exc) from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            if stats is not None:
+                stats.errors += 1
+            if time.monotonic() + delay > limit:
+                raise MetaUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
+            log.warning("redis retry", extra={"op": op, "error": type(exc).__name__})
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class VolumeMeta:
+    """Metadata operations of one volume namespace, as seen by one mount."""
+
+    def __init__(self, client: aioredis.Redis, ns: str, *, epoch: str, session: str,
+                 read_only: bool = False, deadline: float = 60.0) -> None:
+        self.r = client
+        self.keys = Keys(ns)
+        self.epoch = epoch
+        self.session = session
+        self.read_only = read_only
+        self.deadline = deadline
+        self.stats = MetaStats()
+        self._scripts = {name: client.register_script(getattr(scripts, name)) for name in (
+            "LOOKUP", "CREATE", "LINK", "UNLINK", "RENAME", "SETATTR", "TRUNCATE",
+            "COMMIT", "XATTR", "PURGE")}
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        if self.read_only and name not in ("LOOKUP",):
+            raise ReadOnly("mounted read-only")
+        script = self._scripts[name]
+        return await with_retries(lambda: script(keys=keys, args=args), deadline=self.deadline,
+                                  stats=self.stats, op=name.lower())
+
+    async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        return await with_retries(call, deadline=self.deadline, stats=self.stats, op=op)
+
+    # ---- reads -------------------------------------------------------------------
+    async def volume_state(self) -> dict[str, bytes]:
+        raw = await self._call("vol", lambda: self.r.hgetall(self.keys.vol))
+        return {k.decode(): v for k, v in raw.items()}
+
+    async def getattr(self, ino: int) -> Attr:
+        values = await self._call("getattr", lambda: self.r.hmget(self.keys.inode(ino), ATTR_FIELDS))
+        attr = Attr.from_fields(ino, values)
+        if attr is None:
+            raise FsError(errno.ENOENT)
+        return attr
+
+    async def getattrs(self, inos: Iterable[int]) -> list[Attr | None]:
+        inos = list(inos)
+
+        async def call() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for ino in inos:
+                pipe.hmget(self.keys.inode(ino), ATTR_FIELDS)
+            return await pipe.execute()
+
+        rows = await self._call("getattrs", call) if inos else []
+        return [Attr.from_fields(ino, row) for ino, row in zip(inos, rows, strict=True)]
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        res = await self._run("LOOKUP", [self.keys.dir(parent)], [name, self.keys.prefix])
+        if res is None:
+            raise FsError(errno.ENOENT)
+        attr = Attr.from_fields(int(res[0]), res[1])
+        if attr is None:
+            raise FsError(errno.ENOENT)
+        return attr
+
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
+        raw = await self._call("readdir", lambda: self.r.hgetall(self.keys.dir(ino)))
+        return sorted((name, int(child)) for name, child in raw.items())
+
+    async def readlink(self, ino: int) -> bytes:
+        target = await self._call("readlink", lambda: self.r.hget(self.keys.inode(ino), "l"))
+        if target is None:
+            raise FsError(errno.EINVAL)
+        return target
+
+    async def file_data(self, ino: int) -> tuple[bytes | None, dict[int, BlockEntry]]:
+        """Inline data (None when the file uses blocks) and the block map of a file."""
+        async def call() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(self.keys.inode(ino), "d")
+            pipe.hgetall(self.keys.blocks(ino))
+            return await pipe.execute()
+
+        inline, raw = await self._call("file_data", call)
+        return inline, {int(k): BlockEntry.parse(v) for k, v in raw.items()}
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        return await self._call("getxattr", lambda: self.r.hget(self.keys.xattr(ino), name))
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self._call("listxattr", lambda: self.r.hkeys(self.keys.xattr(ino)))
+
+    # ---- mutations ---------------------------------------------------------------
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
+                     rdev: int = 0, target: bytes = b"", inline: bool = False) -> Attr:
+        now = now_ns()
+        is_dir = (mode & 0o170000) == 0o040000
+        ino = await self._run(
+            "CREATE",
+            [self.keys.vol, self.keys.dir(parent), self.keys.inode(parent), self.keys.idx],
+            [self.epoch, name, mode, uid, gid, rdev, now, target, self.keys.prefix,
+             "1" if is_dir else "0", parent, "1" if inline else "0"])
+        return Attr(int(ino), mode, uid, gid, 2 if is_dir else 1, len(target), now, now, now, rdev)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> None:
+        await self._run("LINK", [self.keys.vol, self.keys.dir(parent), self.keys.inode(parent),
+                                 self.keys.inode(ino)], [self.epoch, name, ino, now_ns()])
+
+    async def unlink(self, parent: int, name: bytes, *, is_dir: bool,
+                     keep_if_open: bool) -> tuple[int, int]:
+        """Remove an entry; returns (inode, links left). Orphans it when ``keep_if_open``."""
+        ino, left = await self._run(
+            "UNLINK", [self.keys.vol, self.keys.dir(parent), self.keys.inode(parent)],
+            [self.epoch, name, "1" if is_dir else "0", now_ns(), self.keys.prefix,
+             "1" if keep_if_open else "0", self.session])
+        return int(ino), int(left)
+
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int, name_new: bytes,
+                     flags: int, *, keep_if_open: bool) -> tuple[int, int]:
+        """Returns (replaced inode or 0, links it has left)."""
+        k = self.keys
+        replaced, left = await self._run(
+            "RENAME", [k.vol, k.dir(parent_old), k.dir(parent_new), k.inode(parent_old),
+                       k.inode(parent_new)],
+            [self.epoch, name_old, name_new, flags, now_ns(), k.prefix,
+             "1" if keep_if_open else "0", self.session, parent_old, parent_new])
+        return int(replaced), int(left)
+
+    async def setattr(self, ino: int, fields: dict[str, int]) -> None:
+        args: list[Any] = [self.epoch]
+        for key, value in fields.items():
+            args += [key, value]
+        await self._run("SETATTR", [self.keys.vol, self.keys.inode(ino)], args)
+
+    async def truncate(self, ino: int, size: int, block_size: int) -> None:
+        await self._run("TRUNCATE", [self.keys.vol, self.keys.inode(ino), self.keys.blocks(ino)],
+                        [self.epoch, size, block_size, now_ns()])
+
+    async def commit(self, ino: int, *, size: int, entries: dict[int, BlockEntry | None] | None = None,
+                     inline: bytes | None = None) -> None:
+        """Make new data visible atomically: an inline body, or a set of block entries."""
+        args: list[Any] = [self.epoch, now_ns(), size]
+        if inline is not None:
+            args += ["I", inline]
+        else:
+            args += ["B", ""]
+            for idx, entry in sorted((entries or {}).items()):
+                args += [idx, entry.encode() if entry else ""]
+        await self._run("COMMIT", [self.keys.vol, self.keys.inode(ino), self.keys.blocks(ino)], args)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],
+                        [self.epoch, name, value, flags, now_ns(), "0"])
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],
+                        [self.epoch, name, b"", 0, now_ns(), "1"])
+
+    async def purge(self, ino: int) -> None:
+        if self.read_only:
+            return
+        script = self._scripts["PURGE"]
+        await self._call("purge", lambda: script(keys=[self.keys.vol],
+                                                 args=[self.keys.prefix, ino]))
+
+
+def describe(url: str) -> str:
+    return redact_url(url)

@@ -1,0 +1,124 @@
+"""The Redis key schema of chunkfs: the one place where keys are built.
+
+Global keys (one of each per Redis database):
+
+    cfs:volumes            HASH  volume name   -> namespace id
+    cfs:snapshots          HASH  snapshot name -> namespace id
+
+Per namespace (a volume or a snapshot); every key carries the namespace id as its
+Redis Cluster hash tag, so every multi-key script of one volume runs on one shard:
+
+    cfs{ID}:vol            HASH  name, kind (volume|snapshot), capacity, used (bytes held by
+                                 block entries and inline data), inodes, next_ino, epoch
+                                 (writer epoch, bumped by every lease hand-over), writer
+                                 (node id or ""), created (unix s), block_size, source,
+                                 frozen (snapshot in progress: writers wait), version
+    cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
+    cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while the file was open
+    cfs{ID}:i<ino>         HASH  m mode (type bits included), u uid, g gid, n nlink, s size,
+                                 a/t/c atime/mtime/ctime in ns, r rdev, p parent (directories),
+                                 l symlink target, d inline data (present iff the file's data
+                                 is stored inline instead of in blocks)
+    cfs{ID}:d<ino>         HASH  entry name -> child inode (directories only)
+    cfs{ID}:b<ino>         HASH  block index -> "<sha256 hex>:<object length>:<valid length>";
+                                 block i covers [i*block_size, (i+1)*block_size); bytes past the
+                                 valid length, and missing indexes (holes), read as zeros
+    cfs{ID}:x<ino>         HASH  xattr name -> value
+
+Objects (in the bucket, under the storage prefix):
+
+    blocks/<h[0:2]>/<h[2:4]>/<h>_<length>      immutable block, h = sha256(content)
+    snapshots/<snapshot id>/manifest.json.gz   immutable snapshot manifest
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+ROOT_INODE = 1
+VOLUMES = "cfs:volumes"
+SNAPSHOTS = "cfs:snapshots"
+ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
+
+
+class Keys:
+    """Key builders for one namespace."""
+
+    __slots__ = ("ns", "prefix", "vol", "idx", "orphans")
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self.prefix = f"cfs{{{ns}}}:"
+        self.vol = self.prefix + "vol"
+        self.idx = self.prefix + "idx"
+        self.orphans = self.prefix + "orphans"
+
+    def inode(self, ino: int) -> str:
+        return f"{self.prefix}i{ino}"
+
+    def dir(self, ino: int) -> str:
+        return f"{self.prefix}d{ino}"
+
+    def blocks(self, ino: int) -> str:
+        return f"{self.prefix}b{ino}"
+
+    def xattr(self, ino: int) -> str:
+        return f"{self.prefix}x{ino}"
+
+    def per_inode(self, ino: int) -> tuple[str, str, str, str]:
+        return self.inode(ino), self.dir(ino), self.blocks(ino), self.xattr(ino)
+
+
+@dataclass
+class Attr:
+    """An inode's attributes as stored in ``cfs{ID}:i<ino>``."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+
+    @classmethod
+    def from_fields(cls, ino: int, values: list[bytes | None]) -> Attr | None:
+        """Build from an HMGET of ``ATTR_FIELDS``; None if the inode does not exist."""
+        if values[0] is None:
+            return None
+        m, u, g, n, s, a, t, c, r = (int(v) if v is not None else 0 for v in values)
+        return cls(ino, m, u, g, n, s, a, t, c, r)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """One block map entry: which object holds the bytes and how many of them count."""
+
+    digest: str
+    length: int
+    valid: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> BlockEntry:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        digest, length, valid = text.split(":")
+        return cls(digest, int(length), int(valid))
+
+    def encode(self) -> str:
+        return f"{self.digest}:{self.length}:{self.valid}"

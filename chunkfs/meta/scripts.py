@@ -1,0 +1,305 @@
+"""Lua scripts: every metadata mutation of a volume is one atomic script.
+
+A script checks the writer epoch (fencing), the snapshot freeze and the capacity in
+the same atomic step as it mutates, so a stale writer can never commit and a crash
+can never leave half an operation behind. All keys of one script share the volume's
+hash tag. Errors come back as short codes (``ENOENT``, ``FENCED``, ...) that
+``chunkfs.meta.redis_meta`` turns into typed exceptions.
+"""
+
+from __future__ import annotations
+
+PRELUDE = r"""
+local vol = KEYS[1]
+local function I(x) return string.format('%d', x) end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function guard(epoch)
+  local st = redis.call('HMGET', vol, 'epoch', 'frozen', 'kind')
+  if not st[3] then return 'NOVOL' end
+  if st[3] == 'snapshot' then return 'EROFS' end
+  if epoch ~= '' and st[1] ~= epoch then return 'FENCED' end
+  if st[2] and tonumber(st[2]) > now_ms() then return 'FROZEN' end
+  return nil
+end
+local function kind(mode)
+  if not mode then return nil end
+  local f = math.floor(tonumber(mode) / 4096) % 16
+  if f == 4 then return 'dir' elseif f == 10 then return 'lnk' end
+  return 'file'
+end
+local function valid_of(entry) return tonumber(string.match(entry, ':(%d+)$')) end
+local function destroy(prefix, ino)
+  local ikey = prefix .. 'i' .. ino
+  local bkey = prefix .. 'b' .. ino
+  local freed = 0
+  local d = redis.call('HGET', ikey, 'd')
+  if d then freed = freed + #d end
+  for _, e in ipairs(redis.call('HVALS', bkey)) do freed = freed + valid_of(e) end
+  redis.call('DEL', ikey, bkey, prefix .. 'x' .. ino, prefix .. 'd' .. ino)
+  redis.call('SREM', prefix .. 'idx', ino)
+  redis.call('HDEL', prefix .. 'orphans', ino)
+  redis.call('HINCRBY', vol, 'inodes', -1)
+  if freed > 0 then redis.call('HINCRBY', vol, 'used', I(-freed)) end
+end
+-- drop one link of a non-directory; keep it as an orphan while it is open somewhere
+local function drop_link(prefix, ino, now, keep, session)
+  local ikey = prefix .. 'i' .. ino
+  local n = redis.call('HINCRBY', ikey, 'n', -1)
+  redis.call('HSET', ikey, 'c', now)
+  if n <= 0 then
+    if keep == '1' then redis.call('HSET', prefix .. 'orphans', ino, session)
+    else destroy(prefix, ino) end
+  end
+  return n
+end
+"""
+
+# KEYS: dir ; ARGV: name, prefix  ->  {ino, {attr fields}} or nil
+LOOKUP = r"""
+local ino = redis.call('HGET', KEYS[1], ARGV[1])
+if not ino then return nil end
+return {ino, redis.call('HMGET', ARGV[2] .. 'i' .. ino, 'm','u','g','n','s','a','t','c','r')}
+"""
+
+# KEYS: vol, parent dir, parent inode, idx
+# ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
+CREATE = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
+local ino = redis.call('HINCRBY', vol, 'next_ino', 1)
+local ikey = ARGV[9] .. 'i' .. ino
+local now = ARGV[7]
+local isdir = ARGV[10] == '1'
+redis.call('HSET', ikey, 'm', ARGV[3], 'u', ARGV[4], 'g', ARGV[5], 'n', isdir and 2 or 1,
+           's', #ARGV[8], 'a', now, 't', now, 'c', now, 'r', ARGV[6])
+if isdir then redis.call('HSET', ikey, 'p', ARGV[11]) end
+if ARGV[8] ~= '' then redis.call('HSET', ikey, 'l', ARGV[8]) end
+if ARGV[12] == '1' then redis.call('HSET', ikey, 'd', '') end
+redis.call('HSET', KEYS[2], ARGV[2], ino)
+redis.call('SADD', KEYS[4], ino)
+redis.call('HINCRBY', vol, 'inodes', 1)
+redis.call('HSET', KEYS[3], 't', now, 'c', now)
+if isdir then redis.call('HINCRBY', KEYS[3], 'n', 1) end
+return ino
+"""
+
+# KEYS: vol, parent dir, parent inode, target inode ; ARGV: epoch, name, ino, now
+LINK = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
+local k = kind(redis.call('HGET', KEYS[4], 'm'))
+if not k then return redis.error_reply('ENOENT') end
+if k == 'dir' then return redis.error_reply('EPERM') end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+local n = redis.call('HINCRBY', KEYS[4], 'n', 1)
+redis.call('HSET', KEYS[4], 'c', ARGV[4])
+redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
+return n
+"""
+
+# KEYS: vol, parent dir, parent inode ; ARGV: epoch, name, is_dir, now, prefix, keep, session
+UNLINK = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+local prefix = ARGV[5]
+local ino = redis.call('HGET', KEYS[2], ARGV[2])
+if not ino then return redis.error_reply('ENOENT') end
+local k = kind(redis.call('HGET', prefix .. 'i' .. ino, 'm'))
+if ARGV[3] == '1' and k ~= 'dir' then return redis.error_reply('ENOTDIR') end
+if ARGV[3] ~= '1' and k == 'dir' then return redis.error_reply('EISDIR') end
+if k == 'dir' and redis.call('HLEN', prefix .. 'd' .. ino) > 0 then
+  return redis.error_reply('ENOTEMPTY')
+end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
+if not k then return {ino, 0} end
+if k == 'dir' then
+  redis.call('HINCRBY', KEYS[3], 'n', -1)
+  destroy(prefix, ino)
+  return {ino, 0}
+end
+return {ino, drop_link(prefix, ino, ARGV[4], ARGV[6], ARGV[7])}
+"""
+
+# KEYS: vol, src dir, dst dir, src parent inode, dst parent inode
+# ARGV: epoch, src name, dst name, flags (1 noreplace, 2 exchange), now, prefix, keep, session,
+#       src parent ino, dst parent ino
+RENAME = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+local prefix, now, flags = ARGV[6], ARGV[5], tonumber(ARGV[4])
+local ino = redis.call('HGET', KEYS[2], ARGV[2])
+if not ino then return redis.error_reply('ENOENT') end
+if kind(redis.call('HGET', KEYS[5], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
+local sk = kind(redis.call('HGET', prefix .. 'i' .. ino, 'm'))
+local cross = ARGV[9] ~= ARGV[10]
+if sk == 'dir' and cross then
+  local p = ARGV[10]
+  while p and p ~= '1' do
+    if p == ino then return redis.error_reply('EINVAL') end
+    p = redis.call('HGET', prefix .. 'i' .. p, 'p')
+  end
+end
+local dino = redis.call('HGET', KEYS[3], ARGV[3])
+if dino == ino then return {0, 0} end
+local dk = dino and kind(redis.call('HGET', prefix .. 'i' .. dino, 'm'))
+if flags == 2 then
+  if not dino then return redis.error_reply('ENOENT') end
+  if dk == 'dir' and cross then
+    local p = ARGV[9]
+    while p and p ~= '1' do
+      if p == dino then return redis.error_reply('EINVAL') end
+      p = redis.call('HGET', prefix .. 'i' .. p, 'p')
+    end
+  end
+  redis.call('HSET', KEYS[2], ARGV[2], dino)
+  redis.call('HSET', KEYS[3], ARGV[3], ino)
+  if cross then
+    if sk == 'dir' then
+      redis.call('HSET', prefix .. 'i' .. ino, 'p', ARGV[10])
+      redis.call('HINCRBY', KEYS[4], 'n', -1); redis.call('HINCRBY', KEYS[5], 'n', 1)
+    end
+    if dk == 'dir' then
+      redis.call('HSET', prefix .. 'i' .. dino, 'p', ARGV[9])
+      redis.call('HINCRBY', KEYS[5], 'n', -1); redis.call('HINCRBY', KEYS[4], 'n', 1)
+    end
+  end
+  redis.call('HSET', prefix .. 'i' .. ino, 'c', now)
+  redis.call('HSET', prefix .. 'i' .. dino, 'c', now)
+  redis.call('HSET', KEYS[4], 't', now, 'c', now)
+  redis.call('HSET', KEYS[5], 't', now, 'c', now)
+  return {0, 0}
+end
+local left = 0
+if dino then
+  if flags == 1 then return redis.error_reply('EEXIST') end
+  if sk == 'dir' and dk and dk ~= 'dir' then return redis.error_reply('ENOTDIR') end
+  if sk ~= 'dir' and dk == 'dir' then return redis.error_reply('EISDIR') end
+  if dk == 'dir' then
+    if redis.call('HLEN', prefix .. 'd' .. dino) > 0 then return redis.error_reply('ENOTEMPTY') end
+    destroy(prefix, dino)
+    redis.call('HINCRBY', KEYS[5], 'n', -1)
+  elseif dk then
+    left = drop_link(prefix, dino, now, ARGV[7], ARGV[8])
+  end
+end
+redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], ino)
+if sk == 'dir' and cross then
+  redis.call('HINCRBY', KEYS[4], 'n', -1)
+  redis.call('HINCRBY', KEYS[5], 'n', 1)
+  redis.call('HSET', prefix .. 'i' .. ino, 'p', ARGV[10])
+end
+if sk then redis.call('HSET', prefix .. 'i' .. ino, 'c', now) end
+redis.call('HSET', KEYS[4], 't', now, 'c', now)
+redis.call('HSET', KEYS[5], 't', now, 'c', now)
+return {dino or 0, left}
+"""
+
+# KEYS: vol, inode ; ARGV: epoch, field, value, field, value, ...
+SETATTR = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# KEYS: vol, inode, blocks ; ARGV: epoch, new size, block size, now
+TRUNCATE = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
+local size, bs = tonumber(ARGV[2]), tonumber(ARGV[3])
+local delta = 0
+local d = redis.call('HGET', KEYS[2], 'd')
+if d then
+  local nd
+  if size <= #d then nd = string.sub(d, 1, size) else nd = d .. string.rep('\0', size - #d) end
+  delta = #nd - #d
+  if delta > 0 then
+    local st = redis.call('HMGET', vol, 'used', 'capacity')
+    if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
+  end
+  redis.call('HSET', KEYS[2], 'd', nd)
+else
+  local all = redis.call('HGETALL', KEYS[3])
+  for i = 1, #all, 2 do
+    local start = tonumber(all[i]) * bs
+    local v = valid_of(all[i + 1])
+    if start >= size then
+      redis.call('HDEL', KEYS[3], all[i]); delta = delta - v
+    elseif start + v > size then
+      local nv = size - start
+      redis.call('HSET', KEYS[3], all[i], string.gsub(all[i + 1], ':%d+$', ':' .. I(nv)))
+      delta = delta - (v - nv)
+    end
+  end
+end
+redis.call('HSET', KEYS[2], 's', ARGV[2], 't', ARGV[4], 'c', ARGV[4])
+if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
+return 1
+"""
+
+# KEYS: vol, inode, blocks
+# ARGV: epoch, now, size (the file is at least this large afterwards), mode ('I' inline, 'B'),
+#       inline data, then pairs of block index, entry ('' removes the entry)
+COMMIT = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
+local delta = 0
+local d = redis.call('HGET', KEYS[2], 'd')
+if ARGV[4] == 'I' then
+  delta = #ARGV[5] - (d and #d or 0)
+else
+  if d then delta = delta - #d end
+  for i = 6, #ARGV, 2 do
+    local old = redis.call('HGET', KEYS[3], ARGV[i])
+    if old then delta = delta - valid_of(old) end
+    if ARGV[i + 1] ~= '' then delta = delta + valid_of(ARGV[i + 1]) end
+  end
+end
+if delta > 0 then
+  local st = redis.call('HMGET', vol, 'used', 'capacity')
+  if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
+end
+if ARGV[4] == 'I' then
+  redis.call('HSET', KEYS[2], 'd', ARGV[5])
+else
+  if d then redis.call('HDEL', KEYS[2], 'd') end
+  for i = 6, #ARGV, 2 do
+    if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
+    else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+  end
+end
+local size = tonumber(redis.call('HGET', KEYS[2], 's'))
+if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
+redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
+if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
+return 1
+"""
+
+# KEYS: vol, inode, xattrs ; ARGV: epoch, name, value, flags (1 create, 2 replace), now, remove
+XATTR = PRELUDE + r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
+local exists = redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
+if ARGV[6] == '1' then
+  if not exists then return redis.error_reply('ENODATA') end
+  redis.call('HDEL', KEYS[3], ARGV[2])
+else
+  if ARGV[4] == '1' and exists then return redis.error_reply('EEXIST') end
+  if ARGV[4] == '2' and not exists then return redis.error_reply('ENODATA') end
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+end
+redis.call('HSET', KEYS[2], 'c', ARGV[5])
+return 1
+"""
+
+# KEYS: vol ; ARGV: prefix, ino  -- remove an orphan once its last local opener closed it
+PURGE = PRELUDE + r"""
+local n = tonumber(redis.call('HGET', ARGV[1] .. 'i' .. ARGV[2], 'n'))
+if n and n <= 0 then destroy(ARGV[1], ARGV[2]) return 1 end
+return 0
+"""

@@ -1,0 +1,237 @@
+"""The S3 client: idempotent get/put/delete/list with bounded retries.
+
+Every call is safe to repeat (objects are immutable and content-addressed), so a
+transient failure is simply retried with jittered backoff until ``deadline`` seconds
+have passed; only then does the caller see ``StorageUnavailable``. The deadline is
+what bounds how long an ``fsync`` waits for an unreachable S3 before failing with EIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from chunkfs.config import StorageConfig
+from chunkfs.errors import InvalidArgument, NoSuchObject, StorageUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PERMANENT = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+              "InvalidBucketName", "403"}
+
+
+@dataclass
+class StoreStats:
+    """Counters for ``chunkfs status`` and the CSI metrics."""
+
+    requests: dict[str, int] = field(default_factory=dict)
+    errors: int = 0
+    retries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.requests[op] = self.requests.get(op, 0) + 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        avg = self.latency_sum / self.latency_count if self.latency_count else 0.0
+        return {"requests": dict(self.requests), "errors": self.errors, "retries": self.retries,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "avg_latency_ms": round(avg * 1000, 3)}
+
+
+class ObjectStore:
+    """One bucket + prefix on an S3 endpoint; keys passed in are relative to the prefix."""
+
+    def __init__(self, config: StorageConfig, *, deadline: float = 60.0,
+                 max_connections: int = 32) -> None:
+        self.config = config
+        self.deadline = deadline
+        self.stats = StoreStats()
+        self._max_connections = max_connections
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    @classmethod
+    async def create(cls, config: StorageConfig, **kwargs: Any) -> ObjectStore:
+        store = cls(config, **kwargs)
+        await store._open()
+        return store
+
+    async def _open(self) -> None:
+        session = get_session()
+        aio_config = AioConfig(
+            max_pool_connections=self._max_connections,
+            connect_timeout=5,
+            read_timeout=20,
+            retries={"max_attempts": 1, "mode": "standard"},
+            s3={"addressing_style": "path"},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=self.config.endpoint,
+                region_name=self.config.region,
+                aws_access_key_id=self.config.access_key,
+                aws_secret_access_key=self.config.secret_key,
+                config=aio_config,
+            )
+        )
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    def _key(self, key: str) -> str:
+        return f"{self.config.prefix}/{key}" if self.config.prefix else key
+
+    async def _retry(self, op: str, call: Callable[[], Awaitable[T]],
+                     deadline: float | None = None) -> T:
+        limit = time.monotonic() + (self.deadline if deadline is None else deadline)
+        delay = 0.05
+        while True:
+            start = time.monotonic()
+            try:
+                result = await call()
+                self.stats.observe(op, time.monotonic() - start)
+                return result
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in _NOT_FOUND or status == 404:
+                    self.stats.observe(op, time.monotonic() - start)
+                    raise NoSuchObject(f"{op}: no such object") from exc
+                self.stats.errors += 1
+                if code in _PERMANENT or status in (400, 403):
+                    raise StorageUnavailable(f"S3 {op} refused: {code or status}") from exc
+                err: Exception = exc
+            except (TimeoutError, BotoCoreError, OSError) as exc:
+                self.stats.errors += 1
+                err = exc
+            if time.monotonic() + delay > limit:
+                raise StorageUnavailable(
+                    f"S3 {op} failed after retrying: {type(err).__name__}: {err}"
+                ) from err
+            self.stats.retries += 1
+            log.warning("s3 retry", extra={"op": op, "error": type(err).__name__,
+                                           "delay_s": round(delay, 3)})
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview,
+                  deadline: float | None = None) -> None:
+        body = bytes(data)
+
+        async def call() -> None:
+            await self._client.put_object(Bucket=self.config.bucket, Key=self._key(key), Body=body)
+
+        await self._retry("put", call, deadline)
+        self.stats.bytes_out += len(body)
+
+    async def get(self, key: str, deadline: float | None = None) -> bytes:
+        async def call() -> bytes:
+            resp = await self._client.get_object(Bucket=self.config.bucket, Key=self._key(key))
+            async with resp["Body"] as stream:
+                return await stream.read()
+
+        data = await self._retry("get", call, deadline)
+        self.stats.bytes_in += len(data)
+        return data
+
+    async def head(self, key: str, deadline: float | None = None) -> dict[str, Any]:
+        async def call() -> dict[str, Any]:
+            return await self._client.head_object(Bucket=self.config.bucket, Key=self._key(key))
+
+        return await self._retry("head", call, deadline)
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.head(key)
+        except NoSuchObject:
+            return False
+        return True
+
+    async def delete(self, key: str) -> None:
+        async def call() -> None:
+            await self._client.delete_object(Bucket=self.config.bucket, Key=self._key(key))
+
+        with contextlib.suppress(NoSuchObject):
+            await self._retry("delete", call)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+
+            async def call(batch: list[dict[str, str]] = batch) -> None:
+                await self._client.delete_objects(
+                    Bucket=self.config.bucket, Delete={"Objects": batch, "Quiet": True})
+
+            await self._retry("delete", call)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[tuple[str, int, float]]:
+        """Yield ``(key relative to the store prefix, size, mtime)`` under ``prefix``."""
+        full = self._key(prefix)
+        strip = len(self._key(""))
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.config.bucket, "Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+
+            async def call(kwargs: dict[str, Any] = kwargs) -> dict[str, Any]:
+                return await self._client.list_objects_v2(**kwargs)
+
+            page = await self._retry("list", call)
+            for item in page.get("Contents", []):
+                yield item["Key"][strip:], item["Size"], item["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet (local stacks and tests)."""
+        async def call() -> None:
+            try:
+                await self._client.head_bucket(Bucket=self.config.bucket)
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                await self._client.create_bucket(Bucket=self.config.bucket)
+
+        await self._retry("bucket", call)
+
+    async def ping(self, deadline: float = 5.0) -> None:
+        """Check that the bucket answers; raises StorageUnavailable otherwise."""
+        async def call() -> None:
+            await self._client.list_objects_v2(
+                Bucket=self.config.bucket, Prefix=self._key("ping/"), MaxKeys=1)
+
+        try:
+            await self._retry("list", call, deadline)
+        except NoSuchObject as exc:
+            raise StorageUnavailable(f"bucket {self.config.bucket!r} does not exist") from exc
+
+
+def block_key(digest: str, length: int) -> str:
+    """Object key of a block: content hash and size in the name, so no HEAD is ever needed."""
+    if len(digest) != 64:
+        raise InvalidArgument(f"bad block digest {digest!r}")
+    return f"blocks/{digest[:2]}/{digest[2:4]}/{digest}_{length}"

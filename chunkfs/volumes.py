@@ -1,0 +1,326 @@
+"""The volume service: what the CLI's ``volume`` commands and the CSI controller call.
+
+Volumes, snapshots and clones are namespaces in Redis (see ``chunkfs.meta.schema``).
+A snapshot is a copy of a volume's metadata, taken while the volume's writers wait
+for a moment, plus an immutable manifest in S3 from which the snapshot, and any
+volume cloned from it, can be restored even if Redis is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import redis.asyncio as aioredis
+
+from chunkfs.config import StorageConfig, redact_url
+from chunkfs.errors import (
+    InvalidArgument,
+    MetaUnavailable,
+    NoSuchObject,
+    SnapshotExists,
+    SnapshotNotFound,
+    VolumeExists,
+    VolumeNotFound,
+)
+from chunkfs.meta import namespace as nsops
+from chunkfs.meta.redis_meta import connect, with_retries
+from chunkfs.meta.schema import SNAPSHOTS, VOLUMES, Keys
+from chunkfs.objstore import ObjectStore
+
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,252}$")
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    id: str
+    capacity: int
+    used_bytes: int
+    used_inodes: int
+    created: float
+    epoch: int
+    writer: str | None
+    source: str | None
+    block_size: int
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    name: str
+    id: str
+    source_volume: str
+    created: float
+    size_bytes: int
+    ready_to_use: bool
+
+
+def check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid {kind} name {name!r}: 1-253 characters of letters, digits, '.', '_', '-',"
+            " starting with a letter or digit")
+    return name
+
+
+def manifest_key(snapshot_name: str) -> str:
+    return f"snapshots/{quote(snapshot_name, safe='')}/manifest.json.gz"
+
+
+def _text(v: bytes | None, default: str = "") -> str:
+    return v.decode() if v is not None else default
+
+
+def _volume_info(name: str, ns: str, raw: dict[bytes, bytes]) -> VolumeInfo:
+    writer = _text(raw.get(b"writer"))
+    return VolumeInfo(
+        name=name, id=ns, capacity=int(raw.get(b"capacity", 0)),
+        used_bytes=int(raw.get(b"used", 0)), used_inodes=int(raw.get(b"inodes", 0)),
+        created=float(raw.get(b"created", 0)), epoch=int(raw.get(b"epoch", 0)),
+        writer=writer or None, source=_text(raw.get(b"source")) or None,
+        block_size=int(raw.get(b"block_size", DEFAULT_BLOCK_SIZE)))
+
+
+def _snapshot_info(name: str, ns: str, raw: dict[bytes, bytes]) -> SnapshotInfo:
+    return SnapshotInfo(
+        name=name, id=ns, source_volume=_text(raw.get(b"source_volume")),
+        created=float(raw.get(b"created", 0)), size_bytes=int(raw.get(b"used", 0)),
+        ready_to_use=raw.get(b"ready", b"0") == b"1")
+
+
+class VolumeService:
+    """Administrative operations on the volumes of one Redis + one object store."""
+
+    def __init__(self, redis_client: aioredis.Redis, store: ObjectStore, meta_url: str) -> None:
+        self.r = redis_client
+        self.store = store
+        self.meta_url = meta_url
+        self.deadline = 15.0
+
+    @classmethod
+    async def open(cls, meta_url: str, storage: StorageConfig,
+                   store: ObjectStore | None = None) -> VolumeService:
+        client = connect(meta_url)
+        store = store or await ObjectStore.create(storage, deadline=15.0)
+        return cls(client, store, meta_url)
+
+    async def close(self) -> None:
+        await self.r.aclose()
+        await self.store.close()
+
+    def __repr__(self) -> str:
+        return f"VolumeService(meta={redact_url(self.meta_url)}, storage={self.store.config.url})"
+
+    async def _redis(self, call: Any) -> Any:
+        return await with_retries(call, deadline=self.deadline)
+
+    async def ping(self) -> None:
+        try:
+            await self._redis(lambda: self.r.ping())
+        except MetaUnavailable as exc:
+            raise MetaUnavailable(f"Redis at {redact_url(self.meta_url)} is unreachable") from exc
+        await self.store.ping()
+
+    # ---- volumes -------------------------------------------------------------------
+    async def _volume_ns(self, name: str) -> str:
+        ns = await self._redis(lambda: self.r.hget(VOLUMES, name))
+        if ns is None:
+            raise VolumeNotFound(f"volume {name!r} not found")
+        return ns.decode()
+
+    async def get_volume(self, name: str) -> VolumeInfo:
+        check_name("volume", name)
+        ns = await self._volume_ns(name)
+        raw = await self._redis(lambda: self.r.hgetall(Keys(ns).vol))
+        if not raw:
+            raise VolumeNotFound(f"volume {name!r} not found")
+        return _volume_info(name, ns, raw)
+
+    async def list_volumes(self) -> list[VolumeInfo]:
+        registry = await self._redis(lambda: self.r.hgetall(VOLUMES))
+        names = sorted((k.decode(), v.decode()) for k, v in registry.items())
+        pipe = self.r.pipeline(transaction=False)
+        for _, ns in names:
+            pipe.hgetall(Keys(ns).vol)
+        rows = await self._redis(pipe.execute) if names else []
+        return [_volume_info(name, ns, raw) for (name, ns), raw in zip(names, rows, strict=True)
+                if raw]
+
+    async def create_volume(self, name: str, capacity: int, *, source_snapshot: str | None = None,
+                            source_volume: str | None = None) -> VolumeInfo:
+        check_name("volume", name)
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise InvalidArgument(f"capacity must be a positive number of bytes, got {capacity!r}")
+        with contextlib.suppress(VolumeNotFound):
+            existing = await self.get_volume(name)
+            raise VolumeExists(f"volume {name!r} already exists", existing)
+        ns = nsops.new_namespace_id()
+        settings = {"name": name, "kind": "volume", "capacity": capacity, "created": time.time(),
+                    "block_size": DEFAULT_BLOCK_SIZE, "source": ""}
+        if source_snapshot is not None and source_volume is not None:
+            raise InvalidArgument("give either a source snapshot or a source volume, not both")
+        if source_snapshot is not None:
+            doc = await self._snapshot_document(source_snapshot)
+            settings["source"] = f"snapshot:{source_snapshot}"
+        elif source_volume is not None:
+            doc = await self._export_live(await self._volume_ns(check_name("volume", source_volume)))
+            settings["source"] = f"volume:{source_volume}"
+        else:
+            doc = None
+        if doc is not None:
+            used = int(doc["settings"].get("used", 0))
+            if capacity < used:
+                raise InvalidArgument(
+                    f"capacity {capacity} is smaller than the {used} bytes of the source")
+            settings["block_size"] = int(doc["settings"].get("block_size", DEFAULT_BLOCK_SIZE))
+            await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
+        else:
+            await self._redis(lambda: nsops.init_namespace(self.r, ns, settings))
+        if not await self._redis(lambda: self.r.hsetnx(VOLUMES, name, ns)):
+            await nsops.delete_namespace(self.r, ns)
+            raise VolumeExists(f"volume {name!r} already exists", await self.get_volume(name))
+        return await self.get_volume(name)
+
+    async def resize_volume(self, name: str, capacity: int) -> VolumeInfo:
+        info = await self.get_volume(name)
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise InvalidArgument(f"capacity must be a positive number of bytes, got {capacity!r}")
+        if capacity < info.used_bytes:
+            raise InvalidArgument(
+                f"cannot shrink volume {name!r} to {capacity} bytes: {info.used_bytes} are in use")
+        await self._redis(lambda: self.r.hset(Keys(info.id).vol, "capacity", capacity))
+        return await self.get_volume(name)
+
+    async def delete_volume(self, name: str) -> None:
+        check_name("volume", name)
+        ns = await self._volume_ns(name)
+        await self._redis(lambda: self.r.hdel(VOLUMES, name))
+        await self._redis(lambda: nsops.delete_namespace(self.r, ns))
+
+    # ---- writer lease (fencing) -----------------------------------------------------
+    async def acquire_writer(self, name: str, node_id: str) -> int:
+        """Hand ``node_id`` the writer lease; a new epoch fences every previous writer."""
+        if not node_id:
+            raise InvalidArgument("node id is required")
+        key = Keys(await self._volume_ns(check_name("volume", name))).vol
+
+        async def swap() -> int:
+            async with self.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(key)
+                        writer, epoch = await pipe.hmget(key, "writer", "epoch")
+                        if epoch is None:
+                            raise VolumeNotFound(f"volume {name!r} not found")
+                        if writer is not None and writer.decode() == node_id:
+                            return int(epoch)
+                        pipe.multi()
+                        pipe.hincrby(key, "epoch", 1)
+                        pipe.hset(key, "writer", node_id)
+                        new_epoch, _ = await pipe.execute()
+                        return int(new_epoch)
+                    except aioredis.WatchError:
+                        continue
+
+        return await self._redis(swap)
+
+    async def release_writer(self, name: str, node_id: str) -> None:
+        """Take the lease back from ``node_id`` (and fence it); no-op if it does not hold it."""
+        key = Keys(await self._volume_ns(check_name("volume", name))).vol
+
+        async def release() -> None:
+            async with self.r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(key)
+                        writer = await pipe.hget(key, "writer")
+                        if writer is None or writer.decode() != node_id:
+                            return
+                        pipe.multi()
+                        pipe.hincrby(key, "epoch", 1)
+                        pipe.hset(key, "writer", "")
+                        await pipe.execute()
+                        return
+                    except aioredis.WatchError:
+                        continue
+
+        await self._redis(release)
+
+    # ---- snapshots ------------------------------------------------------------------
+    async def _export_live(self, ns: str) -> dict[str, Any]:
+        await self._redis(lambda: nsops.freeze(self.r, ns))
+        try:
+            return await self._redis(lambda: nsops.export_namespace(self.r, ns))
+        finally:
+            await self._redis(lambda: nsops.thaw(self.r, ns))
+
+    async def _snapshot_document(self, name: str) -> dict[str, Any]:
+        """The snapshot's metadata: from Redis, or from its S3 manifest if Redis lost it."""
+        check_name("snapshot", name)
+        ns = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
+        if ns is not None:
+            return await self._redis(lambda: nsops.export_namespace(self.r, ns.decode()))
+        try:
+            data = await self.store.get(manifest_key(name))
+        except NoSuchObject as exc:
+            raise SnapshotNotFound(f"snapshot {name!r} not found") from exc
+        return nsops.decode_manifest(data)
+
+    async def get_snapshot(self, name: str) -> SnapshotInfo:
+        check_name("snapshot", name)
+        ns = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
+        if ns is None:
+            raise SnapshotNotFound(f"snapshot {name!r} not found")
+        raw = await self._redis(lambda: self.r.hgetall(Keys(ns.decode()).vol))
+        if not raw:
+            raise SnapshotNotFound(f"snapshot {name!r} not found")
+        return _snapshot_info(name, ns.decode(), raw)
+
+    async def list_snapshots(self, source_volume: str | None = None) -> list[SnapshotInfo]:
+        registry = await self._redis(lambda: self.r.hgetall(SNAPSHOTS))
+        names = sorted((k.decode(), v.decode()) for k, v in registry.items())
+        pipe = self.r.pipeline(transaction=False)
+        for _, ns in names:
+            pipe.hgetall(Keys(ns).vol)
+        rows = await self._redis(pipe.execute) if names else []
+        infos = [_snapshot_info(n, ns, raw) for (n, ns), raw in zip(names, rows, strict=True) if raw]
+        if source_volume is not None:
+            infos = [i for i in infos if i.source_volume == source_volume]
+        return infos
+
+    async def create_snapshot(self, volume_name: str, snapshot_name: str) -> SnapshotInfo:
+        check_name("snapshot", snapshot_name)
+        with contextlib.suppress(SnapshotNotFound):
+            existing = await self.get_snapshot(snapshot_name)
+            raise SnapshotExists(f"snapshot {snapshot_name!r} already exists", existing)
+        source_ns = await self._volume_ns(check_name("volume", volume_name))
+        doc = await self._export_live(source_ns)
+        ns = nsops.new_namespace_id()
+        settings = {"name": snapshot_name, "kind": "snapshot", "created": time.time(),
+                    "source_volume": volume_name, "capacity": doc["settings"].get("capacity", 0),
+                    "ready": 0}
+        await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
+        if not await self._redis(lambda: self.r.hsetnx(SNAPSHOTS, snapshot_name, ns)):
+            await nsops.delete_namespace(self.r, ns)
+            raise SnapshotExists(f"snapshot {snapshot_name!r} already exists",
+                                 await self.get_snapshot(snapshot_name))
+        doc["settings"].update({"name": snapshot_name, "source_volume": volume_name})
+        await self.store.put(manifest_key(snapshot_name), await nsops.encode_manifest_async(doc))
+        await self._redis(lambda: self.r.hset(Keys(ns).vol, "ready", 1))
+        return await self.get_snapshot(snapshot_name)
+
+    async def delete_snapshot(self, name: str) -> None:
+        check_name("snapshot", name)
+        ns = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
+        if ns is None:
+            if not await self.store.exists(manifest_key(name)):
+                raise SnapshotNotFound(f"snapshot {name!r} not found")
+        else:
+            await self._redis(lambda: self.r.hdel(SNAPSHOTS, name))
+            await self._redis(lambda: nsops.delete_namespace(self.r, ns.decode()))
+        await self.store.delete(manifest_key(name))
