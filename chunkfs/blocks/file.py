@@ -1,0 +1,246 @@
+"""The data of one regular file as this mount sees it: committed state plus local changes.
+
+Writes land in per-block buffers; a full block is uploaded in the background at once,
+partial blocks when the file is flushed. ``flush`` (fsync, close) waits for every
+upload and then commits all new block entries and the size in one atomic metadata
+script, so other nodes see the old or the new version of the file, never a mix.
+
+Concurrency protocol (one event loop, so only ``await`` points matter):
+- ``dirty`` buffers are only touched between awaits by ``write``/``read``/``flush``.
+- An upload owns an immutable ``bytes`` copy (in ``inflight``); a later write to the
+  same block starts a new buffer from that copy. Results are ordered by ``seq``: an
+  older upload finishing late never replaces a newer one in ``pending``.
+- ``lock`` serialises flush/commit and truncate, so commits of one file never interleave.
+- A failed upload puts its bytes back into ``dirty`` (unless rewritten since) and the
+  error is reported by the next flush: acknowledged data is never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from chunkfs.blocks.budget import WriteBudget
+from chunkfs.blocks.store import BlockStore
+from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.schema import BlockEntry
+
+log = logging.getLogger(__name__)
+
+
+class FileData:
+    def __init__(self, ino: int, meta: VolumeMeta, blocks: BlockStore, budget: WriteBudget, *,
+                 block_size: int, inline_limit: int) -> None:
+        self.ino = ino
+        self.meta = meta
+        self.blocks = blocks
+        self.budget = budget
+        self.bs = block_size
+        self.inline_limit = inline_limit
+        self.inline: bytearray | None = None
+        self.inline_dirty = False
+        self.converted = False
+        self.entries: dict[int, BlockEntry] = {}
+        self.pending: dict[int, tuple[int, BlockEntry | None]] = {}
+        self.dirty: dict[int, bytearray] = {}
+        self.inflight: dict[int, tuple[int, bytes]] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.errors: list[BaseException] = []
+        self.seq = 0
+        self.size = 0
+        self.committed_size = 0
+        self.size_dirty = False
+        self.lock = asyncio.Lock()
+        self.opens = 0
+        self.orphaned = False
+
+    async def load(self, size: int) -> None:
+        inline, entries = await self.meta.file_data(self.ino)
+        self.inline = bytearray(inline) if inline is not None else None
+        self.entries = entries
+        self.size = self.committed_size = size
+
+    @property
+    def is_clean(self) -> bool:
+        return not (self.dirty or self.inflight or self.pending or self.inline_dirty
+                    or self.converted or self.size_dirty)
+
+    @property
+    def dirty_bytes(self) -> int:
+        n = sum(len(b) for b in self.dirty.values()) + sum(len(d) for _, d in self.inflight.values())
+        return n + (len(self.inline) if self.inline_dirty and self.inline is not None else 0)
+
+    # ---- reads ---------------------------------------------------------------------
+    def entry_for(self, idx: int) -> BlockEntry | None:
+        if idx in self.pending:
+            return self.pending[idx][1]
+        return self.entries.get(idx)
+
+    async def _block_bytes(self, idx: int) -> bytes | bytearray:
+        """Current content of block ``idx`` (may be shorter than the block: zeros follow)."""
+        if idx in self.dirty:
+            return self.dirty[idx]
+        if idx in self.inflight:
+            return self.inflight[idx][1]
+        entry = self.entry_for(idx)
+        if entry is None:
+            return b""
+        data = await self.blocks.get(entry)
+        return memoryview(data)[:entry.valid] if entry.valid < len(data) else data
+
+    async def read(self, off: int, size: int) -> bytes:
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        if self.inline is not None:
+            chunk = bytes(self.inline[off:end])
+            return chunk + bytes(end - off - len(chunk))
+        first, last = off // self.bs, (end - 1) // self.bs
+        if first == last:
+            return self._slice(await self._block_bytes(first), off - first * self.bs, end - off)
+        parts = await asyncio.gather(*(self._block_bytes(i) for i in range(first, last + 1)))
+        out = bytearray()
+        for i, data in zip(range(first, last + 1), parts, strict=True):
+            start = max(off, i * self.bs) - i * self.bs
+            stop = min(end, (i + 1) * self.bs) - i * self.bs
+            out += self._slice(data, start, stop - start)
+        return bytes(out)
+
+    @staticmethod
+    def _slice(data: bytes | bytearray | memoryview, start: int, length: int) -> bytes:
+        chunk = bytes(data[start:start + length])
+        if len(chunk) < length:
+            chunk += bytes(length - len(chunk))
+        return chunk
+
+    # ---- writes --------------------------------------------------------------------
+    async def write(self, off: int, buf: bytes) -> None:
+        end = off + len(buf)
+        if self.inline is not None:
+            if end <= self.inline_limit:
+                if len(self.inline) < off:
+                    self.inline.extend(bytes(off - len(self.inline)))
+                self.inline[off:end] = buf
+                self.inline_dirty = True
+                self.size = max(self.size, end)
+                return
+            await self._convert_inline()
+        pos = off
+        view = memoryview(buf)
+        while pos < end:
+            idx = pos // self.bs
+            start = pos - idx * self.bs
+            n = min(end, (idx + 1) * self.bs) - pos
+            block = self.dirty.get(idx)
+            if block is None:
+                block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
+            grow = max(0, start + n - len(block))
+            if grow:
+                await self.budget.acquire(grow, self._start_all_uploads)
+                block = self.dirty.get(idx)
+                if block is None:  # uploaded meanwhile under memory pressure
+                    block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
+            if len(block) < start:
+                block.extend(bytes(start - len(block)))
+            block[start:start + n] = view[pos - off:pos - off + n]
+            if len(block) >= self.bs:
+                self._start_upload(idx)
+            pos += n
+        self.size = max(self.size, end)
+
+    async def _new_dirty(self, idx: int, *, covers_from_zero: bool, length: int) -> bytearray:
+        base: bytes | bytearray | memoryview = b""
+        existing = self.inflight[idx][1] if idx in self.inflight else None
+        entry = self.entry_for(idx)
+        known = len(existing) if existing is not None else (entry.valid if entry else 0)
+        if known and not (covers_from_zero and length >= known):
+            base = existing if existing is not None else await self._block_bytes(idx)
+        if idx in self.dirty:  # another writer created it while we fetched the base
+            return self.dirty[idx]
+        block = bytearray(base)
+        if block:
+            await self.budget.acquire(len(block), self._start_all_uploads)
+        self.dirty[idx] = block
+        return block
+
+    async def _convert_inline(self) -> None:
+        data = bytes(self.inline or b"")
+        self.inline = None
+        self.inline_dirty = False
+        self.converted = True
+        if data:
+            self.dirty[0] = bytearray(data)
+
+    def _start_all_uploads(self) -> None:
+        for idx in list(self.dirty):
+            self._start_upload(idx)
+
+    def _start_upload(self, idx: int) -> None:
+        data = bytes(self.dirty.pop(idx))
+        self.seq += 1
+        seq = self.seq
+        self.inflight[idx] = (seq, data)
+        task = asyncio.create_task(self._upload(idx, seq, data))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _upload(self, idx: int, seq: int, data: bytes) -> None:
+        try:
+            entry = await self.blocks.put(data)
+            if self.pending.get(idx, (-1, None))[0] < seq:
+                self.pending[idx] = (seq, entry)
+        except BaseException as exc:
+            self.errors.append(exc)
+            if idx not in self.dirty and self.inflight.get(idx, (None,))[0] == seq:
+                self.dirty[idx] = bytearray(data)
+                self.budget.used += len(data)  # stays accounted while it waits for a retry
+            log.warning("block upload failed", extra={"ino": self.ino, "block": idx,
+                                                      "error": f"{type(exc).__name__}: {exc}"})
+        finally:
+            if self.inflight.get(idx, (None,))[0] == seq:
+                del self.inflight[idx]
+            self.budget.release(len(data))
+
+    # ---- durability ------------------------------------------------------------------
+    async def flush(self) -> None:
+        async with self.lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        if self.inline is not None and self.inline_dirty:
+            body = bytes(self.inline)
+            await self.meta.commit(self.ino, size=self.size, inline=body)
+            self.inline_dirty = False
+            self.committed_size = max(self.committed_size, self.size)
+            return
+        self._start_all_uploads()
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        if self.errors:
+            err = self.errors[0]
+            self.errors.clear()
+            raise err
+        if not (self.pending or self.converted or self.size > self.committed_size or self.size_dirty):
+            return
+        changes = {idx: entry for idx, (_, entry) in self.pending.items()}
+        await self.meta.commit(self.ino, size=self.size, entries=changes)
+        for idx, entry in changes.items():
+            if entry is None:
+                self.entries.pop(idx, None)
+            else:
+                self.entries[idx] = entry
+            if self.pending.get(idx, (None, None))[1] is entry:
+                del self.pending[idx]
+        self.converted = False
+        self.size_dirty = False
+        self.committed_size = max(self.committed_size, self.size)
+
+    async def truncate(self, size: int) -> None:
+        async with self.lock:
+            await self._flush_locked()
+            if self.inline is not None and size > self.inline_limit:
+                await self._convert_inline()
+                await self._flush_locked()
+            await self.meta.truncate(self.ino, size, self.bs)
+            await self.load(size)

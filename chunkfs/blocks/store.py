@@ -1,0 +1,139 @@
+"""Content-addressed blocks: hashing, upload, and the read path.
+
+Reads go memory -> local cache -> S3, with single-flight loading (ten readers of one
+block cause one GET) and verification of every byte against the content hash
+(``CorruptObject`` instead of bad data). Uploads hash in a worker thread (hashlib
+releases the GIL), skip all-zero blocks (holes cost nothing in S3) and write the
+block through to the local cache so that a reader on this node hits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from chunkfs.cache import BlockCache
+from chunkfs.errors import CorruptObject, NoSuchObject
+from chunkfs.meta.schema import BlockEntry
+from chunkfs.objstore import ObjectStore, block_key
+
+log = logging.getLogger(__name__)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class MemoryBlocks:
+    """A small LRU of verified block contents, bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, digest: str) -> bytes | None:
+        data = self._items.get(digest)
+        if data is not None:
+            self._items.move_to_end(digest)
+        return data
+
+    def put(self, digest: str, data: bytes) -> None:
+        if digest in self._items or len(data) > self.limit:
+            return
+        self._items[digest] = data
+        self.used += len(data)
+        while self.used > self.limit:
+            _, old = self._items.popitem(last=False)
+            self.used -= len(old)
+
+
+class BlockStore:
+    def __init__(self, store: ObjectStore, cache: BlockCache, *, memory_limit: int,
+                 max_parallel_gets: int = 16) -> None:
+        self.store = store
+        self.cache = cache
+        self.memory = MemoryBlocks(memory_limit)
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._gets = asyncio.Semaphore(max_parallel_gets)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._uploaded: set[str] = set()
+        self.zero = bytes(0)
+
+    # ---- read path -----------------------------------------------------------------
+    async def get(self, entry: BlockEntry) -> bytes:
+        data = self.memory.get(entry.digest)
+        if data is not None:
+            return data
+        fut = self._inflight.get(entry.digest)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._inflight[entry.digest] = fut
+            task = asyncio.create_task(self._load(entry, fut))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return await asyncio.shield(fut)
+
+    def prefetch(self, entry: BlockEntry) -> None:
+        """Start loading a block that a sequential reader will want soon."""
+        if self.memory.get(entry.digest) is None and entry.digest not in self._inflight:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._inflight[entry.digest] = fut
+            task = asyncio.create_task(self._load(entry, fut))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _load(self, entry: BlockEntry, fut: asyncio.Future[bytes]) -> None:
+        try:
+            data = await self.cache.get(entry.digest, entry.length)
+            if data is None:
+                async with self._gets:
+                    data = await self._fetch(entry)
+            self.memory.put(entry.digest, data)
+            fut.set_result(data)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            fut.set_exception(exc)
+        finally:
+            self._inflight.pop(entry.digest, None)
+
+    async def _fetch(self, entry: BlockEntry) -> bytes:
+        key = block_key(entry.digest, entry.length)
+        try:
+            data = await self.store.get(key)
+        except NoSuchObject as exc:
+            raise CorruptObject(f"block {entry.digest} is missing from the object store") from exc
+        if len(data) != entry.length or await asyncio.to_thread(_sha256, data) != entry.digest:
+            # one more try: a torn response is transient, a corrupt object is not
+            data = await self.store.get(key)
+            if len(data) != entry.length or await asyncio.to_thread(_sha256, data) != entry.digest:
+                raise CorruptObject(f"block {entry.digest} in the object store is corrupt")
+        self._spawn(self.cache.put(entry.digest, data))
+        return data
+
+    # ---- write path ----------------------------------------------------------------
+    async def put(self, data: bytes, *, deadline: float | None = None) -> BlockEntry | None:
+        """Upload one block; None for an all-zero block (stored as a hole)."""
+        if not data or data == bytes(len(data)):
+            return None
+        digest = await asyncio.to_thread(_sha256, data)
+        if digest not in self._uploaded:
+            await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
+            self._uploaded.add(digest)
+            if len(self._uploaded) > 100_000:
+                self._uploaded.clear()
+        self._spawn(self.cache.put(digest, data))
+        return BlockEntry(digest, len(data), len(data))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background cache writes (before shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

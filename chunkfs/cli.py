@@ -1,0 +1,402 @@
+"""The ``chunkfs`` command line: argument parsing only; the work is in the service layer.
+
+Exit status: 0 success, 1 operational error (unreachable backend, failed mount),
+2 bad usage or bad input. Every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chunkfs import logs
+from chunkfs.config import backend_from_env, format_size, parse_size
+from chunkfs.errors import ChunkfsError, InvalidArgument, SnapshotExists, VolumeExists
+from chunkfs.volumes import SnapshotInfo, VolumeInfo, VolumeService
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+STATUS_FILE = ".chunkfs.status"
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parse_mount_options(text: str | None) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if part:
+            key, _, value = part.partition("=")
+            opts[key] = value
+    return opts
+
+
+# ---- volume commands ---------------------------------------------------------------
+async def _with_service(args: argparse.Namespace,
+                        action: Callable[[VolumeService], Awaitable[int]]) -> int:
+    meta, storage = backend_from_env(args.meta, args.storage)
+    svc = await VolumeService.open(meta, storage)
+    try:
+        return await action(svc)
+    finally:
+        await svc.close()
+
+
+def _volume_doc(v: VolumeInfo) -> dict[str, Any]:
+    return {"name": v.name, "id": v.id, "capacity": v.capacity, "used_bytes": v.used_bytes,
+            "inodes": v.used_inodes, "created": v.created, "epoch": v.epoch,
+            "writer": v.writer, "source": v.source, "block_size": v.block_size}
+
+
+def _print_volume(v: VolumeInfo, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_volume_doc(v), indent=2))
+        return
+    print(f"name:       {v.name}\nid:         {v.id}\ncapacity:   {format_size(v.capacity)}"
+          f" ({v.capacity} bytes)\nused:       {format_size(v.used_bytes)} ({v.used_bytes} bytes)"
+          f"\ninodes:     {v.used_inodes}\nepoch:      {v.epoch}\nwriter:     {v.writer or '-'}"
+          f"\nsource:     {v.source or '-'}\ncreated:    "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
+
+
+async def cmd_volume_create(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        try:
+            info = await svc.create_volume(args.name, args.capacity,
+                                           source_snapshot=args.from_snapshot,
+                                           source_volume=args.from_volume)
+        except VolumeExists as exc:
+            raise CliError(f"volume {args.name!r} already exists", EXIT_ERROR) from exc
+        print(f"created volume {info.name} ({format_size(info.capacity)})")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_volume_list(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        vols = await svc.list_volumes()
+        if args.json:
+            print(json.dumps([_volume_doc(v) for v in vols], indent=2))
+            return EXIT_OK
+        print(f"{'NAME':<40} {'CAPACITY':>10} {'USED':>10} {'INODES':>8} WRITER")
+        for v in vols:
+            print(f"{v.name:<40} {format_size(v.capacity):>10} {format_size(v.used_bytes):>10} "
+                  f"{v.used_inodes:>8} {v.writer or '-'}")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_volume_info(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        _print_volume(await svc.get_volume(args.name), args.json)
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_volume_resize(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        info = await svc.resize_volume(args.name, args.capacity)
+        print(f"resized volume {info.name} to {format_size(info.capacity)}")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_volume_delete(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        await svc.delete_volume(args.name)
+        print(f"deleted volume {args.name} (its blocks are reclaimed by 'chunkfs gc')")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+# ---- snapshot commands -------------------------------------------------------------
+def _print_snapshot(s: SnapshotInfo) -> None:
+    print(f"{s.name:<40} {s.source_volume:<30} {format_size(s.size_bytes):>10} "
+          f"{'ready' if s.ready_to_use else 'pending'}")
+
+
+async def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        try:
+            snap = await svc.create_snapshot(args.volume, args.name)
+        except SnapshotExists as exc:
+            raise CliError(f"snapshot {args.name!r} already exists") from exc
+        print(f"created snapshot {snap.name} of {snap.source_volume}")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        snaps = await svc.list_snapshots(args.volume)
+        if args.json:
+            print(json.dumps([vars(s) for s in snaps], indent=2, default=str))
+            return EXIT_OK
+        print(f"{'NAME':<40} {'SOURCE':<30} {'SIZE':>10} STATE")
+        for s in snaps:
+            _print_snapshot(s)
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        await svc.delete_snapshot(args.name)
+        print(f"deleted snapshot {args.name}")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+# ---- mount / umount / status --------------------------------------------------------
+def _mount_config(args: argparse.Namespace) -> Any:
+    from chunkfs.mount import MountConfig
+
+    meta, storage = backend_from_env(args.meta, args.storage)
+    opts = _parse_mount_options(args.options)
+    known = {"ro", "rw", "epoch", "buffer-size", "io-timeout", "attr-timeout", "entry-timeout",
+             "readahead", "inline", "memory-cache", "allow_other", "noallow_other"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise InvalidArgument(f"unknown mount option(s): {', '.join(unknown)}")
+    try:
+        cfg = MountConfig(
+            volume=args.name, mountpoint=os.path.abspath(args.mountpoint), meta_url=meta,
+            storage=storage, cache_dir=os.path.abspath(args.cache_dir), cache_size=args.cache_size,
+            read_only="ro" in opts, epoch=opts.get("epoch") or None,
+            buffer_size=parse_size(opts.get("buffer-size", "256MiB")),
+            memory_cache=parse_size(opts.get("memory-cache", "64MiB")),
+            io_timeout=float(opts.get("io-timeout", "60")),
+            attr_timeout=float(opts.get("attr-timeout", "1")),
+            entry_timeout=float(opts.get("entry-timeout", "1")),
+            readahead_blocks=int(opts.get("readahead", "4")),
+            inline_limit=parse_size(opts.get("inline", "16KiB")),
+            allow_other="noallow_other" not in opts)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad mount option value: {exc}") from None
+    if cfg.epoch is not None and not cfg.epoch.isdigit():
+        raise InvalidArgument(f"epoch must be a number, got {cfg.epoch!r}")
+    if cfg.buffer_size < 8 << 20:
+        raise InvalidArgument("buffer-size must be at least 8MiB")
+    return cfg
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from chunkfs.mount import check_mountpoint, run_mount
+
+    cfg = _mount_config(args)
+    if args.foreground:
+        logs.setup(args.log_level)
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        ready_fd = args.ready_fd
+
+        def on_ready(error: str | None) -> None:
+            if ready_fd is None:
+                if error:
+                    print(f"chunkfs: {error}", file=sys.stderr)
+                return
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, (f"error: {error}\n" if error else "ok\n").encode())
+                os.close(ready_fd)
+
+        return asyncio.run(run_mount(cfg, on_ready))
+    check_mountpoint(cfg.mountpoint)
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    log_path = args.log_file or os.path.join(cfg.cache_dir, f"mount-{args.name}.log")
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "chunkfs.cli", *args.raw_argv, "--foreground",
+            "--ready-fd", str(write_end)]
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                pass_fds=(write_end,), start_new_session=True, close_fds=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        line = ready.readline().decode().strip()
+    if line == "ok":
+        print(f"mounted {args.name} at {cfg.mountpoint} (pid {proc.pid}, log {log_path})")
+        return EXIT_OK
+    code = proc.wait(timeout=30)
+    raise CliError(line.removeprefix("error: ") if line.startswith("error: ")
+                   else f"mount process exited with status {code}; see {log_path}")
+
+
+def _read_status(mountpoint: str) -> dict[str, Any]:
+    path = os.path.join(mountpoint, STATUS_FILE)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise CliError(f"{mountpoint} is not a chunkfs mount", EXIT_USAGE) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise CliError(f"{mountpoint}: the chunkfs process is gone (stale mount)") from None
+        raise CliError(f"{mountpoint}: {exc.strerror}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    try:
+        status = _read_status(mountpoint)
+    except CliError as exc:
+        if "stale mount" in str(exc):
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
+            print(f"cleared stale mount {mountpoint}")
+            return EXIT_OK
+        raise
+    pid = int(status["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise CliError(f"mount process {pid} did not exit within {args.timeout:.0f}s "
+                           "(data still uploading?)")
+        time.sleep(0.05)
+    print(f"unmounted {mountpoint}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _read_status(os.path.abspath(args.mountpoint))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    cache, s3, redis = status.get("cache", {}), status.get("s3", {}), status.get("redis", {})
+    print(f"volume:        {status.get('volume')}  (pid {status.get('pid')}, epoch "
+          f"{status.get('epoch')}{', FENCED' if status.get('fenced') else ''})\n"
+          f"dirty bytes:   {status.get('dirty_bytes')}\n"
+          f"cache:         {format_size(cache.get('bytes', 0))} of {format_size(cache.get('limit', 0))}"
+          f", hit ratio {cache.get('hit_ratio', 0):.2%} ({cache.get('hits', 0)} hits, "
+          f"{cache.get('misses', 0)} misses, {cache.get('corrupt', 0)} corrupt)\n"
+          f"s3:            {sum(s3.get('requests', {}).values())} requests, avg "
+          f"{s3.get('avg_latency_ms', 0)} ms, {s3.get('errors', 0)} errors\n"
+          f"redis:         {redis.get('requests', 0)} requests, avg {redis.get('avg_latency_ms', 0)} ms"
+          f", {redis.get('errors', 0)} errors\n"
+          f"errors:        {status.get('errors', 0)} {status.get('last_error', '')}")
+    return EXIT_OK
+
+
+# ---- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    backend = argparse.ArgumentParser(add_help=False)
+    backend.add_argument("--meta", help="metadata engine URL, redis://[:password@]host:port/db "
+                         "(default: $CHUNKFS_META)")
+    backend.add_argument("--storage", help="object storage, s3://bucket/prefix (default: "
+                         "$CHUNKFS_STORAGE; endpoint and credentials from AWS_* variables)")
+    parser = argparse.ArgumentParser(prog="chunkfs", description="A POSIX filesystem whose data "
+                                     "lives in S3 and whose metadata lives in Redis.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    vol = sub.add_parser("volume", help="create, list, inspect, resize and delete volumes")
+    vsub = vol.add_subparsers(dest="action", required=True)
+    p = vsub.add_parser("create", parents=[backend], help="create a volume")
+    p.add_argument("name")
+    p.add_argument("--capacity", type=_size_arg, required=True, help="e.g. 10GiB")
+    p.add_argument("--from-snapshot", help="clone the volume from this snapshot")
+    p.add_argument("--from-volume", help="clone the volume from this volume")
+    p.set_defaults(run=cmd_volume_create)
+    p = vsub.add_parser("list", parents=[backend], help="list volumes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_volume_list)
+    p = vsub.add_parser("info", parents=[backend], help="show one volume")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_volume_info)
+    p = vsub.add_parser("resize", parents=[backend], help="change a volume's capacity (live)")
+    p.add_argument("name")
+    p.add_argument("--capacity", type=_size_arg, required=True)
+    p.set_defaults(run=cmd_volume_resize)
+    p = vsub.add_parser("delete", parents=[backend], help="delete a volume")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_volume_delete)
+
+    snap = sub.add_parser("snapshot", help="snapshots of volumes (metadata copies)")
+    ssub = snap.add_subparsers(dest="action", required=True)
+    p = ssub.add_parser("create", parents=[backend], help="snapshot a volume")
+    p.add_argument("volume")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_snapshot_create)
+    p = ssub.add_parser("list", parents=[backend], help="list snapshots")
+    p.add_argument("--volume")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_snapshot_list)
+    p = ssub.add_parser("delete", parents=[backend], help="delete a snapshot")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_snapshot_delete)
+
+    p = sub.add_parser("mount", parents=[backend], help="mount a volume")
+    p.add_argument("name")
+    p.add_argument("mountpoint")
+    p.add_argument("--cache-dir", required=True, help="local block cache directory (node NVMe)")
+    p.add_argument("--cache-size", type=_size_arg, default=parse_size("10GiB"))
+    p.add_argument("-o", dest="options", help="ro, epoch=N, buffer-size=256MiB, io-timeout=60, "
+                   "attr-timeout=1, entry-timeout=1, readahead=4 (blocks), inline=16KiB, "
+                   "memory-cache=64MiB")
+    p.add_argument("--foreground", "-f", action="store_true", help="do not detach")
+    p.add_argument("--log-file", help="where a detached mount logs (default: in the cache dir)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_mount)
+
+    p = sub.add_parser("umount", help="flush, unmount, and wait for the mount process to exit")
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(run=cmd_umount)
+
+    p = sub.add_parser("status", help="show a mount's state")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = args.run(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except CliError as exc:
+        print(f"chunkfs: {exc}", file=sys.stderr)
+        return exc.code
+    except InvalidArgument as exc:
+        print(f"chunkfs: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ChunkfsError as exc:
+        print(f"chunkfs: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""The FUSE operations of chunkfs: the only place that raises ``FUSEError``.
+
+Handlers stay thin: they translate between pyfuse3's types and the metadata layer
+(``VolumeMeta``) and the file data layer (``FileData``), and turn typed chunkfs
+errors into errno values in one decorator.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from chunkfs.blocks.budget import WriteBudget
+from chunkfs.blocks.file import FileData
+from chunkfs.blocks.store import BlockStore
+from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace
+from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.schema import ROOT_INODE, Attr
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+STATUS_NAME = b".chunkfs.status"
+STATUS_INO = (1 << 62) + 1
+_RENAME_FLAGS = {0: 0, pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
+
+
+def fuse_errors(fn: F) -> F:
+    """Translate chunkfs errors into FUSE errno replies; log what is unexpected."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: ChunkFS, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except ChunkfsError as exc:
+            if isinstance(exc, Fenced):
+                self.fenced = True
+            if exc.errno == errno.EIO:
+                self.status.errors += 1
+                self.status.last_error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
+                log.error("operation failed", extra={"op": fn.__name__, "error": str(exc)})
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception as exc:
+            self.status.errors += 1
+            self.status.last_error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
+            log.exception("unexpected error", extra={"op": fn.__name__})
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    inline_limit: int = 16 * 1024
+    readahead_blocks: int = 4
+    block_size: int = 4 * 1024 * 1024
+
+
+@dataclass
+class MountStatus:
+    errors: int = 0
+    last_error: str = ""
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Handle:
+    ino: int
+    data: FileData | None
+    next_offset: int = 0
+    window: int = 1
+
+
+class ChunkFS(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, meta: VolumeMeta, blocks: BlockStore, options: MountOptions,
+                 volume: dict[str, Any], status_extra: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.meta = meta
+        self.blocks = blocks
+        self.opt = options
+        self.budget: WriteBudget | None = None
+        self.files: dict[int, FileData] = {}
+        self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self.versions: dict[int, tuple[int, int]] = {}
+        self._next_fh = 1
+        self.volume = volume
+        self.fenced = False
+        self.status = MountStatus()
+        self._status_extra = status_extra
+
+    def attach_budget(self, budget: WriteBudget) -> None:
+        self.budget = budget
+
+    # ---- helpers -------------------------------------------------------------------
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = self.opt.entry_timeout
+        e.attr_timeout = self.opt.attr_timeout
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        data = self.files.get(attr.ino)
+        e.st_size = data.size if data is not None else attr.size
+        e.st_blksize = 1 << 17
+        e.st_blocks = (e.st_size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _status_entry(self) -> pyfuse3.EntryAttributes:
+        now = time.time_ns()
+        return self._entry(Attr(STATUS_INO, stat.S_IFREG | 0o444, 0, 0, 1, 0, now, now, now))
+
+    def _fh(self) -> int:
+        self._next_fh += 1
+        return self._next_fh
+
+    def _check_writable(self) -> None:
+        if self.fenced:
+            raise Fenced("writer lease revoked: this node may no longer write the volume")
+
+    def _check_space(self, data: FileData, off: int, n: int) -> None:
+        growth = max(0, off + n - max(data.size, data.committed_size))
+        if not growth:
+            return
+        capacity = int(self.volume.get("capacity", 0))
+        used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
+        if used + growth > capacity:
+            raise NoSpace(f"volume full: {used} of {capacity} bytes in use")
+
+    def uncommitted_growth(self) -> int:
+        return sum(max(0, f.size - f.committed_size) for f in self.files.values())
+
+    def dirty_bytes(self) -> int:
+        return sum(f.dirty_bytes for f in self.files.values())
+
+    def status_document(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "volume": self.volume.get("name", ""), "fenced": self.fenced,
+                "read_only": self.opt.read_only, "epoch": self.meta.epoch,
+                "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
+                "errors": self.status.errors, "last_error": self.status.last_error,
+                "uptime_s": round(time.time() - self.status.started, 1),
+                "redis": self.meta.stats.as_dict(), **self._status_extra()}
+
+    async def _file(self, ino: int) -> FileData:
+        data = self.files.get(ino)
+        if data is None:
+            assert self.budget is not None
+            attr = await self.meta.getattr(ino)
+            data = FileData(ino, self.meta, self.blocks, self.budget,
+                            block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
+            await data.load(attr.size)
+            self.files[ino] = data
+        return data
+
+    def _drop_if_unused(self, data: FileData) -> None:
+        if data.opens <= 0 and data.is_clean and self.files.get(data.ino) is data:
+            del self.files[data.ino]
+
+    # ---- lookups ---------------------------------------------------------------------
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE and name == STATUS_NAME:
+            return self._status_entry()
+        if name == b".":
+            return self._entry(await self.meta.getattr(parent_inode))
+        if name == b"..":
+            raise FsError(errno.ENOTSUP)
+        return self._entry(await self.meta.lookup(parent_inode, name))
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        if inode == STATUS_INO:
+            return self._status_entry()
+        return self._entry(await self.meta.getattr(inode))
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        now = time.time_ns()
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["m"] = attr.st_mode
+        if fields.update_uid:
+            changes["u"] = attr.st_uid
+        if fields.update_gid:
+            changes["g"] = attr.st_gid
+        if fields.update_atime:
+            changes["a"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["t"] = attr.st_mtime_ns
+        if fields.update_size:
+            data = await self._file(inode)
+            if attr.st_size > data.size:
+                self._check_space(data, data.size, 0)
+            try:
+                await data.truncate(attr.st_size)
+            finally:
+                self._drop_if_unused(data)
+        if changes or not fields.update_size:
+            if "m" in changes:
+                current = await self.meta.getattr(inode)
+                changes["m"] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
+            changes["c"] = now
+            await self.meta.setattr(inode, changes)
+        return self._entry(await self.meta.getattr(inode))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.meta.readlink(inode)
+
+    # ---- namespace changes ------------------------------------------------------------
+    async def _create(self, parent: int, name: bytes, mode: int, ctx: Any, *, rdev: int = 0,
+                      target: bytes = b"") -> Attr:
+        self._check_writable()
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG)
+        if parent == ROOT_INODE and name == STATUS_NAME:
+            raise FsError(errno.EEXIST)
+        return await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
+                                      target=target, inline=stat.S_ISREG(mode))
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._create(parent_inode, name, mode, ctx, rdev=rdev))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        mode = (mode & 0o7777) | stat.S_IFDIR
+        return self._entry(await self._create(parent_inode, name, mode, ctx))
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        mode = stat.S_IFLNK | 0o777
+        return self._entry(await self._create(parent_inode, name, mode, ctx, target=target))
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attr = await self._create(parent_inode, name, (mode & 0o7777) | stat.S_IFREG, ctx)
+        info = await self._open(attr.ino, attr.size, fresh=True)
+        return info, self._entry(attr)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_writable()
+        await self.meta.link(inode, new_parent_inode, new_name)
+        return self._entry(await self.meta.getattr(inode))
+
+    async def _after_unlink(self, ino: int, left: int, kept: bool) -> None:
+        if left > 0:
+            return
+        data = self.files.get(ino)
+        if data is not None and data.opens > 0:
+            data.orphaned = True
+        elif kept:
+            await self.meta.purge(ino)
+        self.versions.pop(ino, None)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        keep = bool(self.files)
+        ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=keep)
+        await self._after_unlink(ino, left, keep)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_writable()
+        if flags not in _RENAME_FLAGS:
+            raise FsError(errno.EINVAL)
+        keep = bool(self.files)
+        replaced, left = await self.meta.rename(parent_inode_old, name_old, parent_inode_new,
+                                                name_new, _RENAME_FLAGS[flags], keep_if_open=keep)
+        if replaced:
+            await self._after_unlink(replaced, left, keep)
+
+    # ---- files -----------------------------------------------------------------------
+    async def _open(self, ino: int, size: int | None = None, *, fresh: bool = False) -> pyfuse3.FileInfo:
+        data = self.files.get(ino)
+        if data is not None and data.is_clean and data.opens == 0:
+            del self.files[ino]
+            data = None
+        if data is None:
+            assert self.budget is not None
+            if size is None:
+                size = (await self.meta.getattr(ino)).size
+            data = FileData(ino, self.meta, self.blocks, self.budget,
+                            block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
+            if fresh:
+                data.inline = bytearray()
+            else:
+                await data.load(size)
+            self.files[ino] = data
+        data.opens += 1
+        fh = self._fh()
+        self.handles[fh] = Handle(ino, data)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if inode == STATUS_INO:
+            fh = self._fh()
+            self.handles[fh] = Handle(inode, None)
+            body = json.dumps(self.status_document(), indent=2).encode() + b"\n"
+            self.dirs[-fh] = [(body, 0)]
+            return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            self._check_writable()
+        attr = await self.meta.getattr(inode)
+        if attr.is_dir:
+            raise FsError(errno.EISDIR)
+        version = (attr.mtime_ns, attr.size)
+        cached = self.versions.get(inode) == version and inode not in self.files
+        info = await self._open(inode, attr.size)
+        info.keep_cache = cached
+        self.versions[inode] = version
+        return info
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        if handle.data is None:
+            body = self.dirs[-fh][0][0]
+            return body[off:off + size]
+        data = handle.data
+        if off == handle.next_offset:
+            handle.window = min(handle.window * 2, self.opt.readahead_blocks) or 0
+            self._readahead(data, off + size)
+        else:
+            handle.window = 1
+        handle.next_offset = off + size
+        return await data.read(off, size)
+
+    def _readahead(self, data: FileData, pos: int) -> None:
+        if self.opt.readahead_blocks <= 0 or data.inline is not None:
+            return
+        first = pos // data.bs
+        for idx in range(first, first + self.opt.readahead_blocks):
+            if idx * data.bs >= data.size:
+                break
+            if idx in data.dirty or idx in data.inflight:
+                continue
+            entry = data.entry_for(idx)
+            if entry is not None:
+                self.blocks.prefetch(entry)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self._check_writable()
+        data = self.handles[fh].data
+        if data is None:
+            raise FsError(errno.EBADF)
+        self._check_space(data, off, len(buf))
+        await data.write(off, buf)
+        return len(buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        data = self.handles[fh].data
+        if data is not None and not data.is_clean:
+            self._check_writable()
+            await data.flush()
+            self._remember_version(data)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    def _remember_version(self, data: FileData) -> None:
+        self.versions.pop(data.ino, None)
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh)
+        self.dirs.pop(-fh, None)
+        data = handle.data
+        if data is None:
+            return
+        data.opens -= 1
+        try:
+            if not data.is_clean and not self.fenced:
+                await data.flush()
+        finally:
+            if data.opens <= 0:
+                if data.orphaned:
+                    self.files.pop(data.ino, None)
+                    await self.meta.purge(data.ino)
+                else:
+                    self._drop_if_unused(data)
+
+    # ---- directories -----------------------------------------------------------------
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        attr = await self.meta.getattr(inode)
+        if not attr.is_dir:
+            raise FsError(errno.ENOTDIR)
+        fh = self._fh()
+        self.dirs[fh] = await self.meta.readdir(inode)
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self.dirs[fh]
+        pos = start_id
+        while pos < len(entries):
+            batch = entries[pos:pos + 256]
+            attrs = await self.meta.getattrs(ino for _, ino in batch)
+            for (name, _), attr in zip(batch, attrs, strict=True):
+                pos += 1
+                if attr is None:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), pos):
+                    return
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @fuse_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        state = await self.meta.volume_state()
+        self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        capacity = int(state.get("capacity", 0))
+        used = min(capacity, int(state.get("used", 0)) + self.uncommitted_growth())
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = capacity // 4096
+        s.f_bfree = s.f_bavail = (capacity - used) // 4096
+        inodes = int(state.get("inodes", 0))
+        s.f_files = inodes + (1 << 32)
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # ---- xattrs ----------------------------------------------------------------------
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._check_writable()
+        if len(name) > 255 or len(value) > 65536:
+            raise FsError(errno.ERANGE)
+        await self.meta.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        value = await self.meta.getxattr(inode, name)
+        if value is None:
+            raise FsError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return await self.meta.listxattr(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._check_writable()
+        try:
+            await self.meta.removexattr(inode, name)
+        except FsError as exc:
+            if exc.errno == errno.ENODATA:
+                raise FsError(pyfuse3.ENOATTR) from None
+            raise
+
+    @fuse_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return True
+
+    async def flush_all(self) -> None:
+        """Flush every file with local changes (unmount, SIGTERM)."""
+        for data in list(self.files.values()):
+            if not data.is_clean:
+                await data.flush()
+
+    async def forget(self, inode_list: Any) -> None:  # inodes live in Redis: nothing to drop
+        return None

@@ -1,0 +1,171 @@
+"""Process wiring of a mount: backends, cache, FUSE session, signals, shutdown.
+
+Lifetimes are explicit in an ``AsyncExitStack``; SIGTERM and SIGINT end the FUSE
+loop through ``pyfuse3.terminate``; on the way out every dirty file is flushed (so a
+clean unmount loses nothing) before the filesystem is unmounted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from chunkfs.blocks.budget import WriteBudget
+from chunkfs.blocks.store import BlockStore
+from chunkfs.cache import BlockCache
+from chunkfs.config import StorageConfig
+from chunkfs.errors import InvalidArgument, MetaUnavailable, VolumeNotFound
+from chunkfs.fs import ChunkFS, MountOptions
+from chunkfs.meta.redis_meta import VolumeMeta, connect, with_retries
+from chunkfs.meta.schema import VOLUMES, Keys
+from chunkfs.objstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    volume: str
+    mountpoint: str
+    meta_url: str
+    storage: StorageConfig
+    cache_dir: str
+    cache_size: int
+    read_only: bool = False
+    epoch: str | None = None
+    buffer_size: int = 256 * 1024 * 1024
+    memory_cache: int = 64 * 1024 * 1024
+    io_timeout: float = 60.0
+    attr_timeout: float = 1.0
+    entry_timeout: float = 1.0
+    readahead_blocks: int = 4
+    inline_limit: int = 16 * 1024
+    allow_other: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def check_mountpoint(path: str) -> None:
+    """A mountpoint must be an existing, empty directory (a stale FUSE mount is cleared)."""
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        raise InvalidArgument(f"mountpoint {path} does not exist") from None
+    except NotADirectoryError:
+        raise InvalidArgument(f"mountpoint {path} is not a directory") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a dead chunkfs left its mount behind
+            subprocess.run(["fusermount3", "-u", "-z", path], check=False, capture_output=True)
+            return check_mountpoint(path)
+        raise InvalidArgument(f"mountpoint {path}: {exc.strerror}") from None
+    if os.path.ismount(path):
+        raise InvalidArgument(f"mountpoint {path} is already a mount point")
+    if entries:
+        raise InvalidArgument(f"mountpoint {path} is not an empty directory")
+
+
+async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) -> int:
+    """Mount and serve until unmounted or signalled. ``on_ready(None)`` once ready,
+    ``on_ready(message)`` if mounting failed."""
+    pyfuse3.asyncio.enable()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            check_mountpoint(cfg.mountpoint)
+            client = connect(cfg.meta_url)
+            stack.push_async_callback(client.aclose)
+            ns = await with_retries(lambda: client.hget(VOLUMES, cfg.volume), deadline=10)
+            if ns is None:
+                raise VolumeNotFound(f"volume {cfg.volume!r} not found")
+            keys = Keys(ns.decode())
+            state = {k.decode(): v.decode() for k, v in
+                     (await with_retries(lambda: client.hgetall(keys.vol), deadline=10)).items()}
+            epoch = cfg.epoch if cfg.epoch is not None else state.get("epoch", "1")
+            store = await ObjectStore.create(cfg.storage, deadline=cfg.io_timeout)
+            stack.push_async_callback(store.close)
+            await store.ping(deadline=min(cfg.io_timeout, 15))
+            cache = await BlockCache.open(cfg.cache_dir, cfg.cache_size)
+        except (MetaUnavailable, VolumeNotFound, InvalidArgument) as exc:
+            on_ready(str(exc))
+            return 1
+        except Exception as exc:
+            on_ready(f"{type(exc).__name__}: {exc}")
+            return 1
+        blocks = BlockStore(store, cache, memory_limit=cfg.memory_cache)
+        stack.push_async_callback(blocks.drain)
+        session = secrets.token_hex(6)
+        meta = VolumeMeta(client, keys.ns, epoch=epoch, session=session,
+                          read_only=cfg.read_only or state.get("kind") == "snapshot",
+                          deadline=cfg.io_timeout)
+        options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
+                               entry_timeout=cfg.entry_timeout, inline_limit=cfg.inline_limit,
+                               readahead_blocks=cfg.readahead_blocks,
+                               block_size=int(state.get("block_size", 4 << 20)))
+
+        def extra() -> dict[str, Any]:
+            return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
+                    "s3": store.stats.as_dict(), "session": session}
+
+        fs = ChunkFS(meta, blocks, options, state, extra)
+        fs.attach_budget(WriteBudget(cfg.buffer_size))
+        fuse_opts = set(pyfuse3.default_options)
+        fuse_opts |= {f"fsname=chunkfs:{cfg.volume}", "subtype=chunkfs"}
+        if cfg.allow_other:
+            fuse_opts.add("allow_other")
+        if meta.read_only:
+            fuse_opts.add("ro")
+        try:
+            pyfuse3.init(fs, cfg.mountpoint, fuse_opts)
+        except Exception as exc:
+            on_ready(f"cannot mount {cfg.mountpoint}: {exc}")
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, pyfuse3.terminate)
+        refresher = asyncio.create_task(_refresh_volume(fs, meta))
+        log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
+                                   "epoch": epoch, "session": session})
+        on_ready(None)
+        clean = False
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            clean = True
+        finally:
+            refresher.cancel()
+            try:
+                await fs.flush_all()
+            except Exception as exc:
+                log.error("flush at unmount failed", extra={"error": str(exc)})
+                clean = False
+            pyfuse3.close(unmount=True)
+            log.info("unmounted", extra={"mountpoint": cfg.mountpoint})
+        return 0 if clean else 1
+
+
+async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta) -> None:
+    """Pick up capacity changes (live resize) and notice a revoked writer lease."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            state = await meta.volume_state()
+        except Exception as exc:  # keep serving; the next operation will report it
+            log.warning("volume refresh failed", extra={"error": str(exc)})
+            continue
+        if not state:
+            continue
+        fs.volume.update({k: v.decode() for k, v in state.items()})
+        if not meta.read_only and state.get("epoch", b"").decode() != meta.epoch:
+            if not fs.fenced:
+                log.error("writer lease revoked: fencing this mount",
+                          extra={"epoch": meta.epoch, "current": state.get("epoch", b"").decode()})
+            fs.fenced = True
