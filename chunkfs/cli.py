@@ -302,6 +302,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- maintenance ---------------------------------------------------------------------
+async def cmd_gc(args: argparse.Namespace) -> int:
+    from chunkfs.gc import collect_garbage
+
+    async def act(svc: VolumeService) -> int:
+        report = await collect_garbage(svc.r, svc.store, grace=args.grace, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"{report.objects} block objects, {report.referenced} referenced by "
+              f"{report.namespaces} namespaces and {report.manifests} manifests; {verb} "
+              f"{report.deleted} ({format_size(report.deleted_bytes)}); kept {report.young} "
+              "unreferenced objects younger than the grace period")
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+async def cmd_fsck(args: argparse.Namespace) -> int:
+    from chunkfs.fsck import check_namespace
+
+    async def act(svc: VolumeService) -> int:
+        info = await svc.get_volume(args.name)
+        problems = await check_namespace(svc.r, info.id, svc.store if args.objects else None)
+        for line in problems:
+            print(line)
+        print(f"{args.name}: {len(problems)} problem(s) found")
+        return EXIT_ERROR if problems else EXIT_OK
+    return await _with_service(args, act)
+
+
 # ---- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     backend = argparse.ArgumentParser(add_help=False)
@@ -368,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(run=cmd_umount)
+
+    p = sub.add_parser("gc", parents=[backend], help="delete block objects nothing references")
+    p.add_argument("--grace", type=float, default=3600.0,
+                   help="never delete objects younger than this many seconds (default 3600)")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(run=cmd_gc)
+
+    p = sub.add_parser("fsck", parents=[backend], help="check a volume's metadata invariants")
+    p.add_argument("name")
+    p.add_argument("--objects", action="store_true", help="also check every block object exists")
+    p.set_defaults(run=cmd_fsck)
 
     p = sub.add_parser("status", help="show a mount's state")
     p.add_argument("mountpoint")

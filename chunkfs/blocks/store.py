@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -60,8 +61,11 @@ class BlockStore:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._gets = asyncio.Semaphore(max_parallel_gets)
         self._background: set[asyncio.Task[Any]] = set()
-        self._uploaded: set[str] = set()
-        self.zero = bytes(0)
+        # digests this mount uploaded recently: a repeated PUT of the same block is skipped,
+        # but only for a short while, far below the GC grace period, so GC can never delete
+        # an object between our "it exists" and the commit that references it
+        self._uploaded: OrderedDict[str, float] = OrderedDict()
+        self.upload_memory_s = 300.0
 
     # ---- read path -----------------------------------------------------------------
     async def get(self, entry: BlockEntry) -> bytes:
@@ -120,11 +124,12 @@ class BlockStore:
         if not data or data == bytes(len(data)):
             return None
         digest = await asyncio.to_thread(_sha256, data)
+        now = time.monotonic()
+        while self._uploaded and next(iter(self._uploaded.values())) < now - self.upload_memory_s:
+            self._uploaded.popitem(last=False)
         if digest not in self._uploaded:
             await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
-            self._uploaded.add(digest)
-            if len(self._uploaded) > 100_000:
-                self._uploaded.clear()
+            self._uploaded[digest] = now
         self._spawn(self.cache.put(digest, data))
         return BlockEntry(digest, len(data), len(data))
 

@@ -100,6 +100,15 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
         raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
     k = Keys(ns)
     items = list(doc["inodes"].items())
+    src = doc["settings"]
+    used = sum(len(_b(node["attr"].get("d", ""))) for _, node in items)
+    used += sum(int(e.rsplit(":", 1)[1]) for _, node in items
+                for e in node.get("blocks", {}).values())
+    base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
+            "block_size": src.get("block_size"), "epoch": 1, "writer": ""}
+    # the volume record first: GC finds namespaces by it, so blocks are protected while
+    # the rest is written
+    await r.hset(k.vol, mapping={**{a: v for a, v in base.items() if v is not None}, **settings})
     for start in range(0, len(items), _BATCH):
         pipe = r.pipeline(transaction=False)
         for ino_s, node in items[start:start + _BATCH]:
@@ -113,10 +122,6 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
                 pipe.hset(k.xattr(ino), mapping={_b(a): _b(v) for a, v in node["xattr"].items()})
             pipe.sadd(k.idx, ino)
         await pipe.execute()
-    src = doc["settings"]
-    base = {"used": src.get("used", 0), "inodes": len(items), "next_ino": src.get("next_ino", 1),
-            "block_size": src.get("block_size"), "epoch": 1, "writer": ""}
-    await r.hset(k.vol, mapping={**{a: v for a, v in base.items() if v is not None}, **settings})
 
 
 async def delete_namespace(r: aioredis.Redis, ns: str) -> None:

@@ -1,0 +1,97 @@
+"""Consistency check of one namespace: the invariants the Lua scripts maintain.
+
+Tests run it after filesystem workloads (a self-checking suite); operators run it
+with ``chunkfs fsck``. It only reads; every finding is a line of text.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter
+
+import redis.asyncio as aioredis
+
+from chunkfs.meta.schema import ROOT_INODE, BlockEntry, Keys
+from chunkfs.objstore import ObjectStore, block_key
+
+
+async def check_namespace(r: aioredis.Redis, ns: str,
+                          store: ObjectStore | None = None) -> list[str]:
+    k = Keys(ns)
+    problems: list[str] = []
+    vol = {a.decode(): b.decode() for a, b in (await r.hgetall(k.vol)).items()}
+    if not vol:
+        return [f"namespace {ns} has no volume record"]
+    inos = sorted(int(i) for i in await r.smembers(k.idx))
+    orphans = {int(i) for i in await r.hkeys(k.orphans)}
+    attrs: dict[int, dict[str, bytes]] = {}
+    dirs: dict[int, dict[bytes, bytes]] = {}
+    blocks: dict[int, dict[bytes, bytes]] = {}
+    for start in range(0, len(inos), 2000):
+        batch = inos[start:start + 2000]
+        pipe = r.pipeline(transaction=False)
+        for ino in batch:
+            pipe.hgetall(k.inode(ino))
+            pipe.hgetall(k.dir(ino))
+            pipe.hgetall(k.blocks(ino))
+        rows = await pipe.execute()
+        for n, ino in enumerate(batch):
+            attrs[ino] = {a.decode(): b for a, b in rows[3 * n].items()}
+            dirs[ino], blocks[ino] = rows[3 * n + 1], rows[3 * n + 2]
+    links: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    used = 0
+    for ino in inos:
+        attr = attrs[ino]
+        if not attr:
+            problems.append(f"inode {ino} is indexed but has no attributes")
+            continue
+        mode = int(attr["m"])
+        for name, child in dirs[ino].items():
+            child_ino = int(child)
+            if child_ino not in attrs or not attrs[child_ino]:
+                problems.append(f"entry {name!r} in directory {ino} points to missing inode {child_ino}")
+                continue
+            links[child_ino] += 1
+            if stat.S_ISDIR(int(attrs[child_ino]["m"])):
+                subdirs[ino] += 1
+                if int(attrs[child_ino].get("p", b"0")) != ino:
+                    problems.append(f"directory {child_ino} has parent {attrs[child_ino].get('p')}"
+                                    f" but is listed in {ino}")
+        if dirs[ino] and not stat.S_ISDIR(mode):
+            problems.append(f"non-directory {ino} has entries")
+        if "d" in attr:
+            used += len(attr["d"])
+            if blocks[ino]:
+                problems.append(f"inode {ino} has both inline data and blocks")
+        size = int(attr.get("s", b"0"))
+        bs = int(vol.get("block_size", 4 << 20))
+        for idx, raw in blocks[ino].items():
+            entry = BlockEntry.parse(raw)
+            used += entry.valid
+            if int(idx) * bs + entry.valid > max(size, 0) and entry.valid:
+                problems.append(f"inode {ino} block {int(idx)} extends past the file size {size}")
+            if store is not None and not await store.exists(block_key(entry.digest, entry.length)):
+                problems.append(f"inode {ino} block {int(idx)} object {entry.digest} is missing")
+    for ino in inos:
+        attr = attrs[ino]
+        if not attr:
+            continue
+        mode, nlink = int(attr["m"]), int(attr["n"])
+        if ino == ROOT_INODE:
+            expected = 2 + subdirs[ino]
+        elif stat.S_ISDIR(mode):
+            expected = 2 + subdirs[ino]
+            if links[ino] != 1:
+                problems.append(f"directory {ino} is linked {links[ino]} times")
+        else:
+            expected = links[ino]
+        if nlink != expected and not (ino in orphans and links[ino] == 0):
+            problems.append(f"inode {ino} has nlink {nlink}, expected {expected}")
+        if ino != ROOT_INODE and links[ino] == 0 and ino not in orphans:
+            problems.append(f"inode {ino} is not reachable from any directory")
+    if int(vol.get("used", 0)) != used:
+        problems.append(f"volume records {vol.get('used')} bytes used, blocks add up to {used}")
+    if int(vol.get("inodes", 0)) != len(inos):
+        problems.append(f"volume records {vol.get('inodes')} inodes, index has {len(inos)}")
+    return problems
