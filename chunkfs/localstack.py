@@ -306,8 +306,13 @@ class RedisService:
         return redis.Redis(host=self.host, port=self.port, db=db, password=self.password, **opts)
 
     def ping(self, timeout: float = 2.0) -> bool:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
         try:
-            with self.client(socket_timeout=timeout, socket_connect_timeout=timeout) as c:
+            with self.client(
+                socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            ) as c:
                 return bool(c.ping())
         except Exception:
             return False
