@@ -1,0 +1,628 @@
+"""Starting, finding and recovering chunkfs mounts on a node.
+
+Protocol (what survives what)
+-----------------------------
+* NodeStageVolume runs ``chunkfs mount VOLUME STAGING --cache-dir CACHE/VOLUME
+  -o epoch=N[,ro]``. The mount process detaches into its own session, so it outlives
+  the plugin process; a plugin upgrade or crash does not touch running pods.
+* NodePublishVolume bind-mounts STAGING onto the pod's target (then remounts the bind
+  read-only / with the requested flags).
+* Before acting, every stage and publish is recorded as a JSON file under
+  ``--state-dir`` (``staged/<volume>.json``, ``published/<sha256(target)>.json``;
+  written tmp + fsync + rename, mode 0600 because a stage record holds the backend
+  overrides from the CSI secrets that a re-mount needs). The record is removed only
+  after the undo succeeded. So after any crash the records are a superset of what is
+  mounted, and recovery converges by re-doing what is recorded.
+* ``NodeMounts.recover`` (at start and then periodically) checks every recorded mount:
+  a staging mount whose process died (stat fails with ENOTCONN) is lazily unmounted
+  and mounted again with the recorded epoch and options; each bind mount of it, now
+  pointing at the dead FUSE connection, is unmounted and bound again. A live mount is
+  never touched, and a hung one (stat does not return) is reported, not remounted.
+  The recorded epoch is reused as is: if the lease moved on meanwhile, the re-mounted
+  volume is fenced exactly like the old one was.
+* Pods see a re-established mount through the same target path; files they had open
+  on the dead connection fail and must be reopened (in Kubernetes the pod needs
+  ``mountPropagation: HostToContainer`` to see the new bind mount).
+
+Concurrency: the node servicer holds the per-volume key (``KeyLocks``) around every
+call into this module that changes a volume's mounts; ``recover`` waits for the same
+key, so an RPC and a recovery never work on one volume at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import enum
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from csi import errors
+from csi.backends import overlay_env
+
+log = logging.getLogger("chunkfs.csi.mounts")
+
+STATE_VERSION = 1
+MOUNT_TIMEOUT = 120.0    # chunkfs mount: connect, load the root, be ready
+UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
+PROBE_TIMEOUT = 5.0      # a stat that takes longer marks the mount as hung
+LOG_LIMIT = 16 << 20     # a mount's log file is truncated at the next mount beyond this
+STATUS_FILE = ".chunkfs.status"  # a chunkfs mount's virtual status file (chunkfs status)
+
+
+class Health(enum.Enum):
+    ALIVE = "alive"      # mounted and answering (stat: st_ino == 1)
+    DEAD = "dead"        # mounted, but the FUSE process is gone (ENOTCONN)
+    HUNG = "hung"        # mounted, stat does not return
+    ABSENT = "absent"    # not a mount point
+
+
+# --- records ------------------------------------------------------------------------
+
+@dataclass
+class StageRecord:
+    volume_id: str
+    staging_path: str
+    mode: int                         # VolumeCapability.AccessMode.Mode
+    readonly: bool
+    epoch: int | None                 # writer epoch from ControllerPublishVolume
+    options: list[str] = field(default_factory=list)   # extra `chunkfs mount -o` options
+    cache_size: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # backend overrides (from secrets)
+    created: float = field(default_factory=time.time)
+
+    def same_request(self, other: StageRecord) -> bool:
+        keys = ("volume_id", "staging_path", "mode", "readonly", "epoch", "options",
+                "cache_size")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+@dataclass
+class PublishRecord:
+    volume_id: str
+    target_path: str
+    staging_path: str
+    mode: int
+    readonly: bool
+    flags: list[str] = field(default_factory=list)     # bind mount flags
+    created: float = field(default_factory=time.time)
+
+    def same_request(self, other: PublishRecord) -> bool:
+        keys = ("volume_id", "target_path", "staging_path", "mode", "readonly", "flags")
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
+
+
+class StateStore:
+    """The JSON records under ``--state-dir``, loaded once and kept in memory."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = state_dir
+        self._staged_dir = os.path.join(state_dir, "staged")
+        self._published_dir = os.path.join(state_dir, "published")
+        for d in (state_dir, self._staged_dir, self._published_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+            os.chmod(d, 0o700)
+        self.staged: dict[str, StageRecord] = {
+            r.volume_id: r for r in self._load(self._staged_dir, StageRecord)}
+        self.published: dict[str, PublishRecord] = {
+            r.target_path: r for r in self._load(self._published_dir, PublishRecord)}
+
+    @staticmethod
+    def _load(directory: str, kind: type) -> list[Any]:
+        records = []
+        names = {f.name for f in dataclasses.fields(kind)}
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if not name.endswith(".json"):
+                if name.startswith(".tmp-"):
+                    os.unlink(path)  # an interrupted write: the old record (if any) stands
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    doc = json.load(f)
+                if doc.pop("version", None) != STATE_VERSION:
+                    raise ValueError("unknown state version")
+                records.append(kind(**{k: v for k, v in doc.items() if k in names}))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("ignoring unreadable state file %s: %s", path, exc)
+                os.replace(path, path + ".bad")
+        return records
+
+    def _write(self, path: str, record: Any) -> None:
+        doc = {"version": STATE_VERSION, **dataclasses.asdict(record)}
+        directory = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(directory)
+
+    def _unlink(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
+
+    def _publish_file(self, target: str) -> str:
+        digest = hashlib.sha256(target.encode()).hexdigest()[:40]
+        return os.path.join(self._published_dir, digest + ".json")
+
+    def save_stage(self, rec: StageRecord) -> None:
+        self._write(os.path.join(self._staged_dir, rec.volume_id + ".json"), rec)
+        self.staged[rec.volume_id] = rec
+
+    def drop_stage(self, volume_id: str) -> None:
+        self._unlink(os.path.join(self._staged_dir, volume_id + ".json"))
+        self.staged.pop(volume_id, None)
+
+    def save_publish(self, rec: PublishRecord) -> None:
+        self._write(self._publish_file(rec.target_path), rec)
+        self.published[rec.target_path] = rec
+
+    def drop_publish(self, target: str) -> None:
+        self._unlink(self._publish_file(target))
+        self.published.pop(target, None)
+
+    def publishes_of(self, volume_id: str) -> list[PublishRecord]:
+        return [p for p in self.published.values() if p.volume_id == volume_id]
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the mount table ----------------------------------------------------------------
+
+def _unescape(field_: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field_):
+        code = field_[i + 1:i + 4]
+        if field_[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(field_[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo (the top mount wins)."""
+    table: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            parts = left.split()
+            if len(parts) >= 5 and right:
+                table[_unescape(parts[4])] = right.split()[0]
+    return table
+
+
+def is_mountpoint(path: str) -> bool:
+    return path in mount_table()
+
+
+def mount_pids(mountpoint: str) -> list[int]:
+    """PIDs of chunkfs mount processes serving ``mountpoint`` (named in their argv)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "mount" in words and mountpoint in words and any("chunkfs" in w for w in words):
+            pids.append(int(entry))
+    return pids
+
+
+# --- probing without blocking the event loop ----------------------------------------
+
+class Prober:
+    """stat/statvfs/status reads of mount points in worker threads, one in flight per path.
+
+    A FUSE mount whose process is stopped makes stat block; the thread then stays
+    stuck until the process resumes or dies. Allowing one probe per path and kind keeps
+    such threads from piling up, and the caller gets HUNG (or TimeoutError) instead of
+    waiting.
+    """
+
+    def __init__(self, workers: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mount-probe")
+        self._pending: dict[tuple[str, str], concurrent.futures.Future[Any]] = {}
+        self._lock = threading.Lock()  # the metrics thread probes too
+
+    def _submit(self, kind: str, path: str, fn: Any) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            fut = self._pending.get((kind, path))
+            if fut is None or fut.done():
+                fut = self._pending[(kind, path)] = self._pool.submit(fn, path)
+            return fut
+
+    async def _run(self, kind: str, path: str, fn: Any, seconds: float) -> Any:
+        fut = asyncio.wrap_future(self._submit(kind, path, fn))
+        return await asyncio.wait_for(asyncio.shield(fut), seconds)
+
+    def run_blocking(self, kind: str, path: str, fn: Any, seconds: float) -> Any:
+        try:
+            return self._submit(kind, path, fn).result(seconds)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"{kind} of {path}") from None
+
+    async def health(self, path: str, seconds: float = PROBE_TIMEOUT) -> Health:
+        if not is_mountpoint(path):
+            return Health.ABSENT
+        try:
+            st = await self._run("stat", path, os.stat, seconds)
+        except TimeoutError:
+            return Health.HUNG
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.EIO):
+                return Health.DEAD
+            raise
+        return Health.ALIVE if st.st_ino == 1 else Health.DEAD
+
+    async def statvfs(self, path: str, seconds: float = PROBE_TIMEOUT) -> os.statvfs_result:
+        return await self._run("statvfs", path, os.statvfs, seconds)
+
+    async def status(self, path: str, seconds: float = PROBE_TIMEOUT) -> dict[str, Any]:
+        """The mount's own report (``chunkfs status --json``): dirty bytes, fenced, ..."""
+        return await self._run("status", path, read_status, seconds)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def read_status(mountpoint: str) -> dict[str, Any]:
+    with open(os.path.join(mountpoint, STATUS_FILE), "rb") as f:
+        return json.loads(f.read())
+
+
+# --- running mount commands ---------------------------------------------------------
+
+def chunkfs_command() -> list[str]:
+    """The chunkfs CLI: next to this interpreter (a venv) first, then on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "chunkfs")
+    if os.access(here, os.X_OK):
+        return [here]
+    found = shutil.which("chunkfs")
+    return [found] if found else [sys.executable, "-m", "chunkfs.cli"]
+
+
+async def _run(argv: list[str], seconds: float = 60.0) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), seconds)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise errors.timed_out(" ".join(argv[:3])) from None
+    return proc.returncode or 0, err.decode(errors="replace").strip()
+
+
+class Mounter:
+    """The mount primitives: chunkfs mounts and bind mounts, by command line."""
+
+    def __init__(self, log_dir: str, chunkfs: list[str] | None = None,
+                 prober: Prober | None = None) -> None:
+        self.chunkfs = chunkfs or chunkfs_command()
+        self.log_dir = log_dir
+        self.prober = prober or Prober()
+        os.makedirs(log_dir, mode=0o700, exist_ok=True)
+
+    def log_path(self, volume_id: str) -> str:
+        return os.path.join(self.log_dir, volume_id + ".log")
+
+    async def mount_chunkfs(self, rec: StageRecord, cache_dir: str,
+                            env: dict[str, str]) -> None:
+        await asyncio.to_thread(os.makedirs, rec.staging_path, exist_ok=True)
+        await asyncio.to_thread(os.makedirs, cache_dir, mode=0o700, exist_ok=True)
+        options = list(rec.options)
+        if rec.epoch is not None:
+            options.insert(0, f"epoch={rec.epoch}")
+        if rec.readonly:
+            options.insert(0, "ro")
+        argv = [*self.chunkfs, "mount", rec.volume_id, rec.staging_path,
+                "--cache-dir", cache_dir]
+        if rec.cache_size:
+            argv += ["--cache-size", rec.cache_size]
+        if options:
+            argv += ["-o", ",".join(options)]
+        logfile = self.log_path(rec.volume_id)
+        argv += ["--log-file", logfile]
+        out, offset = _open_log(logfile, argv)
+        with out:
+            # own session: the mount must not die with the plugin's process group
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
+                start_new_session=True)
+        try:
+            rc = await asyncio.wait_for(proc.wait(), MOUNT_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            await self.force_unmount(rec.staging_path)
+            raise errors.timed_out(f"chunkfs mount of {rec.volume_id}") from None
+        if rc != 0:
+            raise errors.mount_failed(rec.volume_id, _last_line(logfile, offset)
+                                      or f"chunkfs mount exited with status {rc}")
+        health = await self.prober.health(rec.staging_path)
+        if health is not Health.ALIVE:
+            raise errors.mount_failed(
+                rec.volume_id, f"chunkfs mount succeeded but {rec.staging_path} is "
+                f"{health.value}")
+
+    async def unmount_chunkfs(self, path: str) -> None:
+        """Flush and unmount a staging mount; a dead one is just detached."""
+        health = await self.prober.health(path)
+        if health is Health.ABSENT:
+            return
+        if health is Health.HUNG:
+            raise errors.unmount_failed(path, "the chunkfs mount does not respond; "
+                                        "dirty data would be lost, not unmounting")
+        if health is Health.DEAD:
+            await self.force_unmount(path)
+            return
+        rc, err = await _run([*self.chunkfs, "umount", path], UNMOUNT_TIMEOUT)
+        if rc != 0 and is_mountpoint(path):
+            raise errors.unmount_failed(path, err or f"chunkfs umount exited with {rc}")
+
+    async def bind(self, source: str, target: str, readonly: bool,
+                   flags: Iterable[str]) -> None:
+        flags = [f for f in flags if f not in ("ro", "rw")]
+        rc, err = await _run(["mount", "--bind", source, target])
+        if rc != 0:
+            raise errors.mount_failed(os.path.basename(source), f"bind mount: {err}")
+        if readonly or flags:
+            opts = ",".join(["remount", "bind", "ro" if readonly else "rw", *flags])
+            rc, err = await _run(["mount", "-o", opts, target])
+            if rc != 0:
+                await self.force_unmount(target)
+                raise errors.mount_failed(os.path.basename(source),
+                                          f"remount {opts}: {err}")
+
+    async def unmount(self, path: str) -> None:
+        """Unmount a bind mount; detach it lazily if it is dead or busy."""
+        if not is_mountpoint(path):
+            return
+        health = await self.prober.health(path)
+        if health is not Health.ALIVE:
+            await self.force_unmount(path)
+            return
+        rc, err = await _run(["umount", path])
+        if rc != 0 and is_mountpoint(path):
+            log.warning("umount %s failed (%s); detaching it lazily", path, err)
+            await self.force_unmount(path)
+
+    async def force_unmount(self, path: str) -> None:
+        while is_mountpoint(path):
+            rc, err = await _run(["umount", "-l", path])
+            if rc != 0 and is_mountpoint(path):
+                raise errors.unmount_failed(path, err)
+
+
+def _open_log(path: str, argv: list[str]) -> tuple[Any, int]:
+    """The volume's log (shared with its detached mount process), opened for appending."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.getsize(path) > LOG_LIMIT:
+            os.truncate(path, 0)
+    out = open(path, "ab")  # noqa: SIM115 - closed by the caller
+    offset = out.tell()
+    out.write(f"--- {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
+    out.flush()
+    return out, offset
+
+
+def _last_line(path: str, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln and not ln.startswith("--- ")]
+    return lines[-1] if lines else ""
+
+
+# --- the node's mounts --------------------------------------------------------------
+
+class NodeMounts:
+    """Stage / publish / recover, keeping the records and the mount table in step."""
+
+    def __init__(self, state_dir: str, cache_dir: str, mounter: Mounter | None = None,
+                 locks: Any = None) -> None:
+        self.store = StateStore(state_dir)
+        self.cache_dir = cache_dir
+        self.mounter = mounter or Mounter(os.path.join(state_dir, "logs"))
+        self.locks = locks
+        self.health: dict[str, str] = {}  # volume -> outcome of its last check (metrics)
+
+    @property
+    def prober(self) -> Prober:
+        return self.mounter.prober
+
+    def staged(self, volume_id: str) -> StageRecord | None:
+        return self.store.staged.get(volume_id)
+
+    def publication(self, target: str) -> PublishRecord | None:
+        return self.store.published.get(target)
+
+    def publishes_of(self, volume_id: str) -> list[PublishRecord]:
+        return self.store.publishes_of(volume_id)
+
+    def cache_dir_of(self, volume_id: str) -> str:
+        return os.path.join(self.cache_dir, volume_id)
+
+    def knows(self, volume_id: str, path: str) -> bool:
+        stage = self.staged(volume_id)
+        pub = self.publication(path)
+        return bool((stage and stage.staging_path == path)
+                    or (pub and pub.volume_id == volume_id))
+
+    # -- stage --
+
+    async def stage(self, rec: StageRecord) -> None:
+        if is_mountpoint(rec.staging_path):  # not ours (no record): start from scratch
+            log.warning("%s is mounted but not recorded; unmounting it first",
+                        rec.staging_path)
+            await self.mounter.unmount_chunkfs(rec.staging_path)
+        self.store.save_stage(rec)
+        try:
+            await self._mount(rec)
+        except BaseException:
+            self.store.drop_stage(rec.volume_id)
+            raise
+        self.health[rec.volume_id] = "alive"
+
+    async def _mount(self, rec: StageRecord) -> None:
+        env = overlay_env(dict(os.environ), rec.env)
+        await self.mounter.mount_chunkfs(rec, self.cache_dir_of(rec.volume_id), env)
+
+    async def ensure_staged(self, rec: StageRecord) -> Health:
+        """Re-mount a recorded staging mount whose process died; return its health before."""
+        health = await self.prober.health(rec.staging_path)
+        if health is Health.DEAD:
+            log.warning("volume %s: the chunkfs mount at %s is dead; mounting it again",
+                        rec.volume_id, rec.staging_path)
+            await self.mounter.force_unmount(rec.staging_path)
+        if health in (Health.DEAD, Health.ABSENT):
+            await self._mount(rec)
+        return health
+
+    async def unstage(self, volume_id: str, staging_path: str) -> None:
+        rec = self.staged(volume_id)
+        await self.mounter.unmount_chunkfs(staging_path)
+        if rec is not None and rec.staging_path == staging_path:
+            self.store.drop_stage(volume_id)
+            self.health.pop(volume_id, None)
+
+    # -- publish --
+
+    async def publish(self, rec: PublishRecord) -> None:
+        self.store.save_publish(rec)
+        try:
+            await self._bind(rec)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.mounter.unmount(rec.target_path)
+            self.store.drop_publish(rec.target_path)
+            raise
+
+    async def _bind(self, rec: PublishRecord) -> None:
+        await asyncio.to_thread(os.makedirs, rec.target_path, exist_ok=True)
+        await self.mounter.bind(rec.staging_path, rec.target_path, rec.readonly, rec.flags)
+
+    async def ensure_published(self, rec: PublishRecord) -> Health:
+        """Re-make a recorded bind mount that is missing or points at a dead mount."""
+        health = await self.prober.health(rec.target_path)
+        if health is Health.DEAD:
+            await self.mounter.force_unmount(rec.target_path)
+        if health in (Health.DEAD, Health.ABSENT):
+            log.warning("volume %s: re-making the bind mount at %s", rec.volume_id,
+                        rec.target_path)
+            await self._bind(rec)
+        return health
+
+    async def unpublish(self, target: str) -> None:
+        await self.mounter.unmount(target)
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                os.rmdir(target)  # the spec: remove what NodePublishVolume created
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
+                    raise
+                log.warning("not removing %s: %s", target, exc.strerror)
+        self.store.drop_publish(target)
+
+    def prune_publishes(self, volume_id: str) -> list[PublishRecord]:
+        """The recorded publishes of a volume that are still mounted (drops the others)."""
+        table = mount_table()
+        live = []
+        for rec in self.publishes_of(volume_id):
+            if rec.target_path in table:
+                live.append(rec)
+            else:
+                log.warning("dropping the record of %s: it is no longer mounted",
+                            rec.target_path)
+                self.store.drop_publish(rec.target_path)
+        return live
+
+    # -- recovery --
+
+    async def recover(self) -> dict[str, str]:
+        """Re-establish every recorded mount that died; return volume -> outcome."""
+        outcome: dict[str, str] = {}
+        for volume_id in list(self.store.staged):
+            lock = (self.locks.hold("volume", volume_id) if self.locks is not None
+                    else contextlib.nullcontext())
+            async with lock:
+                outcome[volume_id] = await self._recover_volume(volume_id)
+            self.health[volume_id] = ("alive" if outcome[volume_id] in ("alive", "recovered")
+                                      else outcome[volume_id])
+        for gone in set(self.health) - set(self.store.staged):
+            del self.health[gone]
+        return outcome
+
+    async def _recover_volume(self, volume_id: str) -> str:
+        rec = self.staged(volume_id)
+        if rec is None:
+            return "unstaged"
+        try:
+            before = await self.ensure_staged(rec)
+            if before is Health.HUNG:
+                log.warning("volume %s: the mount at %s does not respond", volume_id,
+                            rec.staging_path)
+                return "hung"
+            remade = 0
+            for pub in self.publishes_of(volume_id):
+                if await self.ensure_published(pub) is not Health.ALIVE:
+                    remade += 1
+        except Exception as exc:  # noqa: BLE001 - logged, retried at the next round
+            log.error("volume %s: recovery failed: %s", volume_id, exc)
+            return f"failed: {exc}"
+        if before is Health.ALIVE and not remade:
+            return "alive"
+        log.info("volume %s: recovered (staging was %s, %d bind mounts re-made)",
+                 volume_id, before.value, remade)
+        return "recovered"
+
+    async def recover_forever(self, interval: float) -> None:
+        while True:
+            try:
+                await self.recover()
+            except Exception:  # noqa: BLE001 - keep the loop alive
+                log.exception("mount recovery round failed")
+            await asyncio.sleep(interval)
+
+    def close(self) -> None:
+        self.prober.close()

@@ -1,0 +1,222 @@
+"""CSI Node service: stage (chunkfs mount), publish (bind mount), stats, expansion.
+
+The mount mechanics and their crash safety live in ``csi/mounts.py``; this module
+holds what the spec asks of each RPC: required fields, paths under the kubelet
+directory, the idempotency and compatibility rules, and the per-volume lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from chunkfs import errors as cf
+from csi import errors, validate
+from csi.backends import ServiceCache, overrides_from_secrets
+from csi.controller import EPOCH_KEY
+from csi.mounts import Health, NodeMounts, PublishRecord, StageRecord
+from csi.rpc import KeyLocks, exclusive, require
+from csi.v1 import csi_pb2, csi_pb2_grpc
+
+log = logging.getLogger("chunkfs.csi.node")
+
+RPC = csi_pb2.NodeServiceCapability.RPC
+CAPABILITIES = (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME,
+                RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER)
+Usage = csi_pb2.VolumeUsage
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    def __init__(self, services: ServiceCache, mounts: NodeMounts, *, node_id: str,
+                 kubelet_dir: str | None = "/var/lib/kubelet",
+                 max_volumes: int = 64, locks: KeyLocks | None = None) -> None:
+        self.services = services
+        self.mounts = mounts
+        self.node_id = node_id
+        self.kubelet_dir = kubelet_dir
+        self.max_volumes = max_volumes
+        self.locks = locks or KeyLocks()
+
+    def _path(self, field: str, path: str) -> str:
+        return validate.check_path(field, path, self.kubelet_dir)
+
+    # --- stage ----------------------------------------------------------------------
+
+    @require("volume_id", "staging_target_path", "volume_capability")
+    @exclusive("volume", lambda r: r.volume_id)
+    async def NodeStageVolume(self, request, context):
+        volume_id = validate.check_id("volume_id", request.volume_id)
+        staging = self._path("staging_target_path", request.staging_target_path)
+        cap = request.volume_capability
+        validate.check_capabilities([cap])
+        _, options = validate.split_mount_flags(cap.mount.mount_flags)
+        ctx = request.volume_context
+        mode = validate.access_mode(cap)
+        rec = StageRecord(
+            volume_id=volume_id, staging_path=staging, mode=mode,
+            readonly=mode in validate.READ_ONLY_MODES, epoch=_epoch(request.publish_context),
+            options=options, cache_size=ctx.get("cache-size") or None)
+
+        existing = self.mounts.staged(volume_id)
+        if existing is not None:
+            if existing.staging_path != staging:
+                raise errors.staged_elsewhere(volume_id, existing.staging_path)
+            if not existing.same_request(rec):
+                raise errors.published_incompatible(
+                    volume_id, staging, "another volume_capability or publish_context")
+            await self.mounts.ensure_staged(existing)
+            return csi_pb2.NodeStageVolumeResponse()
+
+        if rec.epoch is None and mode in validate.SINGLE_WRITER_MODES:
+            log.warning("volume %s: staged for writing without an epoch in publish_context "
+                        "(no ControllerPublishVolume?): it is not fenced", volume_id)
+        svc = await self.services.for_secrets(request.secrets)
+        try:
+            await svc.get_volume(volume_id)
+        except cf.VolumeNotFound:
+            raise errors.volume_not_found(volume_id) from None
+        rec.env = overrides_from_secrets(request.secrets)
+        await self.mounts.stage(rec)
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @require("volume_id", "staging_target_path")
+    @exclusive("volume", lambda r: r.volume_id)
+    async def NodeUnstageVolume(self, request, context):
+        volume_id = validate.check_id("volume_id", request.volume_id)
+        staging = self._path("staging_target_path", request.staging_target_path)
+        live = self.mounts.prune_publishes(volume_id)
+        if live:
+            raise errors.volume_in_use(
+                volume_id, "still published at " + ", ".join(p.target_path for p in live))
+        await self.mounts.unstage(volume_id, staging)
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    # --- publish --------------------------------------------------------------------
+
+    @require("volume_id", "target_path", "volume_capability")
+    @exclusive("volume", lambda r: r.volume_id)
+    async def NodePublishVolume(self, request, context):
+        volume_id = validate.check_id("volume_id", request.volume_id)
+        if not request.staging_target_path:  # the spec's code for this case
+            raise errors.not_staged(volume_id, "")
+        staging = self._path("staging_target_path", request.staging_target_path)
+        target = self._path("target_path", request.target_path)
+        cap = request.volume_capability
+        validate.check_capabilities([cap])
+        flags, _ = validate.split_mount_flags(cap.mount.mount_flags)
+        mode = validate.access_mode(cap)
+        readonly = request.readonly or mode in validate.READ_ONLY_MODES or "ro" in flags
+        rec = PublishRecord(volume_id=volume_id, target_path=target, staging_path=staging,
+                            mode=mode, readonly=readonly, flags=flags)
+
+        stage = self.mounts.staged(volume_id)
+        if stage is None or stage.staging_path != staging:
+            raise errors.not_staged(volume_id, staging)
+        if stage.readonly and not readonly:
+            raise errors.staged_read_only(volume_id)
+        existing = self.mounts.publication(target)
+        if existing is not None:
+            if not existing.same_request(rec):
+                raise errors.published_incompatible(
+                    volume_id, target, "another volume_capability or readonly flag")
+            await self.mounts.ensure_published(existing)
+            return csi_pb2.NodePublishVolumeResponse()
+        others = [p for p in self.mounts.prune_publishes(volume_id) if p.target_path != target]
+        if others and mode in validate.ONE_TARGET_MODES:
+            raise errors.single_writer_published(volume_id, others[0].target_path)
+        await self.mounts.publish(rec)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @require("volume_id", "target_path")
+    @exclusive("volume", lambda r: r.volume_id)
+    async def NodeUnpublishVolume(self, request, context):
+        validate.check_id("volume_id", request.volume_id)
+        target = self._path("target_path", request.target_path)
+        await self.mounts.unpublish(target)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    # --- health and size ------------------------------------------------------------
+
+    async def _known_path(self, volume_id: str, path: str) -> str:
+        path = self._path("volume_path", path)
+        if not self.mounts.knows(volume_id, path):
+            raise errors.not_mounted_at(volume_id, path)
+        return path
+
+    @require("volume_id", "volume_path")
+    async def NodeGetVolumeStats(self, request, context):
+        path = await self._known_path(request.volume_id, request.volume_path)
+        health = await self.mounts.prober.health(path)
+        Condition = csi_pb2.VolumeCondition
+        if health is not Health.ALIVE:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
+                abnormal=True, message=_condition_message(health, path)))
+        try:
+            st = await self.mounts.prober.statvfs(path)
+            status = await self.mounts.prober.status(path)
+        except (OSError, TimeoutError, ValueError) as exc:
+            return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
+                abnormal=True, message=f"statfs of {path} failed: {exc}"))
+        condition = Condition(abnormal=False, message="mounted")
+        if status.get("fenced"):
+            condition = Condition(abnormal=True, message=(
+                "this node lost the volume's writer lease (another node published it): "
+                "writes fail with EIO"))
+        elif status.get("last_error"):
+            condition.message = f"mounted; last error: {status['last_error']}"
+        total, free, avail = (st.f_blocks * st.f_frsize, st.f_bfree * st.f_frsize,
+                              st.f_bavail * st.f_frsize)
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=[
+                Usage(unit=Usage.BYTES, total=total, available=avail, used=total - free),
+                Usage(unit=Usage.INODES, total=st.f_files, available=st.f_favail,
+                      used=st.f_files - st.f_ffree),
+            ],
+            volume_condition=condition)
+
+    @require("volume_id", "volume_path")
+    async def NodeExpandVolume(self, request, context):
+        """chunkfs mounts read the quota from the metadata engine: resizes are live."""
+        path = await self._known_path(request.volume_id, request.volume_path)
+        if request.HasField("volume_capability"):
+            validate.check_capabilities([request.volume_capability])
+        health = await self.mounts.prober.health(path)
+        if health is not Health.ALIVE:
+            raise errors.mount_unhealthy(_condition_message(health, path))
+        st = await self.mounts.prober.statvfs(path)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=st.f_blocks * st.f_frsize)
+
+    # --- about the node -------------------------------------------------------------
+
+    async def NodeGetCapabilities(self, request, context):
+        Cap = csi_pb2.NodeServiceCapability
+        return csi_pb2.NodeGetCapabilitiesResponse(
+            capabilities=[Cap(rpc=Cap.RPC(type=t)) for t in CAPABILITIES])
+
+    async def NodeGetInfo(self, request, context):
+        # No accessible_topology: every node reaches every volume through S3 and Redis.
+        return csi_pb2.NodeGetInfoResponse(node_id=self.node_id,
+                                           max_volumes_per_node=self.max_volumes)
+
+
+def _epoch(publish_context) -> int | None:
+    raw = publish_context.get(EPOCH_KEY)
+    if raw is None or raw == "":
+        return None
+    try:
+        epoch = int(raw)
+    except ValueError:
+        raise errors.invalid("publish_context", f"epoch {raw!r} is not an integer") from None
+    if epoch < 0:
+        raise errors.invalid("publish_context", f"epoch {raw!r} is negative")
+    return epoch
+
+
+def _condition_message(health: Health, path: str) -> str:
+    if health is Health.DEAD:
+        return (f"the chunkfs mount at {path} is dead (its process exited: "
+                f"{os.strerror(errno.ENOTCONN)}); the plugin re-mounts it")
+    if health is Health.HUNG:
+        return f"the chunkfs mount at {path} does not respond"
+    return f"{path} is not mounted"

@@ -1,0 +1,184 @@
+"""The plugin process: ``chunkfs-csi --endpoint unix:///csi/csi.sock --role node ...``.
+
+One grpc.aio server per process serves Identity plus the Controller service
+(``--role controller``), the Node service (``--role node``) or both (``--role all``,
+for local use and conformance runs) on one unix socket. SIGTERM stops it gracefully:
+in-flight RPCs get ``--grace`` seconds, and chunkfs mounts are left running (they
+belong to the pods, not to the plugin). A node plugin re-establishes dead mounts from
+its state directory at start and every ``--recover-interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+
+import grpc
+import prometheus_client
+
+from csi import validate
+from csi.backends import ServiceCache
+from csi.controller import ControllerServicer
+from csi.identity import DRIVER_NAME, IdentityServicer
+from csi.mounts import NodeMounts
+from csi.node import NodeServicer
+from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
+from csi.rpc import KeyLocks
+from csi.v1 import csi_pb2_grpc
+
+log = logging.getLogger("chunkfs.csi.server")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="chunkfs-csi",
+        description="CSI plugin for chunkfs volumes (S3 + Redis). The default backend "
+        "comes from CHUNKFS_META, CHUNKFS_STORAGE and AWS_*; CSI secrets override it.")
+    p.add_argument("--endpoint", default="unix:///csi/csi.sock",
+                   help="gRPC endpoint, unix:///path/to/csi.sock (default: %(default)s)")
+    p.add_argument("--role", choices=("controller", "node", "all"), default="all")
+    p.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname(),
+                   help="this node's id for NodeGetInfo (default: $NODE_ID or the hostname)")
+    p.add_argument("--driver-name", default=DRIVER_NAME, help="default: %(default)s")
+    p.add_argument("--cache-dir", help="node: parent of each volume's block cache directory")
+    p.add_argument("--state-dir", help="node: where staged/published mounts are recorded")
+    p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
+                   help="node: staging and target paths must be under it "
+                   "(default: %(default)s)")
+    p.add_argument("--max-volumes-per-node", type=int, default=64)
+    p.add_argument("--recover-interval", type=float, default=10.0,
+                   help="node: seconds between checks of the recorded mounts (0: only at "
+                   "start)")
+    p.add_argument("--default-volume-size", default="1GiB",
+                   help="controller: size of a volume created without a capacity range")
+    p.add_argument("--max-volume-size", default="1PiB")
+    p.add_argument("--metrics-address", help="host:port to serve Prometheus metrics on")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds in-flight RPCs get at SIGTERM (default: %(default)s)")
+    p.add_argument("--log-level", default=os.environ.get("CHUNKFS_CSI_LOG_LEVEL", "info"))
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    args = p.parse_args(argv)
+    if args.role in ("node", "all") and not (args.cache_dir and args.state_dir):
+        p.error(f"--role {args.role} needs --cache-dir and --state-dir")
+    if not args.endpoint.startswith("unix://"):
+        p.error("--endpoint must be unix:///path/to/csi.sock")
+    return args
+
+
+def socket_path(endpoint: str) -> str:
+    path = endpoint[len("unix://"):]
+    return path if path.startswith("/") else "/" + path
+
+
+def _size(text: str) -> int:
+    from chunkfs.config import parse_size
+
+    return parse_size(text)
+
+
+class Plugin:
+    """The servicers of one process, wired to one service cache and one set of locks."""
+
+    def __init__(self, args: argparse.Namespace, metrics: RpcMetrics,
+                 registry: prometheus_client.CollectorRegistry | None = None) -> None:
+        self.args = args
+        self.services = ServiceCache()
+        self.server = grpc.aio.server(interceptors=[Observer(metrics)])
+        self.mounts: NodeMounts | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        controller = args.role in ("controller", "all")
+        csi_pb2_grpc.add_IdentityServicer_to_server(
+            IdentityServicer(self.services, driver_name=args.driver_name,
+                             controller=controller), self.server)
+        if controller:
+            rules = validate.CapacityRules(default=_size(args.default_volume_size),
+                                           maximum=_size(args.max_volume_size))
+            csi_pb2_grpc.add_ControllerServicer_to_server(
+                ControllerServicer(self.services, rules), self.server)
+        if args.role in ("node", "all"):
+            locks = KeyLocks()
+            self.mounts = NodeMounts(args.state_dir, args.cache_dir, locks=locks)
+            csi_pb2_grpc.add_NodeServicer_to_server(
+                NodeServicer(self.services, self.mounts, node_id=args.node_id,
+                             kubelet_dir=args.kubelet_dir,
+                             max_volumes=args.max_volumes_per_node, locks=locks),
+                self.server)
+            if registry is not None:
+                registry.register(MountCollector(self.mounts))
+
+    async def start(self) -> None:
+        path = socket_path(self.args.endpoint)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a stale socket of a previous run
+        self.server.add_insecure_port("unix://" + path)
+        await self.server.start()
+        log.info("serving %s on %s", self.args.role, path,
+                 extra={"fields": {"role": self.args.role, "endpoint": path,
+                                   "node_id": self.args.node_id,
+                                   "driver": self.args.driver_name}})
+        if self.mounts is not None:
+            self._tasks.append(asyncio.create_task(self._recover()))
+
+    async def _recover(self) -> None:
+        assert self.mounts is not None
+        outcome = await self.mounts.recover()
+        if outcome:
+            log.info("recorded mounts checked at start: %s", outcome,
+                     extra={"fields": {"mounts": outcome}})
+        if self.args.recover_interval > 0:
+            await asyncio.sleep(self.args.recover_interval)
+            await self.mounts.recover_forever(self.args.recover_interval)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.args.grace)
+        await self.services.close()
+        if self.mounts is not None:
+            self.mounts.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path(self.args.endpoint))
+        log.info("stopped; chunkfs mounts keep running")
+
+
+def _serve_metrics(address: str, registry: prometheus_client.CollectorRegistry) -> None:
+    host, _, port = address.rpartition(":")
+    prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    registry = prometheus_client.REGISTRY
+    plugin = Plugin(args, RpcMetrics(registry), registry)
+    if args.metrics_address:
+        _serve_metrics(args.metrics_address, registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await plugin.start()
+    await stop.wait()
+    log.info("signal received, stopping gracefully")
+    await plugin.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        asyncio.run(serve(args))
+    except Exception:  # noqa: BLE001 - report and exit non-zero
+        log.exception("chunkfs-csi failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
