@@ -174,7 +174,8 @@ def _mount_config(args: argparse.Namespace) -> Any:
     meta, storage = backend_from_env(args.meta, args.storage)
     opts = _parse_mount_options(args.options)
     known = {"ro", "rw", "epoch", "buffer-size", "io-timeout", "attr-timeout", "entry-timeout",
-             "readahead", "inline", "memory-cache", "allow_other", "noallow_other"}
+             "readahead", "inline", "memory-cache", "allow_other", "noallow_other",
+             "kernel-readahead"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise InvalidArgument(f"unknown mount option(s): {', '.join(unknown)}")
@@ -190,7 +191,8 @@ def _mount_config(args: argparse.Namespace) -> Any:
             entry_timeout=float(opts.get("entry-timeout", "1")),
             readahead_blocks=int(opts.get("readahead", "4")),
             inline_limit=parse_size(opts.get("inline", "16KiB")),
-            allow_other="noallow_other" not in opts)
+            allow_other="noallow_other" not in opts,
+            kernel_readahead_kb=parse_size(opts.get("kernel-readahead", "4MiB")) // 1024)
     except ValueError as exc:
         raise InvalidArgument(f"bad mount option value: {exc}") from None
     if cfg.epoch is not None and not cfg.epoch.isdigit():
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", type=_size_arg, default=parse_size("10GiB"))
     p.add_argument("-o", dest="options", help="ro, epoch=N, buffer-size=256MiB, io-timeout=60, "
                    "attr-timeout=1, entry-timeout=1, readahead=4 (blocks), inline=16KiB, "
-                   "memory-cache=64MiB")
+                   "memory-cache=64MiB, kernel-readahead=4MiB")
     p.add_argument("--foreground", "-f", action="store_true", help="do not detach")
     p.add_argument("--log-file", help="where a detached mount logs (default: in the cache dir)")
     p.add_argument("--log-level", default="info")

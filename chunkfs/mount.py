@@ -53,6 +53,7 @@ class MountConfig:
     readahead_blocks: int = 4
     inline_limit: int = 16 * 1024
     allow_other: bool = True
+    kernel_readahead_kb: int = 4096
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -132,6 +133,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
+        tune_kernel_readahead(cfg.mountpoint, cfg.kernel_readahead_kb)
         refresher = asyncio.create_task(_refresh_volume(fs, meta))
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
                                    "epoch": epoch, "session": session})
@@ -150,6 +152,27 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             pyfuse3.close(unmount=True)
             log.info("unmounted", extra={"mountpoint": cfg.mountpoint})
         return 0 if clean else 1
+
+
+def tune_kernel_readahead(mountpoint: str, kb: int) -> None:
+    """Let the kernel read ahead ``kb`` on this mount (FUSE's default is 128 KiB).
+
+    Sequential readers then reach us in requests of up to 1 MiB instead of 128 KiB,
+    which divides the per-request cost in Python by eight. The device number comes from
+    /proc/self/mountinfo: a stat() of the mountpoint would wait on ourselves.
+    """
+    if kb <= 0:
+        return
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == mountpoint:
+                    device = fields[2]
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except (OSError, UnboundLocalError) as exc:
+        log.warning("could not raise the kernel readahead", extra={"error": str(exc)})
 
 
 async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta) -> None:
