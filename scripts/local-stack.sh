@@ -57,14 +57,14 @@ cmd_up() {
     exit 1
   fi
 
-  mkdir -p "$mnt" "$cache"
-  if mounted "$mnt" && mount_ready "$mnt"; then
+  if mounted "$mnt" && ! mount_ready "$mnt"; then
+    say "clearing a stale mount at $mnt (its process is gone)"
+    umount -l "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
+  fi
+  if mounted "$mnt"; then
     say "$volume is already mounted at $mnt"
   else
-    if mounted "$mnt"; then
-      say "clearing a stale mount at $mnt"
-      umount -l "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
-    fi
+    mkdir -p "$mnt" "$cache"
     "$chunkfs" mount "$volume" "$mnt" --cache-dir "$cache"
     say "mounted $volume at $mnt"
   fi
