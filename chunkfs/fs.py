@@ -267,7 +267,7 @@ class ChunkFS(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = await self._create(parent_inode, name, (mode & 0o7777) | stat.S_IFREG, ctx)
-        info = await self._open(attr.ino, attr.size, fresh=True)
+        info, _ = await self._open(attr.ino, fresh=True)
         return info, self._entry(attr)
 
     @fuse_errors
@@ -312,26 +312,30 @@ class ChunkFS(pyfuse3.Operations):
             await self._after_unlink(replaced, left, keep)
 
     # ---- files -----------------------------------------------------------------------
-    async def _open(self, ino: int, size: int | None = None, *, fresh: bool = False) -> pyfuse3.FileInfo:
+    async def _open(self, ino: int, *, fresh: bool = False) -> tuple[pyfuse3.FileInfo, Attr | None]:
+        """A handle on the file's data; loads attributes and block map in one round trip."""
+        attr = None
         data = self.files.get(ino)
         if data is not None and data.is_clean and data.opens == 0:
             del self.files[ino]
             data = None
         if data is None:
             assert self.budget is not None
-            if size is None:
-                size = (await self.meta.getattr(ino)).size
             data = FileData(ino, self.meta, self.blocks, self.budget,
                             block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
             if fresh:
                 data.inline = bytearray()
             else:
-                await data.load(size)
+                attr, inline, entries = await self.meta.open_file(ino)
+                assert attr is not None
+                if attr.is_dir:
+                    raise FsError(errno.EISDIR)
+                data.loaded(attr.size, inline, entries)
             self.files[ino] = data
         data.opens += 1
         fh = self._fh()
         self.handles[fh] = Handle(ino, data)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), attr
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -343,13 +347,13 @@ class ChunkFS(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if flags & (os.O_WRONLY | os.O_RDWR):
             self._check_writable()
-        attr = await self.meta.getattr(inode)
-        if attr.is_dir:
-            raise FsError(errno.EISDIR)
+        shared = inode in self.files
+        info, attr = await self._open(inode)
+        if attr is None:  # another handle has it open here: the page cache is ours already
+            info.keep_cache = True
+            return info
         version = (attr.mtime_ns, attr.size)
-        cached = self.versions.get(inode) == version and inode not in self.files
-        info = await self._open(inode, attr.size)
-        info.keep_cache = cached
+        info.keep_cache = self.versions.get(inode) == version and not shared
         self.versions[inode] = version
         return info
 

@@ -28,7 +28,7 @@ from chunkfs.cache import BlockCache
 from chunkfs.config import StorageConfig
 from chunkfs.errors import InvalidArgument, MetaUnavailable, VolumeNotFound
 from chunkfs.fs import ChunkFS, MountOptions
-from chunkfs.meta.redis_meta import VolumeMeta, connect, with_retries
+from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
 from chunkfs.meta.schema import VOLUMES, Keys
 from chunkfs.objstore import ObjectStore
 
@@ -84,14 +84,18 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
     async with contextlib.AsyncExitStack() as stack:
         try:
             check_mountpoint(cfg.mountpoint)
-            client = connect(cfg.meta_url)
+            admin = connect(cfg.meta_url)
+            try:
+                ns = await with_retries(lambda: admin.hget(VOLUMES, cfg.volume), deadline=10)
+                if ns is None:
+                    raise VolumeNotFound(f"volume {cfg.volume!r} not found")
+                keys = Keys(ns.decode())
+                state = {k.decode(): v.decode() for k, v in
+                         (await with_retries(lambda: admin.hgetall(keys.vol), deadline=10)).items()}
+            finally:
+                await admin.aclose()
+            client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))
             stack.push_async_callback(client.aclose)
-            ns = await with_retries(lambda: client.hget(VOLUMES, cfg.volume), deadline=10)
-            if ns is None:
-                raise VolumeNotFound(f"volume {cfg.volume!r} not found")
-            keys = Keys(ns.decode())
-            state = {k.decode(): v.decode() for k, v in
-                     (await with_retries(lambda: client.hgetall(keys.vol), deadline=10)).items()}
             epoch = cfg.epoch if cfg.epoch is not None else state.get("epoch", "1")
             store = await ObjectStore.create(cfg.storage, deadline=cfg.io_timeout)
             stack.push_async_callback(store.close)

@@ -57,6 +57,9 @@ class FileData:
 
     async def load(self, size: int) -> None:
         inline, entries = await self.meta.file_data(self.ino)
+        self.loaded(size, inline, entries)
+
+    def loaded(self, size: int, inline: bytes | None, entries: dict[int, BlockEntry]) -> None:
         self.inline = bytearray(inline) if inline is not None else None
         self.entries = entries
         self.size = self.committed_size = size

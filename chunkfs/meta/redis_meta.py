@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from chunkfs.config import redact_url
 from chunkfs.errors import Fenced, FsError, MetaUnavailable, NoSpace, ReadOnly
 from chunkfs.meta import scripts
+from chunkfs.meta.resp import RespClient, pairs_to_dict
 from chunkfs.meta.schema import ATTR_FIELDS, Attr, BlockEntry, Keys
 
 log = logging.getLogger(__name__)
@@ -36,15 +37,28 @@ _ERRNO_CODES = {name: getattr(errno, name) for name in (
 _FROZEN_WAIT = 30.0
 
 
+def connect_fast(url: str, timeout: float = 10.0) -> RespClient:
+    """The hot-path client a mount uses for every filesystem operation."""
+    return RespClient.from_url(url, timeout=timeout)
+
+
 def connect(url: str) -> aioredis.Redis:
-    """A client for ``url``; short socket timeouts so a dead Redis is noticed quickly."""
+    """The administrative client; short socket timeouts so a dead Redis is noticed quickly."""
     return aioredis.Redis.from_url(
         url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5,
         health_check_interval=30, max_connections=64)
 
 
+def error_code(exc: ResponseError) -> str:
+    """The short code a script returned (Redis may prefix it with ``ERR``)."""
+    words = str(exc).split()
+    if words and words[0] == "ERR" and len(words) > 1:
+        words = words[1:]
+    return words[0] if words else ""
+
+
 def translate(exc: ResponseError) -> Exception:
-    code = str(exc).split()[0] if str(exc) else ""
+    code = error_code(exc)
     if code in _ERRNO_CODES:
         return FsError(_ERRNO_CODES[code])
     if code == "FENCED":
@@ -87,7 +101,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                 stats.by_op[op] = stats.by_op.get(op, 0) + 1
             return result
         except ResponseError as exc:
-            if str(exc).startswith("FROZEN") and time.monotonic() < frozen_limit:
+            if error_code(exc) == "FROZEN" and time.monotonic() < frozen_limit:
                 await asyncio.sleep(0.01 + random.random() * 0.02)
                 continue
             raise translate(exc) from exc
@@ -108,7 +122,7 @@ def now_ns() -> int:
 class VolumeMeta:
     """Metadata operations of one volume namespace, as seen by one mount."""
 
-    def __init__(self, client: aioredis.Redis, ns: str, *, epoch: str, session: str,
+    def __init__(self, client: RespClient, ns: str, *, epoch: str, session: str,
                  read_only: bool = False, deadline: float = 60.0) -> None:
         self.r = client
         self.keys = Keys(ns)
@@ -117,7 +131,7 @@ class VolumeMeta:
         self.read_only = read_only
         self.deadline = deadline
         self.stats = MetaStats()
-        self._scripts = {name: client.register_script(getattr(scripts, name)) for name in (
+        self._scripts: dict[str, str] = {name: getattr(scripts, name) for name in (
             "LOOKUP", "CREATE", "LINK", "UNLINK", "RENAME", "SETATTR", "TRUNCATE",
             "COMMIT", "XATTR", "PURGE")}
 
@@ -125,19 +139,20 @@ class VolumeMeta:
         if self.read_only and name not in ("LOOKUP",):
             raise ReadOnly("mounted read-only")
         script = self._scripts[name]
-        return await with_retries(lambda: script(keys=keys, args=args), deadline=self.deadline,
-                                  stats=self.stats, op=name.lower())
+        return await with_retries(lambda: self.r.evalsha(script, keys, args),
+                                  deadline=self.deadline, stats=self.stats, op=name.lower())
 
     async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
         return await with_retries(call, deadline=self.deadline, stats=self.stats, op=op)
 
     # ---- reads -------------------------------------------------------------------
     async def volume_state(self) -> dict[str, bytes]:
-        raw = await self._call("vol", lambda: self.r.hgetall(self.keys.vol))
-        return {k.decode(): v for k, v in raw.items()}
+        raw = await self._call("vol", lambda: self.r.execute("HGETALL", self.keys.vol))
+        return {k.decode(): v for k, v in pairs_to_dict(raw).items()}
 
     async def getattr(self, ino: int) -> Attr:
-        values = await self._call("getattr", lambda: self.r.hmget(self.keys.inode(ino), ATTR_FIELDS))
+        values = await self._call("getattr",
+                                  lambda: self.r.execute("HMGET", self.keys.inode(ino), *ATTR_FIELDS))
         attr = Attr.from_fields(ino, values)
         if attr is None:
             raise FsError(errno.ENOENT)
@@ -146,13 +161,8 @@ class VolumeMeta:
     async def getattrs(self, inos: Iterable[int]) -> list[Attr | None]:
         inos = list(inos)
 
-        async def call() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            for ino in inos:
-                pipe.hmget(self.keys.inode(ino), ATTR_FIELDS)
-            return await pipe.execute()
-
-        rows = await self._call("getattrs", call) if inos else []
+        commands = [("HMGET", self.keys.inode(ino), *ATTR_FIELDS) for ino in inos]
+        rows = await self._call("getattrs", lambda: self.r.pipeline(commands)) if inos else []
         return [Attr.from_fields(ino, row) for ino, row in zip(inos, rows, strict=True)]
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
@@ -165,31 +175,44 @@ class VolumeMeta:
         return attr
 
     async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
-        raw = await self._call("readdir", lambda: self.r.hgetall(self.keys.dir(ino)))
-        return sorted((name, int(child)) for name, child in raw.items())
+        raw = await self._call("readdir", lambda: self.r.execute("HGETALL", self.keys.dir(ino)))
+        return sorted((name, int(child)) for name, child in pairs_to_dict(raw).items())
 
     async def readlink(self, ino: int) -> bytes:
-        target = await self._call("readlink", lambda: self.r.hget(self.keys.inode(ino), "l"))
+        target = await self._call("readlink",
+                                  lambda: self.r.execute("HGET", self.keys.inode(ino), "l"))
         if target is None:
             raise FsError(errno.EINVAL)
         return target
 
     async def file_data(self, ino: int) -> tuple[bytes | None, dict[int, BlockEntry]]:
         """Inline data (None when the file uses blocks) and the block map of a file."""
-        async def call() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.hget(self.keys.inode(ino), "d")
-            pipe.hgetall(self.keys.blocks(ino))
-            return await pipe.execute()
+        _, inline, entries = await self.open_file(ino, with_attr=False)
+        return inline, entries
 
-        inline, raw = await self._call("file_data", call)
-        return inline, {int(k): BlockEntry.parse(v) for k, v in raw.items()}
+    async def open_file(self, ino: int, *, with_attr: bool = True,
+                        ) -> tuple[Attr | None, bytes | None, dict[int, BlockEntry]]:
+        """Attributes, inline data and block map of a file in one round trip."""
+        commands: list[tuple[Any, ...]] = [("HGET", self.keys.inode(ino), "d"),
+                                           ("HGETALL", self.keys.blocks(ino))]
+        if with_attr:
+            commands.append(("HMGET", self.keys.inode(ino), *ATTR_FIELDS))
+        rows = await self._call("open", lambda: self.r.pipeline(commands))
+        attr = None
+        if with_attr:
+            attr = Attr.from_fields(ino, rows[2])
+            if attr is None:
+                raise FsError(errno.ENOENT)
+        entries = {int(k): BlockEntry.parse(v) for k, v in pairs_to_dict(rows[1]).items()}
+        return attr, rows[0], entries
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
-        return await self._call("getxattr", lambda: self.r.hget(self.keys.xattr(ino), name))
+        return await self._call("getxattr",
+                                lambda: self.r.execute("HGET", self.keys.xattr(ino), name))
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        return await self._call("listxattr", lambda: self.r.hkeys(self.keys.xattr(ino)))
+        return await self._call("listxattr",
+                                lambda: self.r.execute("HKEYS", self.keys.xattr(ino)))
 
     # ---- mutations ---------------------------------------------------------------
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, *,
@@ -261,8 +284,8 @@ class VolumeMeta:
         if self.read_only:
             return
         script = self._scripts["PURGE"]
-        await self._call("purge", lambda: script(keys=[self.keys.vol],
-                                                 args=[self.keys.prefix, ino]))
+        await self._call("purge", lambda: self.r.evalsha(script, [self.keys.vol],
+                                                         [self.keys.prefix, ino]))
 
 
 def describe(url: str) -> str:

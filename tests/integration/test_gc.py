@@ -12,7 +12,7 @@ from chunkfs.blocks.store import BlockStore
 from chunkfs.cache import BlockCache
 from chunkfs.config import StorageConfig
 from chunkfs.gc import collect_garbage
-from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.redis_meta import VolumeMeta, connect_fast
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.objstore import block_key
 from chunkfs.volumes import VolumeService
@@ -21,12 +21,14 @@ from chunkfs.volumes import VolumeService
 @pytest.fixture
 async def svc(meta_url: str, s3_env: dict[str, str]) -> AsyncIterator[VolumeService]:
     service = await VolumeService.open(meta_url, StorageConfig.from_url(s3_env["CHUNKFS_STORAGE"], s3_env))
+    service.fast = connect_fast(meta_url)  # type: ignore[attr-defined]
     yield service
+    await service.fast.aclose()  # type: ignore[attr-defined]
     await service.close()
 
 
 async def write_file(svc: VolumeService, blocks: BlockStore, ns: str, name: bytes, body: bytes) -> str:
-    meta = VolumeMeta(svc.r, ns, epoch="1", session="t", deadline=5)
+    meta = VolumeMeta(svc.fast, ns, epoch="1", session="t", deadline=5)
     attr = await meta.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
     entry = await blocks.put(body)
     assert entry is not None
@@ -43,7 +45,7 @@ async def test_gc_deletes_only_unreferenced_blocks_past_the_grace(svc: VolumeSer
     info = await svc.create_volume("v", 1 << 30)
     kept = await write_file(svc, blocks, info.id, b"kept", os.urandom(5000))
     doomed = await write_file(svc, blocks, info.id, b"doomed", os.urandom(5000))
-    meta = VolumeMeta(svc.r, info.id, epoch="1", session="t", deadline=5)
+    meta = VolumeMeta(svc.fast, info.id, epoch="1", session="t", deadline=5)
     await meta.unlink(ROOT_INODE, b"doomed", is_dir=False, keep_if_open=False)
 
     report = await collect_garbage(svc.r, svc.store, grace=3600)

@@ -18,7 +18,7 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fsck import check_namespace
-from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.redis_meta import VolumeMeta, connect_fast
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.volumes import VolumeService
 
@@ -28,12 +28,14 @@ GiB = 1 << 30
 @pytest.fixture
 async def svc(meta_url: str, s3_env: dict[str, str]) -> AsyncIterator[VolumeService]:
     service = await VolumeService.open(meta_url, StorageConfig.from_url(s3_env["CHUNKFS_STORAGE"], s3_env))
+    service.fast = connect_fast(meta_url)  # type: ignore[attr-defined]
     yield service
+    await service.fast.aclose()  # type: ignore[attr-defined]
     await service.close()
 
 
 def meta_of(svc: VolumeService, ns: str, epoch: str = "1", **kw: object) -> VolumeMeta:
-    return VolumeMeta(svc.r, ns, epoch=epoch, session="test", deadline=5, **kw)  # type: ignore[arg-type]
+    return VolumeMeta(svc.fast, ns, epoch=epoch, session="test", deadline=5, **kw)  # type: ignore[arg-type]
 
 
 async def put_file(meta: VolumeMeta, parent: int, name: bytes, body: bytes) -> int:
