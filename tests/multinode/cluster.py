@@ -71,6 +71,7 @@ class Cluster:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.access_key, self.secret_key = new_s3_credentials()
         self._links: list[str] = []
+        self.mountpoints: list[Path] = []
         self._namespaces: list[str] = []
 
     # ---- network ---------------------------------------------------------------------
@@ -197,7 +198,9 @@ class Cluster:
         if options:
             args += ["-o", options]
         result = self.chunkfs(*args, node=node, check=False)
-        if result.returncode != 0:
+        if result.returncode == 0:
+            self.mountpoints.append(mountpoint)
+        else:
             raise RuntimeError(f"mount on node {node} failed: {result.stderr.strip()}")
 
     def mount_pid(self, mountpoint: Path) -> int:
@@ -205,14 +208,12 @@ class Cluster:
         return int(json.loads((mountpoint / ".chunkfs.status").read_text())["pid"])
 
     def down(self) -> None:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            target = line.split()[1]
-            if line.startswith("chunkfs:") and target.startswith(str(self.root)):
-                try:
-                    os.kill(self.mount_pid(Path(target)), signal.SIGKILL)
-                except (OSError, ValueError, KeyError):
-                    pass
-                sh("fusermount3", "-u", "-z", target, check=False)
+        for mountpoint in self.mountpoints:
+            try:  # the services go away next: the mount processes must not outlive them
+                os.kill(self.mount_pid(mountpoint), signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
+                pass
+            sh("fusermount3", "-u", "-z", str(mountpoint), check=False)
         for proc in self.procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
