@@ -225,10 +225,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.makedirs(cfg.cache_dir, exist_ok=True)
     log_path = args.log_file or os.path.join(cfg.cache_dir, f"mount-{args.name}.log")
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "chunkfs.cli", *args.raw_argv, "--foreground",
-            "--ready-fd", str(write_end)]
+    argv = [sys.executable, "-m", "chunkfs.cli", *_without_backend_flags(args.raw_argv),
+            "--foreground", "--ready-fd", str(write_end)]
+    # the backends travel in the environment, never in argv: a URL may carry a password
+    child_env = {**os.environ, "CHUNKFS_META": cfg.meta_url, "CHUNKFS_STORAGE": cfg.storage.url}
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+        proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=log_file,
                                 pass_fds=(write_end,), start_new_session=True, close_fds=True)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
@@ -239,6 +242,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     code = proc.wait(timeout=30)
     raise CliError(line.removeprefix("error: ") if line.startswith("error: ")
                    else f"mount process exited with status {code}; see {log_path}")
+
+
+def _without_backend_flags(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--meta", "--storage"):
+            skip = True
+        elif not arg.startswith(("--meta=", "--storage=")):
+            out.append(arg)
+    return out
 
 
 def _read_status(mountpoint: str) -> dict[str, Any]:
