@@ -14,10 +14,10 @@ Protocol (what survives what)
   after the undo succeeded. So after any crash the records are a superset of what is
   mounted, and recovery converges by re-doing what is recorded.
 * ``NodeMounts.recover`` (at start and then periodically) checks every recorded mount:
-  a staging mount whose process died (stat fails with ENOTCONN) is lazily unmounted
+  a staging mount whose process died (statfs fails with ENOTCONN) is lazily unmounted
   and mounted again with the recorded epoch and options; each bind mount of it, now
   pointing at the dead FUSE connection, is unmounted and bound again. A live mount is
-  never touched, and a hung one (stat does not return) is reported, not remounted.
+  never touched, and a hung one (statfs does not return) is reported, not remounted.
   The recorded epoch is reused as is: if the lease moved on meanwhile, the re-mounted
   volume is fenced exactly like the old one was.
 * Pods see a re-established mount through the same target path; files they had open
@@ -59,15 +59,16 @@ log = logging.getLogger("chunkfs.csi.mounts")
 STATE_VERSION = 1
 MOUNT_TIMEOUT = 120.0    # chunkfs mount: connect, load the root, be ready
 UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
-PROBE_TIMEOUT = 5.0      # a stat that takes longer marks the mount as hung
+PROBE_TIMEOUT = 5.0      # a statfs that takes longer marks the mount as hung
 LOG_LIMIT = 16 << 20     # a mount's log file is truncated at the next mount beyond this
+FSTYPE = "fuse.chunkfs"          # in /proc/self/mountinfo, also for the bind mounts
 STATUS_FILE = ".chunkfs.status"  # a chunkfs mount's virtual status file (chunkfs status)
 
 
 class Health(enum.Enum):
-    ALIVE = "alive"      # mounted and answering (stat: st_ino == 1)
+    ALIVE = "alive"      # a chunkfs mount, and its process answers statfs
     DEAD = "dead"        # mounted, but the FUSE process is gone (ENOTCONN)
-    HUNG = "hung"        # mounted, stat does not return
+    HUNG = "hung"        # mounted, statfs does not return
     ABSENT = "absent"    # not a mount point
 
 
@@ -249,7 +250,7 @@ def mount_pids(mountpoint: str) -> list[int]:
 class Prober:
     """stat/statvfs/status reads of mount points in worker threads, one in flight per path.
 
-    A FUSE mount whose process is stopped makes stat block; the thread then stays
+    A FUSE mount whose process is stopped makes statfs block; the thread then stays
     stuck until the process resumes or dies. Allowing one probe per path and kind keeps
     such threads from piling up, and the caller gets HUNG (or TimeoutError) instead of
     waiting.
@@ -278,17 +279,20 @@ class Prober:
             raise TimeoutError(f"{kind} of {path}") from None
 
     async def health(self, path: str, seconds: float = PROBE_TIMEOUT) -> Health:
-        if not is_mountpoint(path):
+        """statfs is never answered from the kernel's attribute cache (stat may be), so it
+        reaches the mount process: ENOTCONN means the process is gone."""
+        fstype = mount_table().get(path)
+        if fstype is None:
             return Health.ABSENT
         try:
-            st = await self._run("stat", path, os.stat, seconds)
+            await self._run("statvfs", path, os.statvfs, seconds)
         except TimeoutError:
             return Health.HUNG
         except OSError as exc:
-            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.EIO):
+            if is_dead_error(exc):
                 return Health.DEAD
             raise
-        return Health.ALIVE if st.st_ino == 1 else Health.DEAD
+        return Health.ALIVE if fstype == FSTYPE else Health.DEAD
 
     async def statvfs(self, path: str, seconds: float = PROBE_TIMEOUT) -> os.statvfs_result:
         return await self._run("statvfs", path, os.statvfs, seconds)
@@ -299,6 +303,11 @@ class Prober:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def is_dead_error(exc: OSError) -> bool:
+    """The errors of a FUSE mount whose process has gone."""
+    return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.EIO)
 
 
 def read_status(mountpoint: str) -> dict[str, Any]:
@@ -436,7 +445,7 @@ def _open_log(path: str, argv: list[str]) -> tuple[Any, int]:
     with contextlib.suppress(FileNotFoundError):
         if os.path.getsize(path) > LOG_LIMIT:
             os.truncate(path, 0)
-    out = open(path, "ab")  # noqa: SIM115 - closed by the caller
+    out = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
     offset = out.tell()
     out.write(f"--- {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
     out.flush()
@@ -545,6 +554,12 @@ class NodeMounts:
     async def ensure_published(self, rec: PublishRecord) -> Health:
         """Re-make a recorded bind mount that is missing or points at a dead mount."""
         health = await self.prober.health(rec.target_path)
+        parent = os.path.dirname(rec.target_path)
+        if health is Health.ABSENT and not await asyncio.to_thread(os.path.isdir, parent):
+            log.warning("volume %s: dropping the record of %s: the pod directory is gone",
+                        rec.volume_id, rec.target_path)
+            self.store.drop_publish(rec.target_path)
+            return health
         if health is Health.DEAD:
             await self.mounter.force_unmount(rec.target_path)
         if health in (Health.DEAD, Health.ABSENT):
@@ -580,18 +595,35 @@ class NodeMounts:
     # -- recovery --
 
     async def recover(self) -> dict[str, str]:
-        """Re-establish every recorded mount that died; return volume -> outcome."""
+        """Re-establish every recorded mount that died; return volume -> outcome.
+
+        Healthy volumes are checked without the volume's key, so that routine checks
+        never delay an RPC; a volume needing repair is re-checked and repaired holding it.
+        """
         outcome: dict[str, str] = {}
         for volume_id in list(self.store.staged):
-            lock = (self.locks.hold("volume", volume_id) if self.locks is not None
-                    else contextlib.nullcontext())
-            async with lock:
-                outcome[volume_id] = await self._recover_volume(volume_id)
+            if await self._healthy(volume_id):
+                outcome[volume_id] = "alive"
+            else:
+                lock = (self.locks.background("volume", volume_id) if self.locks is not None
+                        else contextlib.nullcontext())
+                async with lock:
+                    outcome[volume_id] = await self._recover_volume(volume_id)
             self.health[volume_id] = ("alive" if outcome[volume_id] in ("alive", "recovered")
                                       else outcome[volume_id])
         for gone in set(self.health) - set(self.store.staged):
             del self.health[gone]
         return outcome
+
+    async def _healthy(self, volume_id: str) -> bool:
+        rec = self.staged(volume_id)
+        if rec is None:
+            return True
+        paths = [rec.staging_path] + [p.target_path for p in self.publishes_of(volume_id)]
+        for path in paths:
+            if await self.prober.health(path) is not Health.ALIVE:
+                return False
+        return True
 
     async def _recover_volume(self, volume_id: str) -> str:
         rec = self.staged(volume_id)

@@ -15,7 +15,7 @@ from chunkfs import errors as cf
 from csi import errors, validate
 from csi.backends import ServiceCache, overrides_from_secrets
 from csi.controller import EPOCH_KEY
-from csi.mounts import Health, NodeMounts, PublishRecord, StageRecord
+from csi.mounts import Health, NodeMounts, PublishRecord, StageRecord, is_dead_error
 from csi.rpc import KeyLocks, exclusive, require
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
@@ -155,9 +155,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         try:
             st = await self.mounts.prober.statvfs(path)
             status = await self.mounts.prober.status(path)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except TimeoutError:
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
-                abnormal=True, message=f"statfs of {path} failed: {exc}"))
+                abnormal=True, message=_condition_message(Health.HUNG, path)))
+        except (OSError, ValueError) as exc:
+            message = (_condition_message(Health.DEAD, path)
+                       if isinstance(exc, OSError) and is_dead_error(exc)
+                       else f"statfs of {path} failed: {exc}")
+            return csi_pb2.NodeGetVolumeStatsResponse(
+                volume_condition=Condition(abnormal=True, message=message))
         condition = Condition(abnormal=False, message="mounted")
         if status.get("fenced"):
             condition = Condition(abnormal=True, message=(

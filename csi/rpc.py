@@ -55,44 +55,49 @@ def require(*fields: str) -> Callable[[Handler], Handler]:
 class KeyLocks:
     """Names (volume ids, snapshot names) with an operation in flight, in this process.
 
-    RPCs *try* to take a key and fail with ABORTED when it is taken, as the spec allows
-    for a second concurrent call on one volume; background work (mount recovery)
-    *waits* for it instead.
+    An RPC finding its key held by another RPC fails with ABORTED at once, as the spec
+    allows for a second concurrent call on one volume. Background work (mount recovery)
+    is not a caller's concurrent call: an RPC waits for it, and it waits for anyone.
     """
 
     def __init__(self) -> None:
-        self._held: set[str] = set()
-        self._waiters: dict[str, list[Any]] = {}
+        self._held: dict[str, bool] = {}  # key -> held by an RPC (not background work)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
-    def busy(self, key: str) -> bool:
-        return key in self._held
+    def busy(self, kind: str, key: str) -> bool:
+        return f"{kind}/{key}" in self._held
 
-    @contextlib.contextmanager
-    def try_hold(self, kind: str, key: str):
+    async def _wait(self, full: str) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(full, []).append(fut)
+        await fut
+
+    @contextlib.asynccontextmanager
+    async def rpc(self, kind: str, key: str) -> AsyncIterator[None]:
         full = f"{kind}/{key}"
-        if full in self._held:
-            raise errors.busy(kind, key)
-        self._held.add(full)
+        while full in self._held:
+            if self._held[full]:
+                raise errors.busy(kind, key)
+            await self._wait(full)
+        self._held[full] = True
         try:
             yield
         finally:
             self._release(full)
 
     @contextlib.asynccontextmanager
-    async def hold(self, kind: str, key: str) -> AsyncIterator[None]:
+    async def background(self, kind: str, key: str) -> AsyncIterator[None]:
         full = f"{kind}/{key}"
         while full in self._held:
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(full, []).append(fut)
-            await fut
-        self._held.add(full)
+            await self._wait(full)
+        self._held[full] = False
         try:
             yield
         finally:
             self._release(full)
 
     def _release(self, full: str) -> None:
-        self._held.discard(full)
+        self._held.pop(full, None)
         for fut in self._waiters.pop(full, []):
             if not fut.done():
                 fut.set_result(None)
@@ -104,7 +109,7 @@ def exclusive(kind: str, key: Callable[[Any], str]) -> Callable[[Handler], Handl
     def wrap(fn: Handler) -> Handler:
         @functools.wraps(fn)
         async def handler(self: Any, request: Message, context: Any) -> Any:
-            with self.locks.try_hold(kind, key(request)):
+            async with self.locks.rpc(kind, key(request)):
                 return await fn(self, request, context)
 
         return handler

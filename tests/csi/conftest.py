@@ -1,9 +1,9 @@
 """Fixtures of the CSI suite: real plugin processes, driven over real unix-socket channels.
 
     plugin          the plugin (``--role all``, node ``node-a``) against fresh backends
-    cluster         a factory of plugin processes sharing one kubelet dir: a controller
-                    and node plugins ("nodes" with their own cache and state dirs)
-    kubelet         paths the way kubelet lays them out (staging and pod target paths)
+    cluster         a factory of plugin processes: a controller and node plugins ("nodes"
+                    with their own kubelet, cache and state dirs)
+    kubelet         node-a's paths the way kubelet lays them out (staging, pod targets)
 
 Every plugin runs as ``python -m csi.server`` with ``backend_env`` (CHUNKFS_META,
 CHUNKFS_STORAGE, AWS_*). At teardown the plugins get SIGTERM, then every chunkfs mount
@@ -60,6 +60,9 @@ class PluginProcess:
     socket: str
     log_path: Path
     metrics_port: int
+    kubelet: Kubelet | None = None
+    cache_dir: Path | None = None
+    state_dir: Path | None = None
     proc: subprocess.Popen | None = None
     channel: grpc.Channel | None = None
     identity: csi_pb2_grpc.IdentityStub = field(init=False)
@@ -119,6 +122,16 @@ class PluginProcess:
         except OSError:
             return ""
 
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """The plugin's log once it contains ``text`` (lines are written after replies)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_path.read_text(errors="replace")
+            if text in log:
+                return log
+            assert time.monotonic() < deadline, f"{text!r} not in the log:\n{self.log_tail()}"
+            time.sleep(0.05)
+
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
@@ -159,7 +172,6 @@ class Cluster:
     def __init__(self, root: Path, env: dict[str, str]) -> None:
         self.root = root
         self.env = env
-        self.kubelet = Kubelet(root / "kubelet")
         self.plugins: list[PluginProcess] = []
 
     def start(self, name: str, role: str = "all", *, node_id: str | None = None,
@@ -171,11 +183,15 @@ class Cluster:
                 f"unix://{self.root}/{name}.sock", "--role", role,
                 "--node-id", node_id or name, "--metrics-address", f"127.0.0.1:{port}",
                 "--log-level", "debug", "--recover-interval", "1", *extra]
-        if role in ("node", "all"):
-            argv += ["--cache-dir", str(node_dir / "cache"), "--state-dir",
-                     str(node_dir / "state"), "--kubelet-dir", str(self.kubelet.root)]
+        if name in {p.name for p in self.plugins}:
+            raise ValueError(f"plugin {name} exists already")
         plugin = PluginProcess(name, argv, dict(env or self.env), f"{self.root}/{name}.sock",
                                node_dir / "plugin.log", port)
+        if role in ("node", "all"):
+            plugin.kubelet = Kubelet(node_dir / "kubelet")
+            plugin.cache_dir, plugin.state_dir = node_dir / "cache", node_dir / "state"
+            argv += ["--cache-dir", str(plugin.cache_dir), "--state-dir", str(plugin.state_dir),
+                     "--kubelet-dir", str(plugin.kubelet.root)]
         self.plugins.append(plugin)
         return plugin.start()
 
@@ -251,5 +267,6 @@ def plugin(cluster: Cluster) -> PluginProcess:
 
 
 @pytest.fixture
-def kubelet(cluster: Cluster) -> Kubelet:
-    return cluster.kubelet
+def kubelet(plugin: PluginProcess) -> Kubelet:
+    assert plugin.kubelet is not None
+    return plugin.kubelet

@@ -1,0 +1,367 @@
+"""Node service conformance with real chunkfs FUSE mounts, over a real gRPC channel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from csi.mounts import mount_pids, mount_table
+from csi.v1 import csi_pb2
+
+from .conftest import Mode, block_cap, mount_cap
+
+MiB = 1 << 20
+RPC = csi_pb2.NodeServiceCapability.RPC
+
+
+def code_of(call, *args, **kwargs) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call(*args, **kwargs)
+    return err.value.code()
+
+
+def make_volume(plugin, name: str = "pvc-1", mode: int = Mode.SINGLE_NODE_WRITER,
+                node_id: str = "node-a", capacity: int = 64 * MiB) -> dict[str, str]:
+    """CreateVolume + ControllerPublishVolume; returns the publish_context."""
+    cap = mount_cap(mode)
+    plugin.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name=name, volume_capabilities=[cap],
+        capacity_range=csi_pb2.CapacityRange(required_bytes=capacity)))
+    return dict(plugin.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id=name, node_id=node_id, volume_capability=cap)).publish_context)
+
+
+def stage(plugin, volume_id: str, staging: str, ctx: dict[str, str] | None = None,
+          cap=None) -> None:
+    plugin.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, volume_capability=cap or mount_cap(),
+        publish_context=ctx or {}))
+
+
+def unstage(plugin, volume_id: str, staging: str) -> None:
+    plugin.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging))
+
+
+def publish(plugin, volume_id: str, staging: str, target: str, cap=None,
+            readonly: bool = False) -> None:
+    plugin.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id=volume_id, staging_target_path=staging, target_path=target,
+        volume_capability=cap or mount_cap(), readonly=readonly))
+
+
+def unpublish(plugin, volume_id: str, target: str) -> None:
+    plugin.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id=volume_id, target_path=target))
+
+
+def mount_options(path: str) -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        rows = [line.split() for line in f]
+    opts = [row[5] for row in rows if row[4] == path]
+    assert opts, f"{path} is not mounted"
+    return set(opts[-1].split(","))
+
+
+@pytest.fixture
+def staged(plugin, kubelet):
+    """pvc-1, published to node-a by the controller and staged there: (staging, ctx)."""
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    stage(plugin, "pvc-1", staging, ctx)
+    return staging, ctx
+
+
+# --- about the node -----------------------------------------------------------------
+
+def test_node_capabilities(plugin) -> None:
+    resp = plugin.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
+    assert {c.rpc.type for c in resp.capabilities} == {
+        RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME,
+        RPC.VOLUME_CONDITION, RPC.SINGLE_NODE_MULTI_WRITER}
+
+
+def test_node_info(plugin) -> None:
+    resp = plugin.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+    assert resp.node_id == "node-a"
+    assert resp.max_volumes_per_node == 64
+    assert not resp.HasField("accessible_topology")
+
+
+# --- NodeStageVolume / NodeUnstageVolume --------------------------------------------
+
+def test_stage_mounts_chunkfs_with_the_epoch_and_is_idempotent(plugin, kubelet) -> None:
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    stage(plugin, "pvc-1", staging, ctx)
+    assert os.stat(staging).st_ino == 1
+    assert mount_table()[staging] == "fuse.chunkfs"
+    pids = mount_pids(staging)
+    assert len(pids) == 1
+    with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert f"epoch={ctx['epoch']}".encode() in b",".join(argv)
+    assert os.path.isdir(os.path.join(plugin.cache_dir, "pvc-1"))
+    stage(plugin, "pvc-1", staging, ctx)  # repeat: OK, nothing new
+    assert mount_pids(staging) == pids
+    unstage(plugin, "pvc-1", staging)
+    assert staging not in mount_table()
+    assert not mount_pids(staging)
+    unstage(plugin, "pvc-1", staging)  # repeat: OK
+
+
+@pytest.mark.parametrize("field", ["volume_id", "staging_target_path", "volume_capability"])
+def test_stage_missing_field_is_invalid_argument(plugin, kubelet, field) -> None:
+    req = csi_pb2.NodeStageVolumeRequest(volume_id="pvc-1",
+                                         staging_target_path=kubelet.staging("pvc-1"),
+                                         volume_capability=mount_cap())
+    req.ClearField(field)
+    assert code_of(plugin.node.NodeStageVolume, req) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("path", ["relative/path", "/etc/chunkfs-stage", "KUBELET/../../x",
+                                  "KUBELET"])
+def test_stage_path_outside_the_kubelet_dir_is_invalid_argument(plugin, kubelet, path) -> None:
+    make_volume(plugin)
+    path = path.replace("KUBELET", str(kubelet.root))
+    with pytest.raises(grpc.RpcError) as err:
+        stage(plugin, "pvc-1", path)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert not os.path.exists("/etc/chunkfs-stage")
+
+
+def test_stage_unknown_volume_is_not_found(plugin, kubelet) -> None:
+    assert code_of(stage, plugin, "pvc-nope", kubelet.staging("pvc-nope")) \
+        == grpc.StatusCode.NOT_FOUND
+
+
+def test_stage_block_volume_is_invalid_argument(plugin, kubelet) -> None:
+    make_volume(plugin)
+    assert code_of(stage, plugin, "pvc-1", kubelet.staging("pvc-1"), cap=block_cap()) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stage_bad_epoch_is_invalid_argument(plugin, kubelet) -> None:
+    make_volume(plugin)
+    assert code_of(stage, plugin, "pvc-1", kubelet.staging("pvc-1"), {"epoch": "x"}) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stage_again_with_other_arguments(plugin, kubelet, staged) -> None:
+    staging, ctx = staged
+    assert code_of(stage, plugin, "pvc-1", staging, ctx, mount_cap(Mode.MULTI_NODE_READER_ONLY)) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    other = kubelet.staging("pvc-1-elsewhere")
+    assert code_of(stage, plugin, "pvc-1", other, ctx) == grpc.StatusCode.FAILED_PRECONDITION
+    assert other not in mount_table()
+
+
+def test_unstage_while_published_is_failed_precondition(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    assert code_of(unstage, plugin, "pvc-1", staging) == grpc.StatusCode.FAILED_PRECONDITION
+    assert os.stat(target).st_ino == 1  # untouched
+    unpublish(plugin, "pvc-1", target)
+    unstage(plugin, "pvc-1", staging)
+
+
+def test_unstage_flushes_data(plugin, kubelet, staged) -> None:
+    staging, ctx = staged
+    with open(os.path.join(staging, "data.bin"), "wb") as f:
+        f.write(os.urandom(3 * MiB))  # no fsync: the unmount must flush it
+    expected = open(os.path.join(staging, "data.bin"), "rb").read()
+    unstage(plugin, "pvc-1", staging)
+    stage(plugin, "pvc-1", staging, ctx)
+    assert open(os.path.join(staging, "data.bin"), "rb").read() == expected
+
+
+# --- NodePublishVolume / NodeUnpublishVolume ----------------------------------------
+
+def test_publish_bind_mounts_and_is_idempotent(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    publish(plugin, "pvc-1", staging, target)
+    with open(os.path.join(target, "hello"), "w") as f:
+        f.write("through the bind mount")
+    assert open(os.path.join(staging, "hello")).read() == "through the bind mount"
+    unpublish(plugin, "pvc-1", target)
+    assert not os.path.exists(target)  # the plugin removes what it created
+    unpublish(plugin, "pvc-1", target)  # repeat: OK
+
+
+def test_publish_readonly_and_mount_flags(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    ro_target, flag_target = kubelet.target("pvc-1"), kubelet.target("pvc-1")
+    cap = mount_cap(Mode.SINGLE_NODE_MULTI_WRITER)
+    publish(plugin, "pvc-1", staging, ro_target, cap=cap, readonly=True)
+    publish(plugin, "pvc-1", staging, flag_target,
+            cap=mount_cap(Mode.SINGLE_NODE_MULTI_WRITER, flags=("noexec", "nosuid")))
+    assert "ro" in mount_options(ro_target)
+    with pytest.raises(OSError) as err:
+        open(os.path.join(ro_target, "nope"), "w")
+    assert err.value.errno == errno.EROFS
+    assert {"rw", "noexec", "nosuid"} <= mount_options(flag_target)
+    for target in (ro_target, flag_target):
+        unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("field", ["volume_id", "target_path", "volume_capability"])
+def test_publish_missing_field_is_invalid_argument(plugin, kubelet, field) -> None:
+    req = csi_pb2.NodePublishVolumeRequest(
+        volume_id="pvc-1", staging_target_path=kubelet.staging("pvc-1"),
+        target_path=kubelet.target("pvc-1"), volume_capability=mount_cap())
+    req.ClearField(field)
+    assert code_of(plugin.node.NodePublishVolume, req) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_publish_without_stage_is_failed_precondition(plugin, kubelet) -> None:
+    make_volume(plugin)
+    target = kubelet.target("pvc-1")
+    assert code_of(publish, plugin, "pvc-1", kubelet.staging("pvc-1"), target) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(publish, plugin, "pvc-1", "", target) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_publish_target_outside_the_kubelet_dir_is_invalid_argument(plugin, staged) -> None:
+    staging, _ = staged
+    assert code_of(publish, plugin, "pvc-1", staging, "/tmp/not-kubelet/mount") \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert not os.path.exists("/tmp/not-kubelet")
+
+
+def test_publish_same_target_other_arguments_is_already_exists(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    assert code_of(publish, plugin, "pvc-1", staging, target, readonly=True) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("mode, second_ok", [
+    (Mode.SINGLE_NODE_SINGLE_WRITER, False),
+    (Mode.SINGLE_NODE_WRITER, False),
+    (Mode.SINGLE_NODE_MULTI_WRITER, True),
+    (Mode.MULTI_NODE_MULTI_WRITER, True),
+])
+def test_publish_second_target_per_access_mode(plugin, kubelet, mode, second_ok) -> None:
+    ctx = make_volume(plugin, mode=mode)
+    staging = kubelet.staging("pvc-1")
+    cap = mount_cap(mode)
+    stage(plugin, "pvc-1", staging, ctx, cap)
+    first, second = kubelet.target("pvc-1"), kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, first, cap)
+    if second_ok:
+        publish(plugin, "pvc-1", staging, second, cap)
+        unpublish(plugin, "pvc-1", second)
+    else:
+        assert code_of(publish, plugin, "pvc-1", staging, second, cap) \
+            == grpc.StatusCode.FAILED_PRECONDITION
+    unpublish(plugin, "pvc-1", first)
+
+
+@pytest.mark.parametrize("field", ["volume_id", "target_path"])
+def test_unpublish_missing_field_is_invalid_argument(plugin, kubelet, field) -> None:
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id="pvc-1",
+                                             target_path=kubelet.target("pvc-1"))
+    req.ClearField(field)
+    assert code_of(plugin.node.NodeUnpublishVolume, req) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- NodeGetVolumeStats / NodeExpandVolume ------------------------------------------
+
+def stats(plugin, volume_id: str, path: str) -> csi_pb2.NodeGetVolumeStatsResponse:
+    return plugin.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
+        volume_id=volume_id, volume_path=path))
+
+
+def test_volume_stats_bytes_and_inodes(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    with open(os.path.join(target, "f"), "wb") as f:
+        f.write(os.urandom(MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    resp = stats(plugin, "pvc-1", target)
+    usage = {u.unit: u for u in resp.usage}
+    Unit = csi_pb2.VolumeUsage
+    assert usage[Unit.BYTES].total == 64 * MiB
+    assert usage[Unit.BYTES].used >= MiB
+    assert usage[Unit.INODES].used >= 2
+    assert not resp.volume_condition.abnormal
+    assert stats(plugin, "pvc-1", staging).usage  # the staging path works too
+    unpublish(plugin, "pvc-1", target)
+
+
+def test_volume_stats_errors(plugin, kubelet, staged) -> None:
+    assert code_of(stats, plugin, "pvc-1", kubelet.target("pvc-1")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stats, plugin, "pvc-2", staged[0]) == grpc.StatusCode.NOT_FOUND
+    assert code_of(stats, plugin, "", staged[0]) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stats, plugin, "pvc-1", "") == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_volume_stats_report_a_dead_mount(cluster) -> None:
+    plugin = cluster.start("node-a", "all", extra=("--recover-interval", "0"))
+    ctx = make_volume(plugin)
+    staging = plugin.kubelet.staging("pvc-1")
+    stage(plugin, "pvc-1", staging, ctx)
+    for pid in mount_pids(staging):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        resp = stats(plugin, "pvc-1", staging)
+        if resp.volume_condition.abnormal:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "dead" in resp.volume_condition.message
+    # A repeated NodeStageVolume brings it back.
+    stage(plugin, "pvc-1", staging, ctx)
+    assert not stats(plugin, "pvc-1", staging).volume_condition.abnormal
+
+
+def test_expand_is_seen_live_by_the_mount(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    resp = plugin.controller.ControllerExpandVolume(csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="pvc-1", capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB)))
+    assert not resp.node_expansion_required
+    deadline = time.monotonic() + 10
+    while os.statvfs(target).f_blocks * os.statvfs(target).f_frsize != 128 * MiB:
+        assert time.monotonic() < deadline, "the mount never saw the new size"
+        time.sleep(0.2)
+    node = plugin.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+        volume_id="pvc-1", volume_path=target,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=128 * MiB)))
+    assert node.capacity_bytes == 128 * MiB
+    assert code_of(plugin.node.NodeExpandVolume, csi_pb2.NodeExpandVolumeRequest(
+        volume_id="pvc-1", volume_path=kubelet.target("pvc-1"))) == grpc.StatusCode.NOT_FOUND
+    unpublish(plugin, "pvc-1", target)
+
+
+def test_concurrent_stage_of_one_volume_is_aborted(plugin, kubelet, local_services) -> None:
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    req = csi_pb2.NodeStageVolumeRequest(volume_id="pvc-1", staging_target_path=staging,
+                                         volume_capability=mount_cap(), publish_context=ctx)
+    local_services.redis.pause()  # the first call waits for Redis, holding the volume
+    try:
+        first = plugin.node.NodeStageVolume.future(req)
+        deadline = time.monotonic() + 10
+        while plugin.metric("chunkfs_csi_rpc_inflight", method="NodeStageVolume") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert code_of(plugin.node.NodeStageVolume, req) == grpc.StatusCode.ABORTED
+    finally:
+        local_services.redis.resume()
+    first.result(timeout=60)
+    plugin.node.NodeStageVolume(req)  # and now a plain repeat
