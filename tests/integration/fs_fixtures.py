@@ -1,0 +1,403 @@
+"""Fixtures and helpers for the filesystem / CLI / fault tests: real `chunkfs` mounts.
+
+Import the fixtures into a test module (pytest finds fixtures, and the fixtures they
+depend on, by name in the module's namespace); helpers are imported by name:
+
+    from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures (see __all__)
+    from tests.integration.fs_fixtures import MiB, Mounter, wait_until
+
+  cli          function  Cli: runs the `chunkfs` command against this test's fresh backends
+  volume       function  name of a fresh 1 GiB volume ("vol") on those backends
+  mounter      function  Mounter: mount/umount/kill mounts; every mount is undone at teardown
+  mnt          function  Mount of `volume` (default options, its own cache dir)
+  shared_mnt   module    one Mount shared by a whole module (unique volume on Redis db 0)
+  work         function  a fresh directory inside shared_mnt for one test
+
+Every mount point lives under a 0755 directory in /tmp (not in pytest's 0700 tmp dirs)
+so that unprivileged users can reach it. Teardown unmounts with `chunkfs umount`, and
+falls back to SIGKILL + `fusermount3 -u -z` so that no test leaves a mount behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chunkfs.localstack import BUCKET, LocalStack
+
+__all__ = ["mount_base", "mount_logs", "cli", "volume", "mounter", "mnt", "shared_cli",
+           "shared_mounter", "shared_volume", "shared_mnt", "work"]
+
+SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+BINDIR = str(Path(sys.executable).parent)
+GiB = 1 << 30
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
+               what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polled conditions may fail transiently
+            last_exc = exc
+        if time.monotonic() > deadline:
+            extra = f" (last error: {last_exc!r})" if last_exc else ""
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def rand_bytes(n: int, seed: int | str = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_file(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return text[text.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    target = os.path.abspath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == target:
+                return True
+    return False
+
+
+def lazy_unmount(path: str | os.PathLike[str]) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+def tree_size(path: str | os.PathLike[str]) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def cache_block_files(cache_dir: str | os.PathLike[str]) -> list[Path]:
+    """The block files of a cache dir (CACHE_DIR/blocks/<xx>/<sha256>_<len>)."""
+    root = Path(cache_dir, "blocks")
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("*/*") if p.is_file())
+
+
+def run_as(uid: int, gid: int, code: str, *args: str, timeout: float = 60,
+           check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run a stdlib-only Python snippet as another user (no supplementary groups)."""
+    return subprocess.run([SYSTEM_PYTHON, "-c", code, *args], user=uid, group=gid,
+                          extra_groups=[], capture_output=True, text=True, timeout=timeout,
+                          check=check, cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+
+
+def stderr_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A failed command: non-zero status, exactly one line on stderr, no traceback,
+    mentioning every needle (case-insensitive)."""
+    lines = stderr_lines(proc)
+    assert proc.returncode != 0, f"expected failure, got 0; stdout={proc.stdout!r}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@dataclass
+class Cli:
+    env: dict[str, str]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["chunkfs", *args], env=env or self.env, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"chunkfs {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def create_volume(self, name: str, capacity: str = "1GiB") -> str:
+        self.run("volume", "create", name, "--capacity", capacity)
+        return name
+
+    def info(self, name: str) -> dict[str, Any]:
+        return json.loads(self.run("volume", "info", name, "--json").stdout)
+
+    def used(self, name: str) -> int:
+        return int(self.info(name)["used_bytes"])
+
+    def volume_names(self) -> list[str]:
+        return [v["name"] for v in json.loads(self.run("volume", "list", "--json").stdout)]
+
+
+def make_env(base: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CHUNKFS_"))}
+    env.update(base)
+    env.update(extra)
+    env["PATH"] = os.pathsep.join(p for p in (BINDIR, env.get("PATH", "")) if p)
+    return env
+
+
+# --------------------------------------------------------------------------- mounts
+
+
+@dataclass
+class Mount:
+    volume: str
+    path: Path
+    cache_dir: Path
+    pid: int
+    log_file: Path
+    cli: Cli
+    options: str | None = None
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other: str) -> Path:
+        return self.path / other
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.cli.run("status", str(self.path), "--json").stdout)
+
+    def status_direct(self) -> dict[str, Any]:
+        """The status document read straight from the mount (no subprocess)."""
+        with open(self.path / ".chunkfs.status", "rb") as f:
+            return json.loads(f.read())
+
+
+@dataclass
+class Mounter:
+    cli: Cli
+    base: Path
+    log_dir: Path | None = None
+    mounts: list[Mount] = field(default_factory=list)
+    _n: int = 0
+
+    def new_dir(self, kind: str) -> Path:
+        self._n += 1
+        path = self.base / f"{kind}{self._n}-{uuid.uuid4().hex[:6]}"
+        path.mkdir(mode=0o755)
+        path.chmod(0o755)
+        return path
+
+    def mount(self, volume: str, *, mountpoint: Path | None = None, cache_dir: Path | None = None,
+              options: str | None = None, cache_size: str | None = None,
+              env: dict[str, str] | None = None, timeout: float = 120) -> Mount:
+        mp = mountpoint or self.new_dir("mp")
+        cache = cache_dir or self.new_dir("cache")
+        log_file = (self.log_dir or self.base) / f"mount-{mp.name}.log"
+        args = ["mount", volume, str(mp), "--cache-dir", str(cache), "--log-file", str(log_file)]
+        if cache_size:
+            args += ["--cache-size", cache_size]
+        if options:
+            args += ["-o", options]
+        self.cli.run(*args, env=env, timeout=timeout)
+        assert os.stat(mp).st_ino == 1, "mount returned before the mount was ready"
+        pid = int(json.loads((mp / ".chunkfs.status").read_bytes())["pid"])
+        m = Mount(volume, mp, cache, pid, log_file, Cli(env) if env else self.cli, options)
+        self.mounts.append(m)
+        return m
+
+    def umount(self, m: Mount, timeout: float = 120) -> None:
+        self.cli.run("umount", str(m.path), "--timeout", str(timeout), timeout=timeout + 10)
+        wait_until(lambda: pid_gone(m.pid), 30, what=f"mount process {m.pid} to exit")
+        assert not is_mounted(m.path)
+        self.mounts.remove(m)
+
+    def remount(self, m: Mount, *, cache_dir: Path | None = None, options: str | None = None,
+                **kw: Any) -> Mount:
+        self.umount(m)
+        return self.mount(m.volume, mountpoint=m.path, cache_dir=cache_dir or m.cache_dir,
+                          options=options if options is not None else m.options, **kw)
+
+    def kill(self, m: Mount) -> None:
+        """SIGKILL the mount process (a crashed node) and clear the dead mount."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(m.pid, signal.SIGKILL)
+        wait_until(lambda: pid_gone(m.pid), 30, what=f"mount process {m.pid} to die")
+        lazy_unmount(m.path)
+        wait_until(lambda: not is_mounted(m.path), 10, what=f"{m.path} to be unmounted")
+        self.mounts.remove(m)
+
+    def cleanup(self) -> list[str]:
+        problems = []
+        for m in reversed(list(self.mounts)):
+            with contextlib.suppress(Exception):
+                os.kill(m.pid, signal.SIGCONT)
+            try:
+                proc = self.cli.run("umount", str(m.path), "--timeout", "60", check=False,
+                                    timeout=75)
+                if proc.returncode != 0:
+                    problems.append(f"umount {m.path}: {proc.stderr.strip()}")
+                else:
+                    deadline = time.monotonic() + 20
+                    while not pid_gone(m.pid) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+            except subprocess.TimeoutExpired:
+                problems.append(f"umount {m.path} timed out")
+            if not pid_gone(m.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(m.pid, signal.SIGKILL)
+            if is_mounted(m.path):
+                lazy_unmount(m.path)
+            self.mounts.remove(m)
+        return problems
+
+
+@pytest.fixture(scope="session")
+def mount_base() -> Iterator[Path]:
+    """A 0755 directory under /tmp for mount points and cache dirs (reachable by any user)."""
+    base = Path(tempfile.mkdtemp(prefix="chunkfs-it-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    for entry in base.iterdir():
+        if entry.is_dir() and is_mounted(entry):
+            lazy_unmount(entry)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mount_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mount logs are kept here (pytest keeps the last runs' tmp dirs) for post-mortems."""
+    return tmp_path_factory.mktemp("mount-logs")
+
+
+@pytest.fixture
+def cli(backend_env: dict[str, str]) -> Cli:
+    return Cli(dict(backend_env))
+
+
+@pytest.fixture
+def volume(cli: Cli) -> str:
+    return cli.create_volume("vol", "1GiB")
+
+
+@pytest.fixture
+def mounter(cli: Cli, mount_base: Path, mount_logs: Path) -> Iterator[Mounter]:
+    m = Mounter(cli, mount_base, mount_logs)
+    try:
+        yield m
+    finally:
+        problems = m.cleanup()
+        if problems:
+            pytest.fail("mount teardown: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mnt(mounter: Mounter, volume: str) -> Mount:
+    return mounter.mount(volume)
+
+
+# --------------------------------------------------------------------------- a shared mount
+
+
+@pytest.fixture(scope="module")
+def shared_cli(local_services: LocalStack, redis_url: str, request: pytest.FixtureRequest) -> Cli:
+    """A Cli on Redis db 0 (shared; volume names are unique) and a unique S3 prefix."""
+    assert local_services.s3 is not None
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.module.__name__.rsplit(".", 1)[-1])
+    env = make_env(local_services.s3.env(), CHUNKFS_META=redis_url,
+                   CHUNKFS_STORAGE=f"s3://{BUCKET}/t/{name}-{uuid.uuid4().hex[:8]}")
+    return Cli(env)
+
+
+@pytest.fixture(scope="module")
+def shared_mounter(shared_cli: Cli, mount_base: Path, mount_logs: Path) -> Iterator[Mounter]:
+    m = Mounter(shared_cli, mount_base, mount_logs)
+    try:
+        yield m
+    finally:
+        m.cleanup()
+
+
+@pytest.fixture(scope="module")
+def shared_volume(shared_cli: Cli) -> Iterator[str]:
+    name = f"shared-{uuid.uuid4().hex[:10]}"
+    shared_cli.create_volume(name, "20GiB")
+    yield name
+    shared_cli.run("volume", "delete", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def shared_mnt(shared_mounter: Mounter, shared_volume: str) -> Iterator[Mount]:
+    m = shared_mounter.mount(shared_volume)
+    yield m
+    shared_mounter.cleanup()  # before shared_volume is deleted
+
+
+@pytest.fixture
+def work(shared_mnt: Mount, request: pytest.FixtureRequest) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:100]
+    path = shared_mnt.path / name
+    path.mkdir()
+    return path
+
+
+def expect_errno(err: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> OSError:
+    with pytest.raises(OSError) as info:
+        fn(*args, **kw)
+    assert info.value.errno == err, (
+        f"expected {errno.errorcode[err]}, got {errno.errorcode.get(info.value.errno)}: {info.value}")
+    return info.value
