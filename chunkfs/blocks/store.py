@@ -54,12 +54,15 @@ class MemoryBlocks:
 
 class BlockStore:
     def __init__(self, store: ObjectStore, cache: BlockCache, *, memory_limit: int,
-                 max_parallel_gets: int = 16) -> None:
+                 max_parallel_gets: int = 16, max_parallel_puts: int = 8) -> None:
         self.store = store
         self.cache = cache
         self.memory = MemoryBlocks(memory_limit)
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._gets = asyncio.Semaphore(max_parallel_gets)
+        # S3 clients copy a request body while it is in flight: more PUTs at once than the
+        # store can absorb would only add copies of buffered blocks to the resident memory
+        self._puts = asyncio.Semaphore(max_parallel_puts)
         self._background: set[asyncio.Task[Any]] = set()
         # digests this mount uploaded recently: a repeated PUT of the same block is skipped,
         # but only for a short while, far below the GC grace period, so GC can never delete
@@ -128,8 +131,9 @@ class BlockStore:
         while self._uploaded and next(iter(self._uploaded.values())) < now - self.upload_memory_s:
             self._uploaded.popitem(last=False)
         if digest not in self._uploaded:
-            await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
-            self._uploaded[digest] = now
+            async with self._puts:
+                await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
+            self._uploaded[digest] = time.monotonic()
         self._spawn(self.cache.put(digest, data))
         return BlockEntry(digest, len(data), len(data))
 
