@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from chunkfs import errors as cf
 from csi import errors, validate
@@ -343,7 +343,5 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.GetSnapshotResponse(snapshot=to_snapshot(info))
 
 
-def _int64(value: int):
-    from google.protobuf import wrappers_pb2
-
+def _int64(value: int) -> wrappers_pb2.Int64Value:
     return wrappers_pb2.Int64Value(value=value)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import grpc
 import prometheus_client
 
+from chunkfs.config import parse_size
 from csi import validate
 from csi.backends import ServiceCache
 from csi.controller import ControllerServicer
@@ -78,8 +79,6 @@ def socket_path(endpoint: str) -> str:
 
 
 def _size(text: str) -> int:
-    from chunkfs.config import parse_size
-
     return parse_size(text)
 
 

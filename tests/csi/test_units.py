@@ -1,0 +1,318 @@
+"""Unit tests of the plugin's building blocks (no Redis, no S3, no FUSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+
+import grpc
+import pytest
+
+from chunkfs import errors as cf
+from csi import backends, errors, observe, validate
+from csi.mounts import PublishRecord, StageRecord, StateStore, _unescape
+from csi.rpc import KeyLocks, exclusive, require
+from csi.v1 import csi_pb2
+
+from .conftest import Mode, block_cap, mount_cap
+
+# --- validate -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cap, problem", [
+    (mount_cap(), None),
+    (mount_cap(fs_type="chunkfs"), None),
+    (mount_cap(Mode.MULTI_NODE_MULTI_WRITER), None),
+    (block_cap(), "block"),
+    (mount_cap(fs_type="xfs"), "fs_type"),
+    (mount_cap(Mode.MULTI_NODE_SINGLE_WRITER), "not supported"),
+    (mount_cap(Mode.UNKNOWN), "not supported"),
+])
+def test_capability_problem(cap, problem) -> None:
+    found = validate.capability_problem(cap)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_mount_flags_split_between_bind_and_chunkfs() -> None:
+    bind, options = validate.split_mount_flags(["noexec,ro", "buffer-size=64MiB", " nosuid "])
+    assert bind == ["noexec", "ro", "nosuid"]
+    assert options == ["buffer-size=64MiB"]
+    for bad in ("epoch=3", "a b", "x;rm -rf /"):
+        with pytest.raises(errors.CsiError) as err:
+            validate.split_mount_flags([bad])
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("value, ok", [
+    ("pvc-0b1c2d3e-aaaa-bbbb-cccc-0123456789ab", True), ("snap.1_x", True),
+    ("", False), ("../x", False), (".hidden", False), ("a/b", False), ("x" * 129, False),
+])
+def test_check_id(value, ok) -> None:
+    if ok:
+        assert validate.check_id("volume_id", value) == value
+    else:
+        with pytest.raises(errors.CsiError):
+            validate.check_id("volume_id", value)
+
+
+def test_check_path(tmp_path) -> None:
+    root = tmp_path / "kubelet"
+    (root / "pods").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "escape")
+    ok = validate.check_path("target_path", f"{root}/pods/./x/../mount", str(root))
+    assert ok == f"{root}/pods/mount"
+    for bad in ("relative", f"{root}/../etc", str(root), f"{root}/escape/mount", "/etc/x"):
+        with pytest.raises(errors.CsiError) as err:
+            validate.check_path("target_path", bad, str(root))
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert validate.check_path("target_path", "/anywhere/x", None) == "/anywhere/x"
+
+
+def test_choose_capacity() -> None:
+    rules = validate.CapacityRules(default=100, minimum=10, maximum=1000)
+    assert validate.choose_capacity(0, 0, rules) == 100
+    assert validate.choose_capacity(0, 50, rules) == 50
+    assert validate.choose_capacity(5, 0, rules) == 10
+    assert validate.choose_capacity(20, 0, rules, floor=30) == 30
+    for required, limit, floor in ((0, 5, 0), (2000, 0, 0), (20, 25, 30)):
+        with pytest.raises(errors.CsiError) as err:
+            validate.choose_capacity(required, limit, rules, floor)
+        assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_capacity_range() -> None:
+    assert validate.capacity_range(None) == (0, 0)
+    assert validate.capacity_range(csi_pb2.CapacityRange(required_bytes=5, limit_bytes=9)) \
+        == (5, 9)
+    with pytest.raises(errors.CsiError) as err:
+        validate.capacity_range(csi_pb2.CapacityRange(required_bytes=-1))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(errors.CsiError) as err:
+        validate.capacity_range(csi_pb2.CapacityRange(required_bytes=9, limit_bytes=5))
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_pages() -> None:
+    names = ["a", "b", "c", "d", "e"]
+    assert validate.page(names, "", 0) == (0, 5, "")
+    start, end, token = validate.page(names, "", 2)
+    assert (start, end) == (0, 2) and token
+    assert validate.page(names, token, 2)[:2] == (2, 4)
+    assert validate.page(names, validate.next_token("bb"), 0)[:2] == (2, 5)  # deleted entry
+    assert validate.page(names, validate.next_token("e"), 2) == (5, 5, "")
+    for bad in ("x", "after:", "1"):
+        with pytest.raises(errors.CsiError) as err:
+            validate.page(names, bad, 0)
+        assert err.value.code == grpc.StatusCode.ABORTED
+
+
+def test_volume_options() -> None:
+    assert validate.volume_options({"cache-size": "1GiB", "csi.storage.k8s.io/pv/name": "x"}) \
+        == {"cache-size": "1GiB"}
+    for params in ({"access-key-id": "AK"}, {"storage": "s3://b/p"}, {"nope": "1"}):
+        with pytest.raises(errors.CsiError) as err:
+            validate.volume_options(params)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- errors -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc, code", [
+    (cf.VolumeNotFound("v"), grpc.StatusCode.NOT_FOUND),
+    (cf.SnapshotNotFound("s"), grpc.StatusCode.NOT_FOUND),
+    (cf.VolumeExists("v"), grpc.StatusCode.ALREADY_EXISTS),
+    (cf.InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (cf.NoSpace("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (cf.Fenced("old epoch"), grpc.StatusCode.FAILED_PRECONDITION),
+    (cf.MetaUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
+    (cf.StorageUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
+    (cf.CorruptObject("bad hash"), grpc.StatusCode.DATA_LOSS),
+    (cf.FsError(5), grpc.StatusCode.INTERNAL),
+    (TimeoutError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RuntimeError("bug"), grpc.StatusCode.INTERNAL),
+    (errors.busy("volume", "v"), grpc.StatusCode.ABORTED),
+])
+def test_to_status(exc, code) -> None:
+    assert errors.to_status(exc)[0] == code
+
+
+# --- rpc plumbing -------------------------------------------------------------------
+
+class _Servicer:
+    def __init__(self) -> None:
+        self.locks = KeyLocks()
+        self.gate = asyncio.Event()
+
+    @require("volume_id", "volume_capability", "capacity_range.required_bytes")
+    @exclusive("volume", lambda r: r.volume_id)
+    async def Expand(self, request, context):
+        await self.gate.wait()
+        return "done"
+
+
+async def test_require_and_exclusive() -> None:
+    svc = _Servicer()
+    full = csi_pb2.ControllerExpandVolumeRequest(
+        volume_id="v", volume_capability=mount_cap(),
+        capacity_range=csi_pb2.CapacityRange(required_bytes=1))
+    for field in ("volume_id", "volume_capability", "capacity_range"):
+        req = csi_pb2.ControllerExpandVolumeRequest()
+        req.CopyFrom(full)
+        req.ClearField(field)
+        with pytest.raises(errors.CsiError) as err:
+            await svc.Expand(req, None)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.message
+    first = asyncio.create_task(svc.Expand(full, None))
+    await asyncio.sleep(0)
+    with pytest.raises(errors.CsiError) as err:
+        await svc.Expand(full, None)
+    assert err.value.code == grpc.StatusCode.ABORTED
+    svc.gate.set()
+    assert await first == "done"
+    assert await svc.Expand(full, None) == "done"  # released
+
+
+async def test_background_work_makes_rpcs_wait_not_abort() -> None:
+    locks = KeyLocks()
+    order = []
+
+    async def background() -> None:
+        async with locks.background("volume", "v"):
+            await asyncio.sleep(0.05)
+            order.append("background")
+
+    async def rpc() -> None:
+        async with locks.rpc("volume", "v"):
+            order.append("rpc")
+
+    task = asyncio.create_task(background())
+    await asyncio.sleep(0)
+    await rpc()
+    await task
+    assert order == ["background", "rpc"]
+    assert not locks.busy("volume", "v")
+
+
+# --- backends -----------------------------------------------------------------------
+
+BASE = {"CHUNKFS_META": "redis://127.0.0.1:6379/0", "CHUNKFS_STORAGE": "s3://bucket/p",
+        "AWS_ACCESS_KEY_ID": "env-ak", "AWS_SECRET_ACCESS_KEY": "env-sk",
+        "AWS_ENDPOINT_URL_S3": "http://env:8333"}
+
+
+def test_backend_from_environment_and_secrets() -> None:
+    default = backends.resolve({}, BASE)
+    assert default.meta_url == BASE["CHUNKFS_META"]
+    assert default.storage.access_key == "env-ak"
+    assert default.storage.endpoint == "http://env:8333"
+    other = backends.resolve({"meta-url": "redis://:pw@r2:6380/1", "storage": "s3://other/x",
+                              "endpoint": "http://s3:9000", "access-key-id": "AK",
+                              "secret-access-key": "SK", "unrelated": "ignored"}, BASE)
+    assert other.storage.bucket == "other" and other.storage.endpoint == "http://s3:9000"
+    assert (other.storage.access_key, other.storage.secret_key) == ("AK", "SK")
+    assert "pw" not in other.describe() and "SK" not in repr(other.storage)
+    env = other.env(BASE)
+    assert env["CHUNKFS_META"] == "redis://:pw@r2:6380/1"
+    assert "AWS_ENDPOINT_URL_S3" not in env  # it would override the secret's endpoint
+    assert other != default and hash(other) != hash(default)
+    with pytest.raises(cf.InvalidArgument):
+        backends.resolve({}, {})
+
+
+async def test_service_cache_opens_once_and_closes_the_oldest() -> None:
+    opened, closed = [], []
+
+    class Svc:
+        def __init__(self, meta: str) -> None:
+            self.meta = meta
+
+        async def close(self) -> None:
+            closed.append(self.meta)
+
+    async def opener(meta, storage):
+        opened.append(meta)
+        await asyncio.sleep(0.01)
+        return Svc(meta)
+
+    cache = backends.ServiceCache(opener, size=2)
+    b1, b2, b3 = (backends.resolve({"meta-url": f"redis://h:1/{i}"}, BASE) for i in range(3))
+    got = await asyncio.gather(cache.get(b1), cache.get(b1))
+    assert got[0] is got[1] and opened == ["redis://h:1/0"]
+    await cache.get(b2)
+    await cache.get(b3)
+    assert closed == ["redis://h:1/0"]
+    await cache.close()
+    assert sorted(closed) == ["redis://h:1/0", "redis://h:1/1", "redis://h:1/2"]
+
+
+# --- observe ------------------------------------------------------------------------
+
+def test_secrets_are_stripped_and_scrubbed() -> None:
+    req = csi_pb2.NodeStageVolumeRequest(
+        volume_id="v", staging_target_path="/s", secrets={"secret-access-key": "TOPSECRET"},
+        volume_capability=mount_cap())
+    stripped, names = observe.strip_secrets(req)
+    assert names == ["secret-access-key"]
+    assert not stripped.secrets and stripped.volume_id == "v"
+    assert req.secrets["secret-access-key"] == "TOPSECRET"  # the request is untouched
+    assert observe.secret_values(req) == ["TOPSECRET"]
+    assert observe.scrub("auth failed for TOPSECRET", ["TOPSECRET"]) == "auth failed for ***"
+
+
+def test_json_log_lines() -> None:
+    record = logging.LogRecord("chunkfs.csi.rpc", logging.INFO, __file__, 1, "%s OK",
+                               ("CreateVolume",), None)
+    record.fields = {"method": "CreateVolume", "duration_ms": 1.5}
+    doc = json.loads(observe.JsonFormatter().format(record))
+    assert doc["msg"] == "CreateVolume OK" and doc["method"] == "CreateVolume"
+    assert doc["level"] == "info" and doc["time"].endswith("Z")
+
+
+def test_status_numbers_are_flattened_for_metrics() -> None:
+    doc = {"dirty_bytes": 5, "fenced": False, "volume": "v", "cache": {"hits": 3},
+           "s3": {"requests": {"GET": 2}}}
+    assert dict(observe._numbers("chunkfs_mount", doc)) == {
+        "chunkfs_mount_dirty_bytes": 5.0, "chunkfs_mount_fenced": 0.0,
+        "chunkfs_mount_cache_hits": 3.0, "chunkfs_mount_s3_requests_get": 2.0}
+
+
+# --- mounts: records and the mount table --------------------------------------------
+
+def test_state_store_round_trip(tmp_path) -> None:
+    store = StateStore(str(tmp_path / "state"))
+    stage = StageRecord("pvc-1", "/k/staging", Mode.SINGLE_NODE_WRITER, False, 7,
+                        ["buffer-size=64MiB"], "1GiB", {"CHUNKFS_META": "redis://:pw@h/0"})
+    pub = PublishRecord("pvc-1", "/k/pods/x/mount", "/k/staging", Mode.SINGLE_NODE_WRITER,
+                        True, ["noexec"])
+    store.save_stage(stage)
+    store.save_publish(pub)
+    (tmp_path / "state/staged/.tmp-interrupted").write_text("{")  # a torn write
+    (tmp_path / "state/published/junk.json").write_text("not json")
+    again = StateStore(str(tmp_path / "state"))
+    assert again.staged == {"pvc-1": stage}
+    assert again.published == {"/k/pods/x/mount": pub}
+    assert again.publishes_of("pvc-1") == [pub]
+    assert not (tmp_path / "state/staged/.tmp-interrupted").exists()
+    assert (tmp_path / "state/published/junk.json.bad").exists()
+    mode = os.stat(tmp_path / "state/staged/pvc-1.json").st_mode & 0o777
+    assert mode == 0o600  # it holds backend overrides from the secrets
+    again.drop_publish(pub.target_path)
+    again.drop_stage("pvc-1")
+    assert StateStore(str(tmp_path / "state")).staged == {}
+
+
+def test_records_compare_requests_not_secrets() -> None:
+    a = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "old"})
+    b = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "rotated"})
+    assert a.same_request(b)
+    assert not a.same_request(StageRecord("v", "/s", 1, False, 4))
+
+
+def test_mountinfo_unescape() -> None:
+    assert _unescape(r"/var/lib/with\040space\011tab") == "/var/lib/with space\ttab"
+    assert _unescape("/plain") == "/plain"
+    assert _unescape("/ends\\04") == "/ends\\04"
