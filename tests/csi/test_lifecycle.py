@@ -336,3 +336,11 @@ def test_publish_after_restart_finds_recorded_state(cluster) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # still published
     pod.stop()
     assert not mount_pids(pod.staging)
+
+
+def test_walkthrough_runs(backend_env) -> None:
+    """`python -m csi.walkthrough`, the local demo of the whole flow, stays working."""
+    out = subprocess.run([sys.executable, "-m", "csi.walkthrough"], env=backend_env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "all steps passed" in out.stdout
