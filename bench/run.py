@@ -19,9 +19,11 @@ import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,21 +38,20 @@ from bench.targets import (
     ChunkfsTarget,
     JuiceFSTarget,
     Target,
+    cpu_seconds,
     dir_bytes,
 )
 from bench.workloads import MiB, drop_caches
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
-BIG_FILE = "seq/big.bin"
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-             "g": 1 << 30, "gib": 1 << 30}
+    units = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
     t = text.strip().lower()
     num = t.rstrip("kmgib")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units or not num:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256MiB, 1GiB)")
     return int(float(num) * units[unit])
@@ -72,10 +73,11 @@ class Row:
 
     label: str
     unit: str
-    key: str                 # results["workloads"][key][fs] -> number
+    key: str  # results["workloads"][key][fs] -> number
     higher_is_better: bool = True
     target: str = ""
     min_ratio: float | None = None
+    agg: str = "best"  # over rounds: "best", or "max" (peak memory)
 
 
 def _fmt(v: float | None) -> str:
@@ -101,24 +103,51 @@ class Bench:
         self.results: dict[str, Any] = {
             "config": {
                 "size": self.size, "small_files": args.small_files, "meta_dirs": args.meta_dirs,
-                "random_reads": args.random_reads, "quick": args.quick,
+                "random_reads": args.random_reads, "quick": args.quick, "rounds": args.rounds,
                 "chunkfs_mount_options": args.chunkfs_options,
             },
             "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                     "python": platform.python_version()},
+                     "python": platform.python_version(), "loadavg_start": os.getloadavg()},
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "workloads": {}, "details": {}, "snapshot": {}, "errors": [],
         }  # fmt: skip
         self.targets: list[Target] = []
+        self.samples: dict[str, dict[str, list[float]]] = {}
+        self.round = 0
+        self.big_round = 0  # the round whose big file is the latest one written
         self.stack: Any = None
         self.work: Path | None = None
         self.t_start = time.monotonic()
 
     # ---------------------------------------------------------------- plumbing
     def put(self, key: str, fs: str, value: float | None, detail: Any = None) -> None:
-        self.results["workloads"].setdefault(key, {})[fs] = value
+        """Record one sample (a figure per round); ``finalize`` picks the reported one."""
+        if value is not None:
+            self.samples.setdefault(key, {}).setdefault(fs, []).append(value)
         if detail is not None:
-            self.results["details"].setdefault(key, {})[fs] = detail
+            self.results["details"].setdefault(key, {}).setdefault(fs, []).append(detail)
+
+    def finalize(self) -> None:
+        """Best sample per figure (external load only ever makes a figure worse), except
+        for peak memory, where the worst one counts."""
+        rows = {r.key: r for r in self.rows()}
+        out = self.results["workloads"]
+        for key, per_fs in self.samples.items():
+            row = rows.get(key)
+            for fs, values in per_fs.items():
+                if row is not None and row.agg == "max":
+                    out.setdefault(key, {})[fs] = max(values)
+                elif row is None or row.higher_is_better:
+                    out.setdefault(key, {})[fs] = max(values)
+                else:
+                    out.setdefault(key, {})[fs] = min(values)
+        self.results["samples"] = self.samples
+        raws = self.results.get("raw_s3_rounds") or []
+        if raws:
+            self.results["raw_s3"] = {
+                "put_mib_s": max(r["put_mib_s"] for r in raws),
+                "get_mib_s": max(r["get_mib_s"] for r in raws),
+            }
 
     def error(self, where: str, exc: BaseException) -> None:
         msg = f"{where}: {type(exc).__name__}: {exc}"
@@ -132,12 +161,17 @@ class Bench:
         except (BenchError, RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
             self.error(where, e)
             return False
-        log.info("%-28s done in %5.1fs (total %4.0fs)", where, time.monotonic() - t0,
-                 time.monotonic() - self.t_start)
+        log.info(
+            "%-28s done in %5.1fs (total %4.0fs)",
+            where,
+            time.monotonic() - t0,
+            time.monotonic() - self.t_start,
+        )
         return True
 
-    def child(self, module: str, spec: dict[str, Any], env: dict[str, str] | None = None,
-              timeout: float = 600) -> dict[str, Any]:
+    def child(
+        self, module: str, spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 600
+    ) -> dict[str, Any]:
         """Run ``python -m module '<spec>'`` and return its JSON result."""
         proc = subprocess.run(
             [sys.executable, "-m", module, json.dumps(spec)], cwd=ROOT, env=env or self.base_env,
@@ -149,12 +183,29 @@ class Bench:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def workload(self, t: Target, spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+        """Run one workload on t; adds the CPU seconds that the mount process, SeaweedFS,
+        Redis and the workload itself used meanwhile (``cpu``), and the load average."""
         if not t.mounted:
             raise BenchError(f"{t.name} is not mounted")
-        return self.child("bench.workloads", spec, timeout=timeout)
+        before = self._cpu(t)
+        res = self.child("bench.workloads", spec, timeout=timeout)
+        after = self._cpu(t)
+        res["cpu"] = {k: round(after[k] - before[k], 3) for k in before}
+        res["loadavg"] = os.getloadavg()[0]
+        return res
+
+    def _cpu(self, t: Target) -> dict[str, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "mount": t.cpu(),
+            "seaweedfs": cpu_seconds(self.stack.s3.pid),
+            "redis": cpu_seconds(self.stack.redis.pid),
+            "client": children.ru_utime + children.ru_stime,
+        }
 
     def order(self, k: int) -> list[Target]:
-        """Alternate which filesystem goes first from one workload to the next."""
+        """Alternate which filesystem goes first from one workload (and round) to the next."""
+        k += self.round
         return list(self.targets) if k % 2 == 0 else list(reversed(self.targets))
 
     def ensure_mounted(self, t: Target, phase: str) -> None:
@@ -185,23 +236,32 @@ class Bench:
         self.stack = LocalStack(self.work / "stack", die_with_parent=True)
         self.stack.up()
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        self.base_env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT),
-                         **self.stack.s3.env()}
+        self.base_env = {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), **self.stack.s3.env()}
         chunk_env = {**self.base_env, **self.stack.env(prefix="bench", db=1)}
-        jfs_env = {**self.base_env, "ACCESS_KEY": self.stack.s3.access_key,
-                   "SECRET_KEY": self.stack.s3.secret_key}
-        capacity = human(max(20 << 30, 4 * self.size))
-        chunk = ChunkfsTarget(self.work / "chunkfs", chunk_env, capacity,
-                              mount_options=self.args.chunkfs_options,
-                              cache_size=self.args.cache_size)
-        jfs = JuiceFSTarget(self.work / "juicefs", jfs_env, self.stack.redis.url_for_db(2),
-                            f"{self.stack.s3.endpoint}/jfsbench")
+        jfs_env = {
+            **self.base_env,
+            "ACCESS_KEY": self.stack.s3.access_key,
+            "SECRET_KEY": self.stack.s3.secret_key,
+        }
+        capacity = human(max(20 << 30, (self.args.rounds + 2) * self.size))
+        chunk = ChunkfsTarget(
+            self.work / "chunkfs",
+            chunk_env,
+            capacity,
+            mount_options=self.args.chunkfs_options,
+            cache_size=self.args.cache_size,
+        )
+        jfs = JuiceFSTarget(
+            self.work / "juicefs",
+            jfs_env,
+            self.stack.redis.url_for_db(2),
+            f"{self.stack.s3.endpoint}/jfsbench",
+        )
         self.targets = [t for t in (chunk, jfs) if t.name in self.args.only]
         for t in self.targets:
             t0 = time.perf_counter()
             t.setup()
-            self.results["details"].setdefault("setup", {})[t.name] = {
-                "format_s": time.perf_counter() - t0}
+            self.results["details"].setdefault("setup", {})[t.name] = {"format_s": time.perf_counter() - t0}
             t.phase = "write"
             t.mount()
 
@@ -222,36 +282,51 @@ class Bench:
             log.info("kept %s", self.work)
 
     # ---------------------------------------------------------------- workloads
+    @property
+    def big_file(self) -> str:
+        """The sequential file of the current round: a new file each round (an overwrite
+        of an existing file is a different workload, with different costs)."""
+        return f"seq/big-{self.big_round}.bin"
+
     def seq_spec(self, t: Target, op: str, **extra: Any) -> dict[str, Any]:
-        return {"op": op, "path": str(t.mountpoint / BIG_FILE), "size": self.size,
-                "seed": self.seed, "salt": 1, **extra}
+        return {
+            "op": op,
+            "path": str(t.mountpoint / self.big_file),
+            "size": self.size,
+            "seed": self.seed,
+            "salt": 1 + self.big_round,
+            **extra,
+        }
 
     def run_write(self) -> None:
         for t in self.order(0):
+
             def go(t: Target = t) -> None:
                 os.makedirs(t.mountpoint / "seq", exist_ok=True)
                 res = self.workload(t, self.seq_spec(t, "seqwrite"), timeout=self.io_timeout)
                 self.put("seq_write", t.name, res["mib_s"], res)
                 t.record_peak()
-                if t.current is not None:
-                    self.results["details"].setdefault("rss_after_write_kib", {})[t.name] = \
-                        t.current.vmhwm_kib
+                if t.current is not None and t.current.vmhwm_kib:
+                    self.put("rss_write_mib", t.name, t.current.vmhwm_kib / 1024)
                 st = t.status()
                 if st is not None:
                     self.results["details"].setdefault("status_after_write", {})[t.name] = st
-            self.step(f"seq write [{t.name}]", go)
+
+            self.step(f"seq write{self.tag} [{t.name}]", go)
             time.sleep(1)
 
     def run_raw_s3(self) -> None:
         def go() -> None:
             res = self.child("bench.s3raw", {
                 "bucket": "chunkfs", "prefix": "rawbench", "size": self.size,
-                "concurrency": self.args.s3_concurrency, "seed": self.seed, "salt": 99,
+                "concurrency": self.args.s3_concurrency, "seed": self.seed,
+                "salt": 99 + self.round,
             }, timeout=self.io_timeout)  # fmt: skip
-            self.results["raw_s3"] = res
-        self.step("raw S3 PUT/GET", go)
+            self.results.setdefault("raw_s3_rounds", []).append(res)
 
-    def run_snapshot(self, label: str, files: int) -> None:
+        self.step(f"raw S3 PUT/GET{self.tag}", go)
+
+    def run_snapshot(self, label: str, files: int, what: str) -> None:
         chunk = next((t for t in self.targets if isinstance(t, ChunkfsTarget)), None)
         if chunk is None:
             return
@@ -259,7 +334,8 @@ class Bench:
         def go() -> None:
             cli_s = chunk.snapshot(f"bench-{label}-cli")
             api_s = asyncio.run(self._snapshot_api(chunk, f"bench-{label}-api"))
-            self.results["snapshot"][label] = {"files": files, "cli_s": cli_s, "api_s": api_s}
+            self.results["snapshot"][label] = {"what": what, "files": files, "cli_s": cli_s, "api_s": api_s}
+
         self.step(f"snapshot ({label})", go)
 
     @staticmethod
@@ -290,6 +366,7 @@ class Bench:
 
     def run_cold_read(self) -> None:
         for t in self.order(1):
+
             def go(t: Target = t) -> None:
                 self.remount(t, "cold read", fresh_cache=True)
                 drop_caches()
@@ -299,10 +376,12 @@ class Bench:
                 st = t.status()
                 if st is not None:
                     self.results["details"].setdefault("status_after_cold_read", {})[t.name] = st
-            self.step(f"cold read [{t.name}]", go)
+
+            self.step(f"cold read{self.tag} [{t.name}]", go)
 
     def run_warm_and_random(self) -> None:
         for t in self.order(2):
+
             def warm(t: Target = t) -> None:
                 self.remount(t, "warm read", fresh_cache=False)
                 drop_caches()
@@ -312,85 +391,103 @@ class Bench:
             def rand(t: Target = t) -> None:
                 self.ensure_mounted(t, "random read")
                 drop_caches()
-                res = self.workload(t, self.seq_spec(t, "randread", count=self.args.random_reads),
-                                    timeout=self.io_timeout)
+                res = self.workload(
+                    t, self.seq_spec(t, "randread", count=self.args.random_reads), timeout=self.io_timeout
+                )
                 self.put("rand_read_iops", t.name, res["iops"], res)
                 self.put("rand_read_p99", t.name, res["p99_ms"])
-            self.step(f"warm read [{t.name}]", warm)
-            self.step(f"random 4KiB reads [{t.name}]", rand)
+
+            self.step(f"warm read{self.tag} [{t.name}]", warm)
+            self.step(f"random 4KiB reads{self.tag} [{t.name}]", rand)
 
     def run_small_files(self) -> None:
         n = self.args.small_files
         total: dict[str, list[float]] = {}
         for k, phase in enumerate(("create", "stat", "read", "delete")):
             for t in self.order(k):
+
                 def go(t: Target = t, phase: str = phase) -> None:
                     self.ensure_mounted(t, "small files")
                     drop_caches()
-                    spec = {"op": "small", "phase": phase, "directory": str(t.mountpoint / "small"),
-                            "n": n, "seed": self.seed, "salt": 2}
+                    spec = {
+                        "op": "small",
+                        "phase": phase,
+                        "directory": str(t.mountpoint / "small"),
+                        "n": n,
+                        "seed": self.seed,
+                        "salt": 1000 + self.round,
+                    }
                     res = self.workload(t, spec, timeout=max(300.0, n / 5))
                     self.put(f"small_{phase}", t.name, res["ops_s"], res)
                     acc = total.setdefault(t.name, [0, 0.0])
                     acc[0] += res["ops"]
                     acc[1] += res["seconds"]
-                self.step(f"small files {phase} [{t.name}]", go)
-            if phase == "create":
-                self.run_snapshot("small-files", n + 1)
+
+                self.step(f"small files {phase}{self.tag} [{t.name}]", go)
+            if phase == "create" and self.round == 0:
+                self.run_snapshot(
+                    "small-files",
+                    n + 1,
+                    f"volume with {n + 1} files ({n} x 4 KiB + the {human(self.size)} file)",
+                )
         for name, (ops, secs) in total.items():
             if ops == 4 * n:
                 self.put("small_total", name, ops / secs)
 
     def run_meta(self) -> None:
         for t in self.order(1):
+
             def go(t: Target = t) -> None:
                 self.ensure_mounted(t, "metadata")
                 drop_caches()
-                spec = {"op": "meta", "directory": str(t.mountpoint / "meta"),
-                        "n": self.args.meta_dirs}
+                spec = {"op": "meta", "directory": str(t.mountpoint / "meta"), "n": self.args.meta_dirs}
                 res = self.workload(t, spec, timeout=max(300.0, self.args.meta_dirs / 2))
                 for phase in ("mkdir", "rename", "stat", "readdir", "rmdir", "total"):
                     self.put(f"meta_{phase}", t.name, res[phase]["ops_s"])
-                self.results["details"].setdefault("meta", {})[t.name] = res
-            self.step(f"metadata ops [{t.name}]", go)
+                self.results["details"].setdefault("meta", {}).setdefault(t.name, []).append(res)
+
+            self.step(f"metadata ops{self.tag} [{t.name}]", go)
 
     def _first_byte(self, t: Target) -> float:
-        fd = os.open(t.mountpoint / BIG_FILE, os.O_RDONLY)
+        fd = os.open(t.mountpoint / self.big_file, os.O_RDONLY)
         try:
             if len(os.read(fd, 1)) != 1:
-                raise BenchError(f"{t.name}: empty read of {BIG_FILE}")
+                raise BenchError(f"{t.name}: empty read of {self.big_file}")
         finally:
             os.close(fd)
         return time.perf_counter()
 
     def run_ttfb(self) -> None:
-        for t in self.order(0):
-            def foreground(t: Target = t) -> None:
-                if t.mounted:
-                    t.umount()
-                t.new_cache_dir()
-                drop_caches()
-                t.phase = "ttfb foreground"
-                t0 = time.perf_counter()
-                mount_s = t.mount_foreground()
-                total = self._first_byte(t) - t0
-                self.put("ttfb_foreground_ms", t.name, total * 1000,
-                         {"mounted_ms": mount_s * 1000, "first_byte_ms": total * 1000})
-                t.umount()
+        """Mount on a "new node" (fresh cache dir, page cache dropped) and read the first
+        byte of the big file; the time from starting the mount command. Median of
+        --ttfb-runs, both in the foreground (until the mountpoint is live) and with the
+        ordinary detached mount command (which returns once the mount is ready)."""
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for rep in range(self.args.ttfb_runs):
+            self.round = rep
+            for t in self.order(0):
+                for mode in ("foreground", "detached"):
 
-            def detached(t: Target = t) -> None:
-                if t.mounted:
-                    t.umount()
-                t.new_cache_dir()
-                drop_caches()
-                t.phase = "ttfb"
-                t0 = time.perf_counter()
-                mount_s = t.mount()
-                total = self._first_byte(t) - t0
-                self.put("ttfb_ms", t.name, total * 1000,
-                         {"mount_command_ms": mount_s * 1000, "first_byte_ms": total * 1000})
-            self.step(f"first byte, foreground [{t.name}]", foreground)
-            self.step(f"first byte, mount cmd [{t.name}]", detached)
+                    def go(t: Target = t, mode: str = mode) -> None:
+                        if t.mounted:
+                            t.umount()
+                        t.new_cache_dir()
+                        drop_caches()
+                        t.phase = f"ttfb {mode}"
+                        t0 = time.perf_counter()
+                        mount_s = t.mount_foreground() if mode == "foreground" else t.mount()
+                        total = self._first_byte(t) - t0
+                        runs.setdefault((mode, t.name), []).append(
+                            {"mounted_ms": mount_s * 1000, "first_byte_ms": total * 1000}
+                        )
+                        if mode == "foreground":
+                            t.umount()
+
+                    self.step(f"first byte, {mode} #{rep + 1} [{t.name}]", go)
+        for (mode, name), values in runs.items():
+            key = "ttfb_foreground_ms" if mode == "foreground" else "ttfb_ms"
+            self.put(key, name, statistics.median(v["first_byte_ms"] for v in values), values)
+        self.round = 0
 
     def finish(self) -> None:
         for t in self.targets:
@@ -399,18 +496,24 @@ class Bench:
             if t.mounted:
                 self.step(f"umount [{t.name}]", t.umount)
             hwm, label = t.peak()
-            self.put("peak_rss_mib", t.name, hwm / 1024 if hwm else None,
-                     {"session": label, **t.describe()})
+            self.put("peak_rss_mib", t.name, hwm / 1024 if hwm else None, {"session": label, **t.describe()})
+
+    @property
+    def tag(self) -> str:
+        return f" (round {self.round + 1})" if self.args.rounds > 1 else ""
 
     def run(self) -> None:
         self.setup()
-        self.run_write()
-        self.run_snapshot("one-big-file", 1)
-        self.run_raw_s3()
-        self.run_cold_read()
-        self.run_warm_and_random()
-        self.run_small_files()
-        self.run_meta()
+        for rnd in range(self.args.rounds):
+            self.round = self.big_round = rnd
+            self.run_write()
+            if rnd == 0:
+                self.run_snapshot("one-big-file", 1, f"volume with 1 file of {human(self.size)}")
+            self.run_raw_s3()
+            self.run_cold_read()
+            self.run_warm_and_random()
+            self.run_small_files()
+            self.run_meta()
         self.run_ttfb()
         self.finish()
 
@@ -419,36 +522,72 @@ class Bench:
         n = self.args.small_files
         m = self.args.meta_dirs
         return [
-            Row(f"sequential write {human(self.size)} + fsync", "MiB/s", "seq_write",
-                target=">= 1.0x", min_ratio=1.0),
-            Row("sequential read, cold cache (new node)", "MiB/s", "seq_read_cold",
-                target=">= 1.0x", min_ratio=1.0),
-            Row("sequential read, warm cache", "MiB/s", "seq_read_warm",
-                target=">= 1.0x", min_ratio=1.0),
-            Row(f"random 4 KiB reads ({self.args.random_reads}, warm cache)", "IOPS",
-                "rand_read_iops"),
+            Row(
+                f"sequential write {human(self.size)} + fsync",
+                "MiB/s",
+                "seq_write",
+                target=">= 1.0x",
+                min_ratio=1.0,
+            ),
+            Row(
+                "sequential read, cold cache (new node)",
+                "MiB/s",
+                "seq_read_cold",
+                target=">= 1.0x",
+                min_ratio=1.0,
+            ),
+            Row("sequential read, warm cache", "MiB/s", "seq_read_warm", target=">= 1.0x", min_ratio=1.0),
+            Row(f"random 4 KiB reads ({self.args.random_reads}, warm cache)", "IOPS", "rand_read_iops"),
             Row("random 4 KiB read p99", "ms", "rand_read_p99", higher_is_better=False),
-            Row(f"small files: create+write+close {n} x 4 KiB", "files/s", "small_create",
-                target=">= 1.5x", min_ratio=1.5),
+            Row(
+                f"small files: create+write+close {n} x 4 KiB",
+                "files/s",
+                "small_create",
+                target=">= 1.5x",
+                min_ratio=1.5,
+            ),
             Row("small files: stat", "ops/s", "small_stat", target=">= 1.5x", min_ratio=1.5),
             Row("small files: read", "files/s", "small_read", target=">= 1.5x", min_ratio=1.5),
-            Row("small files: delete", "ops/s", "small_delete", target=">= 1.5x",
-                min_ratio=1.5),
-            Row("small files: all four phases", "ops/s", "small_total", target=">= 1.5x",
-                min_ratio=1.5),
+            Row("small files: delete", "ops/s", "small_delete", target=">= 1.5x", min_ratio=1.5),
+            Row("small files: all four phases", "ops/s", "small_total", target=">= 1.5x", min_ratio=1.5),
             Row(f"metadata: mkdir ({m} dirs)", "ops/s", "meta_mkdir"),
             Row("metadata: rename", "ops/s", "meta_rename"),
             Row("metadata: stat", "ops/s", "meta_stat"),
             Row("metadata: readdir", "ops/s", "meta_readdir"),
             Row("metadata: rmdir", "ops/s", "meta_rmdir"),
             Row("metadata: all five", "ops/s", "meta_total", target=">= 1.0x", min_ratio=1.0),
-            Row("first byte after mount on a new node (mount command)", "ms", "ttfb_ms",
-                higher_is_better=False, target="<= JuiceFS", min_ratio=1.0),
-            Row("first byte after mount on a new node (foreground)", "ms",
-                "ttfb_foreground_ms", higher_is_better=False, target="<= JuiceFS",
-                min_ratio=1.0),
-            Row("peak RSS of the mount process", "MiB", "peak_rss_mib",
-                higher_is_better=False, target="<= JuiceFS", min_ratio=1.0),
+            Row(
+                "first byte after mount on a new node (mount command)",
+                "ms",
+                "ttfb_ms",
+                higher_is_better=False,
+                target="<= JuiceFS",
+                min_ratio=1.0,
+            ),
+            Row(
+                "first byte after mount on a new node (foreground)",
+                "ms",
+                "ttfb_foreground_ms",
+                higher_is_better=False,
+                target="<= JuiceFS",
+                min_ratio=1.0,
+            ),
+            Row(
+                "peak RSS of the mount process (max over all mounts)",
+                "MiB",
+                "peak_rss_mib",
+                higher_is_better=False,
+                target="<= JuiceFS",
+                min_ratio=1.0,
+                agg="max",
+            ),
+            Row(
+                "peak RSS of the mount process during the write",
+                "MiB",
+                "rss_write_mib",
+                higher_is_better=False,
+                agg="max",
+            ),
         ]
 
     def table(self) -> str:
@@ -464,34 +603,123 @@ class Bench:
             ratio = None
             if c and j:
                 ratio = c / j if r.higher_is_better else j / c
-            met = "" if r.min_ratio is None or ratio is None else (
-                "yes" if ratio >= r.min_ratio else "**no**")
-            rows_out.append({"workload": r.label, "unit": r.unit, "chunkfs": c, "juicefs": j,
-                             "ratio": ratio, "target": r.target, "met": met})
-            lines.append(f"| {r.label} | {r.unit} | {_fmt(c)} | {_fmt(j)} | "
-                         f"{'—' if ratio is None else f'{ratio:.2f}x'} | {r.target} | {met} |")
+            met = (
+                "" if r.min_ratio is None or ratio is None else ("yes" if ratio >= r.min_ratio else "**no**")
+            )
+            rows_out.append(
+                {
+                    "workload": r.label,
+                    "unit": r.unit,
+                    "chunkfs": c,
+                    "juicefs": j,
+                    "ratio": ratio,
+                    "target": r.target,
+                    "met": met,
+                }
+            )
+            lines.append(
+                f"| {r.label} | {r.unit} | {_fmt(c)} | {_fmt(j)} | "
+                f"{'—' if ratio is None else f'{ratio:.2f}x'} | {r.target} | {met} |"
+            )
         raw = self.results.get("raw_s3")
         if raw:
             cold = w.get("seq_read_cold", {})
             pct = {k: 100 * v / raw["get_mib_s"] for k, v in cold.items() if v}
             c, j = pct.get("chunkfs"), pct.get("juicefs")
             met = "" if c is None else ("yes" if c >= 80 else "**no**")
-            lines.append(f"| cold read as % of raw S3 GET ({raw['get_mib_s']:.0f} MiB/s) | % | "
-                         f"{_fmt(c)} | {_fmt(j)} | — | chunkfs >= 80% | {met} |")
-            rows_out.append({"workload": "cold read as % of raw S3 GET", "unit": "%",
-                             "chunkfs": c, "juicefs": j, "target": ">= 80%", "met": met})
+            lines.append(
+                f"| cold read as % of raw S3 GET ({raw['get_mib_s']:.0f} MiB/s) | % | "
+                f"{_fmt(c)} | {_fmt(j)} | — | chunkfs >= 80% | {met} |"
+            )
+            rows_out.append(
+                {
+                    "workload": "cold read as % of raw S3 GET",
+                    "unit": "%",
+                    "chunkfs": c,
+                    "juicefs": j,
+                    "target": ">= 80%",
+                    "met": met,
+                }
+            )
             wr = w.get("seq_write", {})
             pct_w = {k: 100 * v / raw["put_mib_s"] for k, v in wr.items() if v}
-            lines.append(f"| write as % of raw S3 PUT ({raw['put_mib_s']:.0f} MiB/s) | % | "
-                         f"{_fmt(pct_w.get('chunkfs'))} | {_fmt(pct_w.get('juicefs'))} | — | "
-                         "(reference) | |")
-        for label, s in self.results["snapshot"].items():
+            lines.append(
+                f"| write as % of raw S3 PUT ({raw['put_mib_s']:.0f} MiB/s) | % | "
+                f"{_fmt(pct_w.get('chunkfs'))} | {_fmt(pct_w.get('juicefs'))} | — | "
+                "(reference) | |"
+            )
+        for s in self.results["snapshot"].values():
             met = "yes" if s["api_s"] < 1.0 else "**no**"
-            lines.append(f"| chunkfs snapshot create, {label} ({s['files']} files) | ms | "
-                         f"{_fmt(s['api_s'] * 1000)} (CLI {_fmt(s['cli_s'] * 1000)}) | — | — | "
-                         f"< 1 s for 10k files | {met} |")
+            lines.append(
+                f"| chunkfs snapshot create: {s['what']} | ms | "
+                f"{_fmt(s['api_s'] * 1000)} (CLI {_fmt(s['cli_s'] * 1000)}) | — | — | "
+                f"< 1 s for 10k files | {met} |"
+            )
         self.results["table"] = rows_out
         return "\n".join(lines)
+
+    CPU_ROWS = (
+        ("sequential write", "seq_write"),
+        ("cold read", "seq_read_cold"),
+        ("warm read", "seq_read_warm"),
+        ("random 4 KiB reads", "rand_read_iops"),
+        ("small files: create", "small_create"),
+        ("small files: stat", "small_stat"),
+        ("small files: read", "small_read"),
+        ("small files: delete", "small_delete"),
+        ("metadata ops", "meta"),
+    )
+
+    def cpu_table(self) -> str:
+        """CPU seconds spent per workload by each mount process and by the shared
+        services while serving it: load-independent evidence of where time goes."""
+        d = self.results["details"]
+        lines = [
+            "| CPU seconds (mean per round) | chunkfs mount | JuiceFS mount | SeaweedFS (c / j) "
+            "| Redis (c / j) | client (c / j) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+
+        def mean_cpu(key: str, fs: str) -> dict[str, float] | None:
+            rounds = [r["cpu"] for r in d.get(key, {}).get(fs) or [] if r.get("cpu")]
+            if not rounds:
+                return None
+            return {k: statistics.fmean(r[k] for r in rounds) for k in rounds[0]}
+
+        for label, key in self.CPU_ROWS:
+            c = mean_cpu(key, "chunkfs")
+            j = mean_cpu(key, "juicefs")
+            if not c and not j:
+                continue
+            c, j = c or {}, j or {}
+
+            def pair(k: str, c: dict[str, float] = c, j: dict[str, float] = j) -> str:
+                return f"{_fmt(c.get(k))} / {_fmt(j.get(k))}"
+
+            lines.append(
+                f"| {label} | {_fmt(c.get('mount'))} | {_fmt(j.get('mount'))} | "
+                f"{pair('seaweedfs')} | {pair('redis')} | {pair('client')} |"
+            )
+        return "\n".join(lines)
+
+    def describe_run(self) -> str:
+        loads = [
+            r["loadavg"]
+            for per in self.results["details"].values()
+            if isinstance(per, dict)
+            for v in per.values()
+            if isinstance(v, list)
+            for r in v
+            if isinstance(r, dict) and r.get("loadavg") is not None
+        ]
+        text = (
+            f"{human(self.size)} file, {self.args.small_files} small files, "
+            f"{self.args.meta_dirs} dirs, best of {self.args.rounds} round(s), "
+            f"{os.cpu_count()} CPUs"
+        )
+        if loads:
+            text += f", 1-min load average during workloads {min(loads):.1f}-{max(loads):.1f}"
+        return text
 
     def write_json(self, path: Path) -> None:
         self.results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -522,29 +750,67 @@ def preflight(only: Iterable[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=parse_size, default=None,
-                   help="size of the sequential file (default 1GiB; --quick: 256MiB)")
-    p.add_argument("--small-files", type=int, default=None,
-                   help="number of 4 KiB files (default 5000; --quick: 1000)")
-    p.add_argument("--meta-dirs", type=int, default=None,
-                   help="directories for the metadata workload (default 1000; --quick: 300)")
-    p.add_argument("--random-reads", type=int, default=None,
-                   help="random 4 KiB reads (default 3000; --quick: 1000)")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help="size of the sequential file (default 1GiB; --quick: 256MiB)",
+    )
+    p.add_argument(
+        "--small-files", type=int, default=None, help="number of 4 KiB files (default 5000; --quick: 1000)"
+    )
+    p.add_argument(
+        "--meta-dirs",
+        type=int,
+        default=None,
+        help="directories for the metadata workload (default 1000; --quick: 300)",
+    )
+    p.add_argument(
+        "--random-reads", type=int, default=None, help="random 4 KiB reads (default 3000; --quick: 1000)"
+    )
     p.add_argument("--quick", action="store_true", help="a fast smoke run with small sizes")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON results file (default bench/results/<time>.json)")
-    p.add_argument("--workdir", help="directory for services, caches and mountpoints "
-                   "(default: a new temporary directory, deleted afterwards)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON results file (default bench/results/<time>.json)"
+    )
+    p.add_argument(
+        "--workdir",
+        help="directory for services, caches and mountpoints "
+        "(default: a new temporary directory, deleted afterwards)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory")
-    p.add_argument("--only", choices=["chunkfs", "juicefs"], action="append",
-                   help="run one filesystem only (repeatable; default both)")
-    p.add_argument("--chunkfs-options", default=None,
-                   help="extra chunkfs mount -o options (default: none, i.e. defaults)")
+    p.add_argument(
+        "--only",
+        choices=["chunkfs", "juicefs"],
+        action="append",
+        help="run one filesystem only (repeatable; default both)",
+    )
+    p.add_argument(
+        "--chunkfs-options",
+        default=None,
+        help="extra chunkfs mount -o options (default: none, i.e. defaults)",
+    )
     p.add_argument("--cache-size", default=None, help="chunkfs --cache-size (default: its own)")
-    p.add_argument("--s3-concurrency", type=int, default=16,
-                   help="parallel requests of the raw S3 measurement (default 16)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="run every workload this many times, interleaved, and report the best (default 2; --quick: 1)",
+    )
+    p.add_argument(
+        "--ttfb-runs",
+        type=int,
+        default=3,
+        help="repetitions of the first-byte measurement (median; default 3)",
+    )
+    p.add_argument(
+        "--s3-concurrency",
+        type=int,
+        default=16,
+        help="parallel requests of the raw S3 measurement (default 16)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -557,12 +823,16 @@ def main(argv: list[str] | None = None) -> int:
     args.meta_dirs = args.meta_dirs or (300 if quick else 1000)
     args.random_reads = args.random_reads or (1000 if quick else 3000)
     args.only = args.only or ["chunkfs", "juicefs"]
+    args.rounds = args.rounds or (1 if quick else 2)
     if args.size < 4 * MiB or args.size % MiB:
         raise SystemExit("bench: --size must be a multiple of 1MiB and at least 4MiB")
     out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S.json")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     preflight(args.only)
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -584,9 +854,17 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.teardown()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    bench.finalize()
     table = bench.table()
+    cpu = bench.cpu_table()
     bench.write_json(out)
+    print(f"\n## chunkfs vs JuiceFS ({bench.describe_run()})\n")
+    print(
+        "ratio = chunkfs/JuiceFS for rates, JuiceFS/chunkfs for times and memory: "
+        "> 1.0 means chunkfs is better.\n"
+    )
     print(table)
+    print("\n" + cpu)
     if bench.results["errors"]:
         print("\nerrors:\n" + "\n".join(f"- {e}" for e in bench.results["errors"]))
     print(f"\nJSON results: {out}")

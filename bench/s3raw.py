@@ -22,8 +22,9 @@ from bench.workloads import MiB, Pattern, drop_caches
 OBJECT_SIZE = 4 * MiB
 
 
-async def _run(bucket: str, prefix: str, size: int, concurrency: int, seed: int,
-               salt: int, drop: bool) -> dict[str, Any]:
+async def _run(
+    bucket: str, prefix: str, size: int, concurrency: int, seed: int, salt: int, drop: bool
+) -> dict[str, Any]:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -33,8 +34,11 @@ async def _run(bucket: str, prefix: str, size: int, concurrency: int, seed: int,
     bodies = [b"".join(bytes(pat.chunk(4 * k + j)) for j in range(4)) for k in range(16)]
     keys = [f"{prefix}/obj-{i:06d}" for i in range(count)]
     session = get_session()
-    config = AioConfig(max_pool_connections=concurrency * 2, s3={"addressing_style": "path"},
-                       retries={"max_attempts": 3, "mode": "standard"})
+    config = AioConfig(
+        max_pool_connections=concurrency * 2,
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+    )
     async with session.create_client(
         "s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
         region_name=os.environ.get("AWS_REGION", "us-east-1"), config=config,
@@ -69,18 +73,34 @@ async def _run(bucket: str, prefix: str, size: int, concurrency: int, seed: int,
             raise RuntimeError(f"raw GET returned {got} bytes, expected {count * OBJECT_SIZE}")
         for i in range(0, count, 1000):  # clean up (untimed) to keep SeaweedFS small
             await s3.delete_objects(
-                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
+                Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+            )
     mib = count * OBJECT_SIZE / MiB
-    return {"objects": count, "object_size": OBJECT_SIZE, "concurrency": concurrency,
-            "put_s": put_s, "put_mib_s": mib / put_s, "get_s": get_s, "get_mib_s": mib / get_s}
+    return {
+        "objects": count,
+        "object_size": OBJECT_SIZE,
+        "concurrency": concurrency,
+        "put_s": put_s,
+        "put_mib_s": mib / put_s,
+        "get_s": get_s,
+        "get_mib_s": mib / get_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(argv[0])
-    result = asyncio.run(_run(spec["bucket"], spec["prefix"], int(spec["size"]),
-                              int(spec.get("concurrency", 16)), int(spec.get("seed", 1)),
-                              int(spec.get("salt", 1)), bool(spec.get("drop", True))))
+    result = asyncio.run(
+        _run(
+            spec["bucket"],
+            spec["prefix"],
+            int(spec["size"]),
+            int(spec.get("concurrency", 16)),
+            int(spec.get("seed", 1)),
+            int(spec.get("salt", 1)),
+            bool(spec.get("drop", True)),
+        )
+    )
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

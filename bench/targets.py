@@ -42,6 +42,19 @@ def read_proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of pid (its threads included) in seconds; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -159,8 +172,9 @@ class Target:
         proc = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise BenchError(f"{self.name}: {' '.join(args[:3])} failed ({proc.returncode}): "
-                             + " | ".join(tail))
+            raise BenchError(
+                f"{self.name}: {' '.join(args[:3])} failed ({proc.returncode}): " + " | ".join(tail)
+            )
         return proc.stdout
 
     @property
@@ -189,8 +203,7 @@ class Target:
         self.run(self.mount_args(self.cache_dir, foreground=False), timeout=120)
         elapsed = time.perf_counter() - t0
         if not is_mounted(self.mountpoint):
-            raise BenchError(f"{self.name}: mount command returned but {self.mountpoint} "
-                             "is not mounted")
+            raise BenchError(f"{self.name}: mount command returned but {self.mountpoint} is not mounted")
         self._start_session()
         return elapsed
 
@@ -209,8 +222,7 @@ class Target:
         deadline = t0 + timeout
         while not is_mounted(self.mountpoint):
             if self._foreground.poll() is not None:
-                raise BenchError(f"{self.name}: foreground mount exited with "
-                                 f"{self._foreground.returncode}")
+                raise BenchError(f"{self.name}: foreground mount exited with {self._foreground.returncode}")
             if time.perf_counter() > deadline:
                 raise BenchError(f"{self.name}: not mounted after {timeout:.0f}s")
             time.sleep(0.002)
@@ -271,8 +283,16 @@ class Target:
                 self._foreground.wait(timeout=10)
             self._foreground = None
         if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                           capture_output=True, check=False)
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True, check=False
+            )
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by this mount's process(es)."""
+        s = self.current
+        if s is None:
+            return 0.0
+        return sum(cpu_seconds(p) for p in [s.pid, *s.extra_pids])
 
     def peak(self) -> tuple[int | None, str | None]:
         """(max VmHWM over all sessions in KiB, the session label where it happened)."""
@@ -294,8 +314,14 @@ class ChunkfsTarget(Target):
     label = "chunkfs"
     volume = "bench"
 
-    def __init__(self, work: Path, env: dict[str, str], capacity: str,
-                 mount_options: str | None = None, cache_size: str | None = None) -> None:
+    def __init__(
+        self,
+        work: Path,
+        env: dict[str, str],
+        capacity: str,
+        mount_options: str | None = None,
+        cache_size: str | None = None,
+    ) -> None:
         super().__init__(work, env)
         self.capacity = capacity
         self.mount_options = mount_options
@@ -305,9 +331,16 @@ class ChunkfsTarget(Target):
         self.run(["chunkfs", "volume", "create", self.volume, "--capacity", self.capacity])
 
     def mount_args(self, cache_dir: Path, foreground: bool) -> list[str]:
-        args = ["chunkfs", "mount", self.volume, str(self.mountpoint),
-                "--cache-dir", str(cache_dir),
-                "--log-file", str(self.logs / "mount.log")]
+        args = [
+            "chunkfs",
+            "mount",
+            self.volume,
+            str(self.mountpoint),
+            "--cache-dir",
+            str(cache_dir),
+            "--log-file",
+            str(self.logs / "mount.log"),
+        ]
         if self.cache_size:
             args += ["--cache-size", self.cache_size]
         if self.mount_options:
@@ -353,8 +386,9 @@ class JuiceFSTarget(Target):
 
     def setup(self) -> None:
         # Keys from the environment (ACCESS_KEY / SECRET_KEY), not the command line.
-        self.run(["juicefs", "format", "--storage", "s3", "--bucket", self.bucket_url,
-                  self.meta_url, self.volume])
+        self.run(
+            ["juicefs", "format", "--storage", "s3", "--bucket", self.bucket_url, self.meta_url, self.volume]
+        )
 
     def mount_args(self, cache_dir: Path, foreground: bool) -> list[str]:
         # Default options, except: no usage report (no network here) and logs in our dir.

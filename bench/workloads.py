@@ -143,12 +143,18 @@ def seqread(path: str, size: int, seed: int, salt: int, **_: Any) -> dict[str, A
     total = time.perf_counter() - t0
     if bad:
         raise RuntimeError(f"{len(bad)} chunks read back wrong (first: chunk {bad[0]})")
-    return {"bytes": chunks * MiB, "seconds": total, "mib_s": _rate(chunks, total),
-            "first_chunk_s": first_byte_s, "verified": True}
+    return {
+        "bytes": chunks * MiB,
+        "seconds": total,
+        "mib_s": _rate(chunks, total),
+        "first_chunk_s": first_byte_s,
+        "verified": True,
+    }
 
 
-def randread(path: str, size: int, seed: int, salt: int, count: int, rseed: int = 7,
-             io_size: int = 4 * KiB, **_: Any) -> dict[str, Any]:
+def randread(
+    path: str, size: int, seed: int, salt: int, count: int, rseed: int = 7, io_size: int = 4 * KiB, **_: Any
+) -> dict[str, Any]:
     """``count`` pread()s of 4 KiB at random 4 KiB-aligned offsets; IOPS and latencies."""
     pat = Pattern(seed, salt)
     rng = random.Random(rseed)
@@ -190,8 +196,9 @@ def _timed(n: int, fn: Callable[[], None]) -> dict[str, Any]:
     return {"ops": n, "seconds": total, "ops_s": _rate(n, total)}
 
 
-def small(phase: str, directory: str, n: int, seed: int, salt: int, size: int = 4 * KiB,
-          **_: Any) -> dict[str, Any]:
+def small(
+    phase: str, directory: str, n: int, seed: int, salt: int, size: int = 4 * KiB, **_: Any
+) -> dict[str, Any]:
     """One phase over ``n`` small files: create (open O_CREAT|O_EXCL, write, close), stat,
     read (open, read, close; verified) or delete (unlink)."""
     names = _names(directory, n)
