@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import grpc
 import pytest
 
@@ -60,3 +64,18 @@ def test_probe_fails_while_redis_is_paused(plugin, local_services) -> None:
         local_services.redis.resume()
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert plugin.identity.Probe(csi_pb2.ProbeRequest()).ready.value
+
+
+def test_sigterm_stops_gracefully_and_removes_the_socket(plugin) -> None:
+    assert os.path.exists(plugin.socket)
+    assert plugin.stop() == 0
+    assert not os.path.exists(plugin.socket)
+    assert '"msg": "signal received, stopping gracefully"' in plugin.log_path.read_text()
+
+
+def test_bad_flags_exit_with_usage_error(cluster) -> None:
+    out = subprocess.run([sys.executable, "-m", "csi.server", "--role", "node",
+                          "--endpoint", "unix:///tmp/x.sock"], capture_output=True, text=True,
+                         env=cluster.env, timeout=60)
+    assert out.returncode == 2
+    assert "--cache-dir and --state-dir" in out.stderr

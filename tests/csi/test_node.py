@@ -365,3 +365,18 @@ def test_concurrent_stage_of_one_volume_is_aborted(plugin, kubelet, local_servic
         local_services.redis.resume()
     first.result(timeout=60)
     plugin.node.NodeStageVolume(req)  # and now a plain repeat
+
+
+def test_metrics_per_rpc_and_per_mount(plugin, staged) -> None:
+    staging, _ = staged
+    with open(os.path.join(staging, "f"), "wb") as f:
+        f.write(b"x" * 1000)
+    text = plugin.metrics()
+    assert 'chunkfs_csi_rpc_total{code="OK",method="NodeStageVolume"} 1.0' in text
+    assert 'chunkfs_csi_rpc_duration_seconds_count{method="NodeStageVolume"} 1.0' in text
+    assert plugin.metric("chunkfs_csi_staged_volumes") == 1
+    assert plugin.metric("chunkfs_csi_mount_up", volume="pvc-1") == 1
+    for name in ("dirty_bytes", "cache_hits", "cache_misses", "s3_errors", "redis_errors",
+                 "fenced"):
+        assert f'chunkfs_mount_{name}{{volume="pvc-1"}}' in text, name
+    assert plugin.metric("chunkfs_mount_fenced", volume="pvc-1") == 0
