@@ -62,11 +62,22 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if existing is not None:
             if existing.staging_path != staging:
                 raise errors.staged_elsewhere(volume_id, existing.staging_path)
-            if not existing.same_request(rec):
+            if existing.same_request(rec):
+                await self.mounts.ensure_staged(existing)
+                return csi_pb2.NodeStageVolumeResponse()
+            if not _newer_lease(existing, rec):
                 raise errors.published_incompatible(
                     volume_id, staging, "another volume_capability or publish_context")
-            await self.mounts.ensure_staged(existing)
-            return csi_pb2.NodeStageVolumeResponse()
+            # The lease came back to this node with a new epoch while the old, fenced mount
+            # was never unstaged (a partition healed): replace it unless pods still use it.
+            live = self.mounts.prune_publishes(volume_id)
+            if live:
+                raise errors.volume_in_use(
+                    volume_id, "staged with an older writer epoch and still published at "
+                    + ", ".join(p.target_path for p in live))
+            log.warning("volume %s: re-staging with epoch %s (was %s)", volume_id, rec.epoch,
+                        existing.epoch)
+            await self.mounts.unstage(volume_id, staging)
 
         if rec.epoch is None and mode in validate.SINGLE_WRITER_MODES:
             log.warning("volume %s: staged for writing without an epoch in publish_context "
@@ -115,6 +126,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise errors.not_staged(volume_id, staging)
         if stage.readonly and not readonly:
             raise errors.staged_read_only(volume_id)
+        await self.mounts.ensure_staged(stage)  # never bind a dead mount into a pod
         existing = self.mounts.publication(target)
         if existing is not None:
             if not existing.same_request(rec):
@@ -204,6 +216,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         # No accessible_topology: every node reaches every volume through S3 and Redis.
         return csi_pb2.NodeGetInfoResponse(node_id=self.node_id,
                                            max_volumes_per_node=self.max_volumes)
+
+
+def _newer_lease(old: StageRecord, new: StageRecord) -> bool:
+    """``new`` differs from ``old`` only by a newer writer epoch."""
+    if old.epoch is None or new.epoch is None or new.epoch <= old.epoch:
+        return False
+    return old.same_request(StageRecord(**{**vars(new), "epoch": old.epoch}))
 
 
 def _epoch(publish_context) -> int | None:

@@ -344,3 +344,29 @@ def test_walkthrough_runs(backend_env) -> None:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all steps passed" in out.stdout
+
+
+def test_lease_back_on_a_node_that_never_unstaged(nodes) -> None:
+    """A partitioned node is force-detached and later gets the volume back with a new
+    epoch while its old (fenced) mount is still staged: NodeStageVolume replaces the old
+    mount once no pod uses it, and the node writes again."""
+    ctrl, node_a, _ = nodes
+    create_volume(ctrl, "pvc-back")
+    pod = Pod(node_a, "pvc-back", attach(ctrl, "pvc-back", "node-a")).start()
+    write_file(pod.path("before.txt"), b"epoch 1\n")
+    detach(ctrl, "pvc-back", "node-a")                   # force-detach: the lease is revoked
+    ctx = attach(ctrl, "pvc-back", "node-a")             # ... and handed back, newer epoch
+    assert int(ctx["epoch"]) > int(pod.ctx["epoch"])
+    new = Pod(node_a, "pvc-back", ctx)
+    with pytest.raises(grpc.RpcError) as err:            # a pod still uses the old mount
+        new.start()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    node_a.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="pvc-back", target_path=pod.target))
+    new.start()
+    argv = open(f"/proc/{mount_pids(new.staging)[0]}/cmdline", "rb").read()
+    assert f"epoch={ctx['epoch']}".encode() in argv
+    write_file(new.path("after.txt"), b"epoch 2\n")
+    assert open(new.path("before.txt"), "rb").read() == b"epoch 1\n"
+    new.stop()
+    detach(ctrl, "pvc-back", "node-a")
