@@ -370,3 +370,64 @@ def test_lease_back_on_a_node_that_never_unstaged(nodes) -> None:
     assert open(new.path("before.txt"), "rb").read() == b"epoch 1\n"
     new.stop()
     detach(ctrl, "pvc-back", "node-a")
+
+
+def test_backend_from_secrets_end_to_end(cluster, local_services, s3_client) -> None:
+    """A StorageClass whose Secret names another Redis database and S3 prefix: every RPC
+    that carries the secret reaches that backend, the node's mount too (also when it is
+    re-established after dying), and nothing lands in the plugin's default backend."""
+    from chunkfs.localstack import BUCKET
+
+    redis = local_services.redis
+    default_db = int(cluster.env["CHUNKFS_META"].rsplit("/", 1)[1])
+    other_db = default_db % 255 + 1  # the next test's database: it is flushed before use
+    with redis.client(db=other_db) as client:
+        client.flushdb()
+    prefix = cluster.env["CHUNKFS_STORAGE"].removeprefix(f"s3://{BUCKET}/") + "-secret"
+    secrets = {"meta-url": redis.url_for_db(other_db), "storage": f"s3://{BUCKET}/{prefix}",
+               "access-key-id": cluster.env["AWS_ACCESS_KEY_ID"],
+               "secret-access-key": cluster.env["AWS_SECRET_ACCESS_KEY"]}
+    ctrl = cluster.start("ctrl", "controller")
+    node = cluster.start("node-a", "node")
+
+    ctrl.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
+        name="pvc-s", volume_capabilities=[CAP], secrets=secrets,
+        capacity_range=csi_pb2.CapacityRange(required_bytes=64 * MiB)))
+    assert not ctrl.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries  # default
+    ctx = dict(ctrl.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id="pvc-s", node_id="node-a", volume_capability=CAP,
+        secrets=secrets)).publish_context)
+    staging, target = node.kubelet.staging("pvc-s"), node.kubelet.target("pvc-s")
+    node.node.NodeStageVolume(csi_pb2.NodeStageVolumeRequest(
+        volume_id="pvc-s", staging_target_path=staging, volume_capability=CAP,
+        publish_context=ctx, secrets=secrets))
+    node.node.NodePublishVolume(csi_pb2.NodePublishVolumeRequest(
+        volume_id="pvc-s", staging_target_path=staging, target_path=target,
+        volume_capability=CAP, publish_context=ctx))
+    data = os.urandom(5 * MiB)
+    write_file(os.path.join(target, "blob"), data)
+    listed = s3_client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    assert listed.get("KeyCount", 0) > 0
+
+    for pid in mount_pids(staging):  # recovery re-mounts with the recorded secrets
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open(os.path.join(target, "blob"), "rb") as f:
+                assert f.read() == data
+            break
+        except OSError:
+            assert time.monotonic() < deadline, node.log_tail()
+            time.sleep(0.2)
+
+    node.node.NodeUnpublishVolume(csi_pb2.NodeUnpublishVolumeRequest(
+        volume_id="pvc-s", target_path=target))
+    node.node.NodeUnstageVolume(csi_pb2.NodeUnstageVolumeRequest(
+        volume_id="pvc-s", staging_target_path=staging))
+    ctrl.controller.ControllerUnpublishVolume(csi_pb2.ControllerUnpublishVolumeRequest(
+        volume_id="pvc-s", node_id="node-a", secrets=secrets))
+    ctrl.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="pvc-s",
+                                                             secrets=secrets))
+    with redis.client(db=other_db) as client:
+        client.flushdb()
