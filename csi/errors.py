@@ -152,6 +152,10 @@ def bad_token(token: str) -> CsiError:
                 f"invalid starting_token {token!r}; restart the listing without a token")
 
 
+def mount_rejected(volume_id: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.INVALID_ARGUMENT, f"chunkfs refused to mount {volume_id!r}: {why}")
+
+
 def mount_failed(volume_id: str, why: str) -> CsiError:
     return _err(grpc.StatusCode.INTERNAL, f"mounting volume {volume_id!r} failed: {why}")
 

@@ -61,6 +61,7 @@ MOUNT_TIMEOUT = 120.0    # chunkfs mount: connect, load the root, be ready
 UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
 PROBE_TIMEOUT = 5.0      # a statfs that takes longer marks the mount as hung
 LOG_LIMIT = 16 << 20     # a mount's log file is truncated at the next mount beyond this
+CHUNKFS_EXIT_USAGE = 2            # the chunkfs CLI's exit status for bad input
 FSTYPE = "fuse.chunkfs"          # in /proc/self/mountinfo, also for the bind mounts
 STATUS_FILE = ".chunkfs.status"  # a chunkfs mount's virtual status file (chunkfs status)
 
@@ -383,8 +384,10 @@ class Mounter:
             await self.force_unmount(rec.staging_path)
             raise errors.timed_out(f"chunkfs mount of {rec.volume_id}") from None
         if rc != 0:
-            raise errors.mount_failed(rec.volume_id, _last_line(logfile, offset)
-                                      or f"chunkfs mount exited with status {rc}")
+            why = _last_line(logfile, offset) or f"chunkfs mount exited with status {rc}"
+            if rc == CHUNKFS_EXIT_USAGE:  # bad input, e.g. an unknown mount option
+                raise errors.mount_rejected(rec.volume_id, why)
+            raise errors.mount_failed(rec.volume_id, why)
         health = await self.prober.health(rec.staging_path)
         if health is not Health.ALIVE:
             raise errors.mount_failed(

@@ -380,3 +380,15 @@ def test_metrics_per_rpc_and_per_mount(plugin, staged) -> None:
                  "fenced"):
         assert f'chunkfs_mount_{name}{{volume="pvc-1"}}' in text, name
     assert plugin.metric("chunkfs_mount_fenced", volume="pvc-1") == 0
+
+
+def test_stage_with_an_unknown_chunkfs_option_is_invalid_argument(plugin, kubelet) -> None:
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    with pytest.raises(grpc.RpcError) as err:
+        stage(plugin, "pvc-1", staging, ctx, mount_cap(flags=("frobnicate=1",)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "frobnicate" in err.value.details()
+    assert staging not in mount_table()
+    stage(plugin, "pvc-1", staging, ctx, mount_cap(flags=("noatime", "io-timeout=30")))
+    unstage(plugin, "pvc-1", staging)
