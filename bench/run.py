@@ -187,6 +187,9 @@ class Bench:
         Redis and the workload itself used meanwhile (``cpu``), and the load average."""
         if not t.mounted:
             raise BenchError(f"{t.name} is not mounted")
+        if t.current is not None:
+            what = spec["op"] + (f" {spec['phase']}" if "phase" in spec else "")
+            t.current.served.append(f"{what} (round {self.round + 1})")
         before = self._cpu(t)
         res = self.child("bench.workloads", spec, timeout=timeout)
         after = self._cpu(t)
@@ -302,6 +305,8 @@ class Bench:
         for t in self.order(0):
 
             def go(t: Target = t) -> None:
+                if self.round > 0:  # a fresh mount process, so that its peak RSS is the write's
+                    self.remount(t, "write", fresh_cache=False)
                 os.makedirs(t.mountpoint / "seq", exist_ok=True)
                 res = self.workload(t, self.seq_spec(t, "seqwrite"), timeout=self.io_timeout)
                 self.put("seq_write", t.name, res["mib_s"], res)
@@ -477,6 +482,8 @@ class Bench:
                         t0 = time.perf_counter()
                         mount_s = t.mount_foreground() if mode == "foreground" else t.mount()
                         total = self._first_byte(t) - t0
+                        if t.current is not None:
+                            t.current.served.append("first byte")
                         runs.setdefault((mode, t.name), []).append(
                             {"mounted_ms": mount_s * 1000, "first_byte_ms": total * 1000}
                         )

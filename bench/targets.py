@@ -132,6 +132,7 @@ class Session:
     extra_pids: list[int] = field(default_factory=list)
     vmhwm_kib: int | None = None
     extra_vmhwm_kib: int | None = None
+    served: list[str] = field(default_factory=list)  # the workloads run on this mount
 
 
 class Target:
