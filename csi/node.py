@@ -7,15 +7,23 @@ directory, the idempotency and compatibility rules, and the per-volume lock.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 
 from chunkfs import errors as cf
 from csi import errors, validate
-from csi.backends import ServiceCache, overrides_from_secrets
+from csi.backends import ServiceCache, default_configured, overrides_from_secrets
 from csi.controller import EPOCH_KEY
-from csi.mounts import Health, NodeMounts, PublishRecord, StageRecord, is_dead_error
+from csi.mounts import (
+    Health,
+    NodeMounts,
+    PublishRecord,
+    StageRecord,
+    is_dead_error,
+    is_mountpoint,
+)
 from csi.rpc import KeyLocks, exclusive, require
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
@@ -100,6 +108,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if live:
             raise errors.volume_in_use(
                 volume_id, "still published at " + ", ".join(p.target_path for p in live))
+        await self._check_exists_if_unknown(volume_id, staging)
         await self.mounts.unstage(volume_id, staging)
         return csi_pb2.NodeUnstageVolumeResponse()
 
@@ -143,10 +152,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @require("volume_id", "target_path")
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnpublishVolume(self, request, context):
-        validate.check_id("volume_id", request.volume_id)
+        volume_id = validate.check_id("volume_id", request.volume_id)
         target = self._path("target_path", request.target_path)
+        await self._check_exists_if_unknown(volume_id, target)
         await self.mounts.unpublish(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    async def _check_exists_if_unknown(self, volume_id: str, path: str) -> None:
+        """NOT_FOUND for a volume this node never saw and the default backend does not
+        know (the spec's "volume does not exist"). Anything known here, mounted at the
+        path, or not checkable (no default backend, backend down) is left to the
+        idempotent undo: teardown must not get stuck on the backend."""
+        if (self.mounts.staged(volume_id) or self.mounts.publishes_of(volume_id)
+                or is_mountpoint(path) or not default_configured()):
+            return
+        try:
+            svc = await self.services.for_secrets({})
+            await asyncio.wait_for(svc.get_volume(volume_id), 10)
+        except cf.VolumeNotFound:
+            raise errors.volume_not_found(volume_id) from None
+        except Exception as exc:  # noqa: BLE001 - unknown: do the (idempotent) undo
+            log.info("volume %s: existence not checked (%s)", volume_id, exc)
 
     # --- health and size ------------------------------------------------------------
 

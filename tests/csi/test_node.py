@@ -392,3 +392,13 @@ def test_stage_with_an_unknown_chunkfs_option_is_invalid_argument(plugin, kubele
     assert staging not in mount_table()
     stage(plugin, "pvc-1", staging, ctx, mount_cap(flags=("noatime", "io-timeout=30")))
     unstage(plugin, "pvc-1", staging)
+
+
+def test_unstage_and_unpublish_of_an_unknown_volume_are_not_found(plugin, kubelet) -> None:
+    assert code_of(unpublish, plugin, "pvc-nope", kubelet.target("pvc-nope")) \
+        == grpc.StatusCode.NOT_FOUND
+    assert code_of(unstage, plugin, "pvc-nope", kubelet.staging("pvc-nope")) \
+        == grpc.StatusCode.NOT_FOUND
+    make_volume(plugin)  # exists, but not staged or published here: nothing to undo, OK
+    unpublish(plugin, "pvc-1", kubelet.target("pvc-1"))
+    unstage(plugin, "pvc-1", kubelet.staging("pvc-1"))
