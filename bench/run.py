@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import secrets
 import shutil
@@ -331,6 +332,34 @@ class Bench:
 
         self.step(f"raw S3 PUT/GET{self.tag}", go)
 
+    def run_objbench(self) -> None:
+        """`juicefs objbench` (a Go S3 client) on the same endpoint: a raw PUT/GET reference
+        that no Python client overhead caps."""
+        if shutil.which("juicefs", path=self.base_env["PATH"]) is None:
+            return
+
+        def go() -> None:
+            env = {**self.base_env, "ACCESS_KEY": self.stack.s3.access_key,
+                   "SECRET_KEY": self.stack.s3.secret_key}  # fmt: skip
+            size_mib = max(64, self.size // MiB)
+            proc = subprocess.run(
+                ["juicefs", "objbench", "--storage", "s3", "--skip-functional-tests",
+                 "--big-object-size", f"{size_mib}M", "--small-objects", "10", "-p", "10",
+                 f"{self.stack.s3.endpoint}/objbench"],
+                env=env, capture_output=True, text=True, timeout=self.io_timeout,
+            )  # fmt: skip
+            out = proc.stdout + proc.stderr
+            found = dict(re.findall(r"(upload|download) objects\s*\|\s*([\d.]+) MiB/s", out))
+            if "download" not in found:
+                raise BenchError(f"juicefs objbench: no figures (exit {proc.returncode})")
+            self.results["objbench"] = {
+                "put_mib_s": float(found["upload"]),
+                "get_mib_s": float(found["download"]),
+                "threads": 10,
+            }
+
+        self.step("raw S3 (juicefs objbench)", go)
+
     def run_snapshot(self, label: str, files: int, what: str) -> None:
         chunk = next((t for t in self.targets if isinstance(t, ChunkfsTarget)), None)
         if chunk is None:
@@ -517,6 +546,8 @@ class Bench:
             if rnd == 0:
                 self.run_snapshot("one-big-file", 1, f"volume with 1 file of {human(self.size)}")
             self.run_raw_s3()
+            if rnd == 0:
+                self.run_objbench()
             self.run_cold_read()
             self.run_warm_and_random()
             self.run_small_files()
@@ -635,7 +666,7 @@ class Bench:
             c, j = pct.get("chunkfs"), pct.get("juicefs")
             met = "" if c is None else ("yes" if c >= 80 else "**no**")
             lines.append(
-                f"| cold read as % of raw S3 GET ({raw['get_mib_s']:.0f} MiB/s) | % | "
+                f"| cold read as % of raw S3 GET, aiobotocore ({raw['get_mib_s']:.0f} MiB/s) | % | "
                 f"{_fmt(c)} | {_fmt(j)} | — | chunkfs >= 80% | {met} |"
             )
             rows_out.append(
@@ -648,6 +679,14 @@ class Bench:
                     "met": met,
                 }
             )
+            ob = self.results.get("objbench")
+            if ob:
+                pct = {k: 100 * v / ob["get_mib_s"] for k, v in cold.items() if v}
+                lines.append(
+                    f"| cold read as % of raw S3 GET, Go client ({ob['get_mib_s']:.0f} MiB/s, "
+                    f"juicefs objbench) | % | {_fmt(pct.get('chunkfs'))} | "
+                    f"{_fmt(pct.get('juicefs'))} | — | (reference) | |"
+                )
             wr = w.get("seq_write", {})
             pct_w = {k: 100 * v / raw["put_mib_s"] for k, v in wr.items() if v}
             lines.append(
