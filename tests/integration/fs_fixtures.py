@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -393,6 +394,43 @@ def work(shared_mnt: Mount, request: pytest.FixtureRequest) -> Path:
     path = shared_mnt.path / name
     path.mkdir()
     return path
+
+
+@dataclass
+class Outcome:
+    """What a call run by ``run_bounded`` did: its error (None: it returned), how long it
+    took, and whether it was still blocked when the limit passed."""
+
+    error: BaseException | None = None
+    elapsed: float = 0.0
+    hung: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float) -> bool:
+        return self.done.wait(timeout)
+
+
+def run_bounded(fn: Callable[[], Any], limit: float) -> Outcome:
+    """Run ``fn`` in a thread and wait at most ``limit`` seconds for it. A call blocked in
+    a FUSE request cannot be interrupted: the caller must undo what blocks it (SIGCONT a
+    service) and may then ``outcome.wait()`` for the thread."""
+    out = Outcome()
+    t0 = time.monotonic()
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            out.error = exc
+        finally:
+            out.elapsed = time.monotonic() - t0
+            out.done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    if not out.done.wait(limit):
+        out.hung = True
+        out.elapsed = time.monotonic() - t0
+    return out
 
 
 def expect_errno(err: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> OSError:
