@@ -398,24 +398,31 @@ def work(shared_mnt: Mount, request: pytest.FixtureRequest) -> Path:
 
 @dataclass
 class Outcome:
-    """What a call run by ``run_bounded`` did: its error (None: it returned), how long it
-    took, and whether it was still blocked when the limit passed."""
+    """What a call started by ``start_bounded`` did: its error (None: it returned), how
+    long it took, and whether it was still blocked when ``settle``'s limit passed."""
 
     error: BaseException | None = None
     elapsed: float = 0.0
     hung: bool = False
+    started: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
+
+    def settle(self, limit: float) -> Outcome:
+        """Wait until ``limit`` seconds after the start; mark the call hung if it is still
+        blocked then."""
+        if not self.done.wait(max(0.0, self.started + limit - time.monotonic())):
+            self.hung = True
+            self.elapsed = time.monotonic() - self.started
+        return self
 
     def wait(self, timeout: float) -> bool:
         return self.done.wait(timeout)
 
 
-def run_bounded(fn: Callable[[], Any], limit: float) -> Outcome:
-    """Run ``fn`` in a thread and wait at most ``limit`` seconds for it. A call blocked in
-    a FUSE request cannot be interrupted: the caller must undo what blocks it (SIGCONT a
-    service) and may then ``outcome.wait()`` for the thread."""
+def start_bounded(fn: Callable[[], Any]) -> Outcome:
+    """Run ``fn`` in a daemon thread. A call blocked in a FUSE request cannot be
+    interrupted: the caller must undo what blocks it (SIGCONT a service) if it hangs."""
     out = Outcome()
-    t0 = time.monotonic()
 
     def target() -> None:
         try:
@@ -423,14 +430,17 @@ def run_bounded(fn: Callable[[], Any], limit: float) -> Outcome:
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             out.error = exc
         finally:
-            out.elapsed = time.monotonic() - t0
+            if not out.hung:
+                out.elapsed = time.monotonic() - out.started
             out.done.set()
 
     threading.Thread(target=target, daemon=True).start()
-    if not out.done.wait(limit):
-        out.hung = True
-        out.elapsed = time.monotonic() - t0
     return out
+
+
+def run_bounded(fn: Callable[[], Any], limit: float) -> Outcome:
+    """``start_bounded(fn).settle(limit)``."""
+    return start_bounded(fn).settle(limit)
 
 
 def expect_errno(err: int, fn: Callable[..., Any], *args: Any, **kw: Any) -> OSError:
