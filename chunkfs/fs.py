@@ -101,6 +101,8 @@ class ChunkFS(pyfuse3.Operations):
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self.lookups: dict[int, int] = {}
+        self.orphans: set[int] = set()
         self.versions: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
         self.volume = volume
@@ -132,6 +134,29 @@ class ChunkFS(pyfuse3.Operations):
         e.st_ctime_ns = attr.ctime_ns
         return e
 
+    def _known(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """Count a reply that hands the kernel a reference to an inode (until ``forget``)."""
+        self.lookups[entry.st_ino] = self.lookups.get(entry.st_ino, 0) + 1
+        return entry
+
+    async def _maybe_purge(self, ino: int) -> None:
+        """Remove an unlinked inode once neither the kernel nor an open file refers to it.
+
+        Until then it stays in the volume's orphan list, so a process that looked the
+        name up just before it was replaced can still open and read it (POSIX semantics).
+        """
+        if ino not in self.orphans or self.lookups.get(ino, 0) > 0:
+            return
+        data = self.files.get(ino)
+        if data is not None and data.opens > 0:
+            return
+        self.orphans.discard(ino)
+        self.files.pop(ino, None)
+        try:
+            await self.meta.purge(ino)
+        except ChunkfsError as exc:  # left in the orphan list: reaped at the next mount
+            log.warning("purge of an unlinked inode failed", extra={"ino": ino, "error": str(exc)})
+
     def _status_entry(self) -> pyfuse3.EntryAttributes:
         now = time.time_ns()
         return self._entry(Attr(STATUS_INO, stat.S_IFREG | 0o444, 0, 0, 1, 0, now, now, now))
@@ -144,17 +169,23 @@ class ChunkFS(pyfuse3.Operations):
         if self.fenced:
             raise Fenced("writer lease revoked: this node may no longer write the volume")
 
-    def _check_space(self, data: FileData, off: int, n: int) -> None:
-        growth = max(0, off + n - max(data.size, data.committed_size))
+    def _check_space(self, data: FileData, off: int, n: int) -> int:
+        """ENOSPC before buffering bytes the volume cannot hold; returns the growth.
+
+        Growth counts bytes written past the end of the file, not the extent: a write
+        far beyond the end leaves a hole, and holes cost nothing.
+        """
+        growth = min(n, max(0, off + n - max(data.size, data.committed_size)))
         if not growth:
-            return
+            return 0
         capacity = int(self.volume.get("capacity", 0))
         used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
         if used + growth > capacity:
             raise NoSpace(f"volume full: {used} of {capacity} bytes in use")
+        return growth
 
     def uncommitted_growth(self) -> int:
-        return sum(max(0, f.size - f.committed_size) for f in self.files.values())
+        return sum(f.uncommitted_growth for f in self.files.values())
 
     def dirty_bytes(self) -> int:
         return sum(f.dirty_bytes for f in self.files.values())
@@ -188,10 +219,10 @@ class ChunkFS(pyfuse3.Operations):
         if parent_inode == ROOT_INODE and name == STATUS_NAME:
             return self._status_entry()
         if name == b".":
-            return self._entry(await self.meta.getattr(parent_inode))
+            return self._known(self._entry(await self.meta.getattr(parent_inode)))
         if name == b"..":
             raise FsError(errno.ENOTSUP)
-        return self._entry(await self.meta.lookup(parent_inode, name))
+        return self._known(self._entry(await self.meta.lookup(parent_inode, name)))
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -249,50 +280,47 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._create(parent_inode, name, mode, ctx, rdev=rdev))
+        return self._known(self._entry(await self._create(parent_inode, name, mode, ctx, rdev=rdev)))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         mode = (mode & 0o7777) | stat.S_IFDIR
-        return self._entry(await self._create(parent_inode, name, mode, ctx))
+        return self._known(self._entry(await self._create(parent_inode, name, mode, ctx)))
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         mode = stat.S_IFLNK | 0o777
-        return self._entry(await self._create(parent_inode, name, mode, ctx, target=target))
+        return self._known(self._entry(await self._create(parent_inode, name, mode, ctx,
+                                                          target=target)))
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = await self._create(parent_inode, name, (mode & 0o7777) | stat.S_IFREG, ctx)
         info, _ = await self._open(attr.ino, fresh=True)
-        return info, self._entry(attr)
+        return info, self._known(self._entry(attr))
 
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self._check_writable()
         await self.meta.link(inode, new_parent_inode, new_name)
-        return self._entry(await self.meta.getattr(inode))
+        return self._known(self._entry(await self.meta.getattr(inode)))
 
-    async def _after_unlink(self, ino: int, left: int, kept: bool) -> None:
+    async def _after_unlink(self, ino: int, left: int) -> None:
         if left > 0:
             return
-        data = self.files.get(ino)
-        if data is not None and data.opens > 0:
-            data.orphaned = True
-        elif kept:
-            await self.meta.purge(ino)
+        self.orphans.add(ino)
         self.versions.pop(ino, None)
+        await self._maybe_purge(ino)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self._check_writable()
-        keep = bool(self.files)
-        ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=keep)
-        await self._after_unlink(ino, left, keep)
+        ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
+        await self._after_unlink(ino, left)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -305,11 +333,10 @@ class ChunkFS(pyfuse3.Operations):
         self._check_writable()
         if flags not in _RENAME_FLAGS:
             raise FsError(errno.EINVAL)
-        keep = bool(self.files)
         replaced, left = await self.meta.rename(parent_inode_old, name_old, parent_inode_new,
-                                                name_new, _RENAME_FLAGS[flags], keep_if_open=keep)
+                                                name_new, _RENAME_FLAGS[flags], keep_if_open=True)
         if replaced:
-            await self._after_unlink(replaced, left, keep)
+            await self._after_unlink(replaced, left)
 
     # ---- files -----------------------------------------------------------------------
     async def _open(self, ino: int, *, fresh: bool = False) -> tuple[pyfuse3.FileInfo, Attr | None]:
@@ -349,6 +376,18 @@ class ChunkFS(pyfuse3.Operations):
             self._check_writable()
         shared = inode in self.files
         info, attr = await self._open(inode)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            # libfuse asks for atomic O_TRUNC: the kernel sends no separate truncate
+            data = self.handles[info.fh].data
+            assert data is not None
+            try:
+                await data.truncate(0)
+            except BaseException:
+                await self.release(info.fh)
+                raise
+            self.versions.pop(inode, None)
+            info.keep_cache = False
+            return info
         if attr is None:  # another handle has it open here: the page cache is ours already
             info.keep_cache = True
             return info
@@ -391,8 +430,9 @@ class ChunkFS(pyfuse3.Operations):
         data = self.handles[fh].data
         if data is None:
             raise FsError(errno.EBADF)
-        self._check_space(data, off, len(buf))
+        growth = self._check_space(data, off, len(buf))
         await data.write(off, buf)
+        data.uncommitted_growth += growth
         return len(buf)
 
     @fuse_errors
@@ -423,11 +463,8 @@ class ChunkFS(pyfuse3.Operations):
                 await data.flush()
         finally:
             if data.opens <= 0:
-                if data.orphaned:
-                    self.files.pop(data.ino, None)
-                    await self.meta.purge(data.ino)
-                else:
-                    self._drop_if_unused(data)
+                self._drop_if_unused(data)
+                await self._maybe_purge(data.ino)
 
     # ---- directories -----------------------------------------------------------------
     @fuse_errors
@@ -452,6 +489,7 @@ class ChunkFS(pyfuse3.Operations):
                     continue
                 if not pyfuse3.readdir_reply(token, name, self._entry(attr), pos):
                     return
+                self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + 1
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
@@ -511,11 +549,24 @@ class ChunkFS(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return True
 
+    async def purge_orphans(self) -> None:
+        """At unmount the kernel lets go of everything: remove what was only kept for it."""
+        self.lookups.clear()
+        for ino in list(self.orphans):
+            await self._maybe_purge(ino)
+
     async def flush_all(self) -> None:
         """Flush every file with local changes (unmount, SIGTERM)."""
         for data in list(self.files.values()):
             if not data.is_clean:
                 await data.flush()
 
-    async def forget(self, inode_list: Any) -> None:  # inodes live in Redis: nothing to drop
-        return None
+    async def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:
+            left = self.lookups.get(ino, 0) - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            if ino in self.orphans:
+                await self._maybe_purge(ino)

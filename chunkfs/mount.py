@@ -122,6 +122,15 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
                     "s3": store.stats.as_dict(), "session": session}
 
+        if not meta.read_only:
+            try:
+                await meta.heartbeat()
+                reaped = await meta.reap_orphans()
+                if reaped:
+                    log.info("reaped orphans of dead mounts", extra={"count": reaped})
+            except Exception as exc:
+                on_ready(f"{type(exc).__name__}: {exc}")
+                return 1
         fs = ChunkFS(meta, blocks, options, state, extra)
         fs.attach_budget(WriteBudget(cfg.buffer_size))
         fuse_opts = set(pyfuse3.default_options)
@@ -150,6 +159,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             refresher.cancel()
             try:
                 await fs.flush_all()
+                await fs.purge_orphans()
+                await meta.end_session()
             except Exception as exc:
                 log.error("flush at unmount failed", extra={"error": str(exc)})
                 clean = False
@@ -180,9 +191,17 @@ def tune_kernel_readahead(mountpoint: str, kb: int) -> None:
 
 
 async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta) -> None:
-    """Pick up capacity changes (live resize) and notice a revoked writer lease."""
+    """Pick up capacity changes (live resize), notice a revoked writer lease, and keep
+    this mount's session alive."""
+    beats = 0
     while True:
         await asyncio.sleep(1.0)
+        beats += 1
+        if beats % 20 == 0 and not fs.fenced:
+            try:
+                await meta.heartbeat()
+            except Exception as exc:
+                log.warning("session heartbeat failed", extra={"error": str(exc)})
         try:
             state = await meta.volume_state()
         except Exception as exc:  # keep serving; the next operation will report it

@@ -51,9 +51,9 @@ class FileData:
         self.size = 0
         self.committed_size = 0
         self.size_dirty = False
+        self.uncommitted_growth = 0  # bytes appended since the last commit (capacity checks)
         self.lock = asyncio.Lock()
         self.opens = 0
-        self.orphaned = False
 
     async def load(self, size: int) -> None:
         inline, entries = await self.meta.file_data(self.ino)
@@ -147,7 +147,10 @@ class FileData:
             if len(block) < start:
                 block.extend(bytes(start - len(block)))
             block[start:start + n] = view[pos - off:pos - off + n]
-            if len(block) >= self.bs:
+            if start + n >= self.bs:
+                # the writer reached the end of the block: sequential writers are done with
+                # it. A random write into a block whose old content was loaded also fills it,
+                # but that block waits for the flush, so each block is uploaded once.
                 self._start_upload(idx)
             pos += n
         self.size = max(self.size, end)
@@ -216,6 +219,7 @@ class FileData:
             await self.meta.commit(self.ino, size=self.size, inline=body)
             self.inline_dirty = False
             self.committed_size = max(self.committed_size, self.size)
+            self.uncommitted_growth = 0
             return
         self._start_all_uploads()
         while self.tasks:
@@ -238,6 +242,7 @@ class FileData:
         self.converted = False
         self.size_dirty = False
         self.committed_size = max(self.committed_size, self.size)
+        self.uncommitted_growth = 0
 
     async def truncate(self, size: int) -> None:
         async with self.lock:

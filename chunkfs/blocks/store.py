@@ -101,9 +101,11 @@ class BlockStore:
                 async with self._gets:
                     data = await self._fetch(entry)
             self.memory.put(entry.digest, data)
-            fut.set_result(data)
+            if not fut.done():
+                fut.set_result(data)
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter
-            fut.set_exception(exc)
+            if not fut.done():
+                fut.set_exception(exc)
         finally:
             self._inflight.pop(entry.digest, None)
 

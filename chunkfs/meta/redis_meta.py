@@ -280,6 +280,34 @@ class VolumeMeta:
         await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],
                         [self.epoch, name, b"", 0, now_ns(), "1"])
 
+    async def heartbeat(self, ttl: float = 120.0) -> None:
+        """Tell other mounts this session is alive (its orphans must not be reaped)."""
+        if self.read_only:
+            return
+        expiry = int((time.time() + ttl) * 1000)
+        await self._call("heartbeat", lambda: self.r.execute(
+            "HSET", self.keys.sessions, self.session, expiry))
+
+    async def end_session(self) -> None:
+        if not self.read_only:
+            await self._call("heartbeat", lambda: self.r.execute(
+                "HDEL", self.keys.sessions, self.session))
+
+    async def reap_orphans(self) -> int:
+        """Purge unlinked inodes left behind by mounts that died while holding them."""
+        if self.read_only:
+            return 0
+        orphans, sessions = await self._call("reap", lambda: self.r.pipeline([
+            ("HGETALL", self.keys.orphans), ("HGETALL", self.keys.sessions)]))
+        alive = {s for s, exp in pairs_to_dict(sessions).items()
+                 if int(exp) > time.time() * 1000}
+        reaped = 0
+        for ino, session in pairs_to_dict(orphans).items():
+            if session not in alive and session.decode() != self.session:
+                await self.purge(int(ino))
+                reaped += 1
+        return reaped
+
     async def purge(self, ino: int) -> None:
         if self.read_only:
             return

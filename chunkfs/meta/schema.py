@@ -14,7 +14,10 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  (node id or ""), created (unix s), block_size, source,
                                  frozen (snapshot in progress: writers wait), version
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
-    cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while the file was open
+    cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
+                                 inode open or known to its kernel; removed when it lets go
+    cfs{ID}:sessions       HASH  session -> expiry (unix ms), renewed by each live mount; the
+                                 orphans of an expired session are reaped by the next mount
     cfs{ID}:i<ino>         HASH  m mode (type bits included), u uid, g gid, n nlink, s size,
                                  a/t/c atime/mtime/ctime in ns, r rdev, p parent (directories),
                                  l symlink target, d inline data (present iff the file's data
@@ -45,7 +48,7 @@ ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
 class Keys:
     """Key builders for one namespace."""
 
-    __slots__ = ("ns", "prefix", "vol", "idx", "orphans")
+    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -53,6 +56,7 @@ class Keys:
         self.vol = self.prefix + "vol"
         self.idx = self.prefix + "idx"
         self.orphans = self.prefix + "orphans"
+        self.sessions = self.prefix + "sessions"
 
     def inode(self, ino: int) -> str:
         return f"{self.prefix}i{ino}"

@@ -232,7 +232,7 @@ else
       redis.call('HDEL', KEYS[3], all[i]); delta = delta - v
     elseif start + v > size then
       local nv = size - start
-      redis.call('HSET', KEYS[3], all[i], string.gsub(all[i + 1], ':%d+$', ':' .. I(nv)))
+      redis.call('HSET', KEYS[3], all[i], (string.gsub(all[i + 1], ':%d+$', ':' .. I(nv))))
       delta = delta - (v - nv)
     end
   end
