@@ -3,10 +3,13 @@ and a crash never leaves a file torn between two versions."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -130,3 +133,33 @@ def test_crash_mid_rewrite_leaves_old_or_new_never_torn(mounter: Mounter, volume
         f.flush()
         os.fsync(f.fileno())
     assert (m2 / "a").read_bytes()[:5] == b"again"
+
+
+def test_umount_flushes_files_still_open_with_unsynced_data(mounter: Mounter, volume: str) -> None:
+    """`chunkfs umount` (and SIGTERM, which it sends) stores everything written so far,
+    even for files that are still open and were never synced or closed."""
+    m = mounter.mount(volume)
+    # the writer is another process that keeps its files open: this process must not
+    # hold them, since any fork+exec here would close inherited fds, and a close flushes
+    code = (
+        "import os,random,sys\n"
+        "a=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT, 0o644)\n"
+        "os.write(a, random.Random('open-at-umount').randbytes(6*1024*1024+5))\n"
+        "b=os.open(sys.argv[2], os.O_WRONLY|os.O_CREAT, 0o644)\n"
+        "os.write(b, b'tiny and unsynced')\n"
+        "print('written', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code, str(m / "open"), str(m / "small")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "written"
+        st = m.status_direct()
+        assert st["dirty_bytes"] >= 2 * MiB, json.dumps(st)
+        mounter.umount(m)
+    finally:
+        writer.kill()
+        writer.wait()
+    m = mounter.mount(volume, mountpoint=m.path, cache_dir=mounter.new_dir("newnode"))
+    assert file_sha256(m / "open") == sha256(rand_bytes(6 * MiB + 5, "open-at-umount"))
+    assert (m / "small").read_bytes() == b"tiny and unsynced"

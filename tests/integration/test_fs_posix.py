@@ -684,6 +684,26 @@ def test_statfs_and_df_show_capacity_and_use(mounter: Mounter, cli: Cli) -> None
     assert int(out[3]) == 3 * GiB - int(out[2])
 
 
+# --------------------------------------------------------------------------- read-only
+
+
+def test_read_only_mount(mounter: Mounter, volume: str) -> None:
+    m = mounter.mount(volume)
+    write_file(m / "f", b"data")
+    (m / "d").mkdir()
+    m = mounter.remount(m, options="ro")
+    assert (m / "f").read_bytes() == b"data"
+    assert os.statvfs(m.path).f_flag & os.ST_RDONLY
+    expect_errno(errno.EROFS, open, m / "f", "r+b")
+    expect_errno(errno.EROFS, open, m / "new", "wb")
+    expect_errno(errno.EROFS, os.mkdir, m / "d2")
+    expect_errno(errno.EROFS, os.unlink, m / "f")
+    expect_errno(errno.EROFS, os.rename, m / "f", m / "g")
+    expect_errno(errno.EROFS, os.chmod, m / "f", 0o600)
+    expect_errno(errno.EROFS, os.setxattr, m / "f", "user.x", b"1")
+    assert sorted(os.listdir(m.path)) == ["d", "f"]
+
+
 # --------------------------------------------------------------------------- other users
 
 
