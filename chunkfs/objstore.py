@@ -63,6 +63,7 @@ class ObjectStore:
                  max_connections: int = 32) -> None:
         self.config = config
         self.deadline = deadline
+        self.attempt_timeout = 30.0
         self.stats = StoreStats()
         self._max_connections = max_connections
         self._stack = contextlib.AsyncExitStack()
@@ -108,8 +109,11 @@ class ObjectStore:
         delay = 0.05
         while True:
             start = time.monotonic()
+            # aiohttp's timeouts do not cover sending a request body: a server that stops
+            # reading (SIGSTOP, a partition) would stall a PUT forever without this bound
+            attempt = max(0.5, min(self.attempt_timeout, limit - start))
             try:
-                result = await call()
+                result = await asyncio.wait_for(call(), attempt)
                 self.stats.observe(op, time.monotonic() - start)
                 return result
             except ClientError as exc:

@@ -86,8 +86,13 @@ class MetaStats:
 
 
 async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
-                       stats: MetaStats | None = None, op: str = "") -> T:
-    """Run ``call``, retrying connection failures and snapshot freezes until ``deadline``."""
+                       stats: MetaStats | None = None, op: str = "",
+                       client: Any = None) -> T:
+    """Run ``call``, retrying connection failures and snapshot freezes until ``deadline``.
+
+    With a ``client`` that knows since when Redis is down, the deadline counts from the
+    start of the outage: operations started later fail fast instead of waiting again.
+    """
     limit = time.monotonic() + deadline
     frozen_limit = time.monotonic() + _FROZEN_WAIT
     delay = 0.02
@@ -108,6 +113,9 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if stats is not None:
                 stats.errors += 1
+            down_since = getattr(client, "down_since", None)
+            if down_since is not None:
+                limit = min(limit, down_since + deadline)
             if time.monotonic() + delay > limit:
                 raise MetaUnavailable(f"Redis unreachable: {type(exc).__name__}") from exc
             log.warning("redis retry", extra={"op": op, "error": type(exc).__name__})
@@ -140,10 +148,12 @@ class VolumeMeta:
             raise ReadOnly("mounted read-only")
         script = self._scripts[name]
         return await with_retries(lambda: self.r.evalsha(script, keys, args),
-                                  deadline=self.deadline, stats=self.stats, op=name.lower())
+                                  deadline=self.deadline, stats=self.stats, op=name.lower(),
+                                  client=self.r)
 
     async def _call(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        return await with_retries(call, deadline=self.deadline, stats=self.stats, op=op)
+        return await with_retries(call, deadline=self.deadline, stats=self.stats, op=op,
+                                  client=self.r)
 
     # ---- reads -------------------------------------------------------------------
     async def volume_state(self) -> dict[str, bytes]:

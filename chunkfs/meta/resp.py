@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections import deque
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -79,6 +80,11 @@ class RespClient:
         self._connecting: asyncio.Lock | None = None
         self._shas: dict[str, bytes] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # when Redis stopped answering (monotonic clock); None while it answers. Callers
+        # measure their deadline from here, so one outage is waited out once, not once
+        # per request of a FUSE operation
+        self.down_since: float | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 10.0) -> RespClient:
@@ -131,6 +137,8 @@ class RespClient:
             conn = self._conn
             if conn is not None and not conn.closed and conn.busy_since is not None:
                 if loop.time() - conn.busy_since > self.timeout:
+                    if self.down_since is None:  # the outage began with the oldest request
+                        self.down_since = time.monotonic() - (loop.time() - conn.busy_since)
                     conn.fail(RedisTimeoutError("Redis did not answer in time"))
 
     async def _send(self, conn: _Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -159,12 +167,49 @@ class RespClient:
 
     async def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Send commands in one write; raises the first error reply."""
-        conn = await self._connection()
-        results = await self._send(conn, commands)
+        if self.down_since is not None and time.monotonic() - self.down_since > self.timeout:
+            # a long outage: fail at once instead of making every request wait it out,
+            # while a probe looks for Redis coming back
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.create_task(self._probe_until_up())
+            await asyncio.wait({self._probe}, timeout=1.0)
+            if self.down_since is not None:
+                raise RedisConnectionError("Redis is unreachable")
+        try:
+            conn = await self._connection()
+            results = await self._send(conn, commands)
+        except (RedisConnectionError, RedisTimeoutError):
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+            raise
+        self.down_since = None
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
+
+    async def _probe_until_up(self) -> None:
+        while self.down_since is not None:
+            try:
+                conn = await self._connection()
+                fut = asyncio.get_running_loop().create_future()
+                await self._send_probe(conn, fut)
+                self.down_since = None
+                return
+            except (RedisConnectionError, RedisTimeoutError, TimeoutError):
+                await asyncio.sleep(0.2)
+
+    async def _send_probe(self, conn: _Connection, fut: asyncio.Future[Any]) -> None:
+        if not conn.waiting:
+            conn.busy_since = asyncio.get_running_loop().time()
+        conn.waiting.append(fut)
+        assert conn.transport is not None
+        conn.transport.write(hiredis.pack_command(("PING",)))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), min(self.timeout, 1.0))
+        except TimeoutError:
+            conn.fail(RedisTimeoutError("Redis did not answer in time"))
+            raise
 
     async def evalsha(self, script: str, keys: list[Any], args: list[Any]) -> Any:
         sha = self._shas.get(script)
@@ -178,8 +223,9 @@ class RespClient:
             return await self.execute("EVAL", script, len(keys), *keys, *args)
 
     async def aclose(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._probe):
+            if task is not None:
+                task.cancel()
         if self._conn is not None and self._conn.transport is not None:
             self._conn.transport.close()
         self._conn = None
