@@ -403,13 +403,11 @@ class ChunkFS(pyfuse3.Operations):
             body = self.dirs[-fh][0][0]
             return body[off:off + size]
         data = handle.data
-        if off == handle.next_offset:
-            handle.window = min(handle.window * 2, self.opt.readahead_blocks) or 0
+        sequential = off == handle.next_offset
+        if sequential:
             self._readahead(data, off + size)
-        else:
-            handle.window = 1
         handle.next_offset = off + size
-        return await data.read(off, size)
+        return await data.read(off, size, random=not sequential and size <= 128 * 1024)
 
     def _readahead(self, data: FileData, pos: int) -> None:
         if self.opt.readahead_blocks <= 0 or data.inline is not None:

@@ -92,7 +92,7 @@ class FileData:
         data = await self.blocks.get(entry)
         return memoryview(data)[:entry.valid] if entry.valid < len(data) else data
 
-    async def read(self, off: int, size: int) -> bytes:
+    async def read(self, off: int, size: int, *, random: bool = False) -> bytes:
         end = min(off + size, self.size)
         if off >= end:
             return b""
@@ -100,6 +100,13 @@ class FileData:
             chunk = bytes(self.inline[off:end])
             return chunk + bytes(end - off - len(chunk))
         first, last = off // self.bs, (end - 1) // self.bs
+        if random and first == last and first not in self.dirty and first not in self.inflight:
+            entry = self.entry_for(first)
+            if entry is not None:
+                start = off - first * self.bs
+                piece = await self.blocks.read_range(entry, start, max(0, min(end, first * self.bs
+                                                                              + entry.valid) - off))
+                return piece + bytes(end - off - len(piece))
         if first == last:
             return self._slice(await self._block_bytes(first), off - first * self.bs, end - off)
         parts = await asyncio.gather(*(self._block_bytes(i) for i in range(first, last + 1)))

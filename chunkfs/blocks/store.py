@@ -84,6 +84,18 @@ class BlockStore:
             task.add_done_callback(self._background.discard)
         return await asyncio.shield(fut)
 
+    async def read_range(self, entry: BlockEntry, start: int, size: int) -> bytes:
+        """A small piece of a block for a random reader: from memory, else a verified
+        range of the cached file, else the whole block (which then gets cached)."""
+        data = self.memory.get(entry.digest)
+        if data is None and entry.digest not in self._inflight:
+            piece = await self.cache.read_range(entry.digest, entry.length, start, size)
+            if piece is not None:
+                return piece
+        if data is None:
+            data = await self.get(entry)
+        return data[start:start + size]
+
     def prefetch(self, entry: BlockEntry) -> None:
         """Start loading a block that a sequential reader will want soon."""
         if self.memory.get(entry.digest) is None and entry.digest not in self._inflight:
