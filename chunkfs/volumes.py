@@ -165,20 +165,14 @@ class VolumeService:
         if source_snapshot is not None and source_volume is not None:
             raise InvalidArgument("give either a source snapshot or a source volume, not both")
         if source_snapshot is not None:
-            doc = await self._snapshot_document(source_snapshot)
             settings["source"] = f"snapshot:{source_snapshot}"
+            await self._clone_snapshot(source_snapshot, ns, settings)
         elif source_volume is not None:
-            doc = await self._export_live(await self._volume_ns(check_name("volume", source_volume)))
             settings["source"] = f"volume:{source_volume}"
-        else:
-            doc = None
-        if doc is not None:
-            used = int(doc["settings"].get("used", 0))
-            if capacity < used:
-                raise InvalidArgument(
-                    f"capacity {capacity} is smaller than the {used} bytes of the source")
-            settings["block_size"] = int(doc["settings"].get("block_size", DEFAULT_BLOCK_SIZE))
-            await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
+            source_ns = await self._volume_ns(check_name("volume", source_volume))
+            await self._check_clone_capacity(source_ns, capacity)
+            settings["block_size"] = await self._block_size(source_ns)
+            await self._copy_live(source_ns, ns, settings)
         else:
             await self._redis(lambda: nsops.init_namespace(self.r, ns, settings))
         if not await self._redis(lambda: self.r.hsetnx(VOLUMES, name, ns)):
@@ -252,24 +246,50 @@ class VolumeService:
         await self._redis(release)
 
     # ---- snapshots ------------------------------------------------------------------
-    async def _export_live(self, ns: str) -> dict[str, Any]:
-        await self._redis(lambda: nsops.freeze(self.r, ns))
-        try:
-            return await self._redis(lambda: nsops.export_namespace(self.r, ns))
-        finally:
-            await self._redis(lambda: nsops.thaw(self.r, ns))
+    async def _block_size(self, ns: str) -> int:
+        raw = await self._redis(lambda: self.r.hget(Keys(ns).vol, "block_size"))
+        return int(raw or DEFAULT_BLOCK_SIZE)
 
-    async def _snapshot_document(self, name: str) -> dict[str, Any]:
-        """The snapshot's metadata: from Redis, or from its S3 manifest if Redis lost it."""
+    async def _check_clone_capacity(self, source_ns: str, capacity: int) -> None:
+        used = int(await self._redis(lambda: self.r.hget(Keys(source_ns).vol, "used")) or 0)
+        if capacity < used:
+            raise InvalidArgument(f"capacity {capacity} is smaller than the {used} bytes of the source")
+
+    async def _copy(self, src: str, dst: str, settings: dict[str, Any]) -> None:
+        """Copy ``src`` (which must not change meanwhile) to the new namespace ``dst``."""
+        if not await self._redis(lambda: nsops.copy_namespace(self.r, src, dst, settings)):
+            doc = await self._redis(lambda: nsops.export_namespace(self.r, src))
+            await self._redis(lambda: nsops.import_namespace(self.r, dst, doc, settings))
+
+    async def _copy_live(self, src: str, dst: str, settings: dict[str, Any]) -> None:
+        """Copy a volume in use: its writers wait while its metadata is copied."""
+        await self._redis(lambda: nsops.freeze(self.r, src))
+        try:
+            await self._copy(src, dst, settings)
+        finally:
+            await self._redis(lambda: nsops.thaw(self.r, src))
+
+    async def _clone_snapshot(self, name: str, ns: str, settings: dict[str, Any]) -> None:
+        """A new volume from a snapshot: copied in Redis, or restored from its S3 manifest
+        when Redis no longer has it."""
         check_name("snapshot", name)
-        ns = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
-        if ns is not None:
-            return await self._redis(lambda: nsops.export_namespace(self.r, ns.decode()))
+        source = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
+        if source is not None:
+            await self._check_clone_capacity(source.decode(), int(settings["capacity"]))
+            settings["block_size"] = await self._block_size(source.decode())
+            await self._copy(source.decode(), ns, settings)
+            return
         try:
             data = await self.store.get(manifest_key(name))
         except NoSuchObject as exc:
             raise SnapshotNotFound(f"snapshot {name!r} not found") from exc
-        return nsops.decode_manifest(data)
+        doc = nsops.decode_manifest(data)
+        used = int(doc["settings"].get("used", 0))
+        if int(settings["capacity"]) < used:
+            raise InvalidArgument(
+                f"capacity {settings['capacity']} is smaller than the {used} bytes of the source")
+        settings["block_size"] = int(doc["settings"].get("block_size", DEFAULT_BLOCK_SIZE))
+        await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
 
     async def get_snapshot(self, name: str) -> SnapshotInfo:
         check_name("snapshot", name)
@@ -299,17 +319,17 @@ class VolumeService:
             existing = await self.get_snapshot(snapshot_name)
             raise SnapshotExists(f"snapshot {snapshot_name!r} already exists", existing)
         source_ns = await self._volume_ns(check_name("volume", volume_name))
-        doc = await self._export_live(source_ns)
         ns = nsops.new_namespace_id()
         settings = {"name": snapshot_name, "kind": "snapshot", "created": time.time(),
-                    "source_volume": volume_name, "capacity": doc["settings"].get("capacity", 0),
-                    "ready": 0}
-        await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
+                    "source_volume": volume_name, "ready": 0, "source": ""}
+        await self._copy_live(source_ns, ns, settings)
         if not await self._redis(lambda: self.r.hsetnx(SNAPSHOTS, snapshot_name, ns)):
             await nsops.delete_namespace(self.r, ns)
             raise SnapshotExists(f"snapshot {snapshot_name!r} already exists",
                                  await self.get_snapshot(snapshot_name))
-        doc["settings"].update({"name": snapshot_name, "source_volume": volume_name})
+        # the manifest: the snapshot's durable copy in S3, made from the immutable snapshot
+        # namespace while the source volume is already writable again
+        doc = await self._redis(lambda: nsops.export_namespace(self.r, ns))
         await self.store.put(manifest_key(snapshot_name), await nsops.encode_manifest_async(doc))
         await self._redis(lambda: self.r.hset(Keys(ns).vol, "ready", 1))
         return await self.get_snapshot(snapshot_name)

@@ -10,6 +10,7 @@ of inodes, never with the bytes stored.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import secrets
@@ -17,10 +18,33 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from chunkfs.meta.schema import ROOT_INODE, Keys
 
 FORMAT = 1
+
+# Batch scripts: one server-side call per _BATCH inodes instead of four commands each.
+# They touch keys they do not declare, which a single Redis allows; on Redis Cluster the
+# COPY across namespaces fails anyway and callers fall back to export + import.
+_COPY_BATCH = r"""
+local src, dst = ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  for _, t in ipairs({'i', 'd', 'b', 'x'}) do
+    redis.call('COPY', src .. t .. ARGV[i], dst .. t .. ARGV[i])
+  end
+end
+return #ARGV - 2
+"""
+_DUMP_BATCH = r"""
+local prefix, out = ARGV[1], {}
+for i = 2, #ARGV do
+  for _, t in ipairs({'i', 'd', 'b', 'x'}) do
+    out[#out + 1] = redis.call('HGETALL', prefix .. t .. ARGV[i])
+  end
+end
+return out
+"""
 _BATCH = 2000
 FREEZE_SECONDS = 60
 
@@ -69,22 +93,22 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
     inodes: dict[str, Any] = {}
     for start in range(0, len(inos), _BATCH):
         batch = inos[start:start + _BATCH]
-        pipe = r.pipeline(transaction=False)
-        for ino in batch:
-            for key in k.per_inode(ino):
-                pipe.hgetall(key)
-        rows = await pipe.execute()
+        flat = await r.eval(_DUMP_BATCH, 0, k.prefix, *batch)
+        rows = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]
         for n, ino in enumerate(batch):
             attr, entries, blocks, xattrs = rows[4 * n:4 * n + 4]
             if not attr:
                 continue
+            inline = attr.pop(b"d", None)
             doc: dict[str, Any] = {"attr": {_s(a): _s(b) for a, b in attr.items()}}
+            if inline is not None:
+                doc["data"] = base64.b64encode(inline).decode()
             if entries:
                 doc["dir"] = {_s(a): int(b) for a, b in entries.items()}
             if blocks:
                 doc["blocks"] = {_s(a): _s(b) for a, b in blocks.items()}
             if xattrs:
-                doc["xattr"] = {_s(a): _s(b) for a, b in xattrs.items()}
+                doc["xattr"] = {_s(a): base64.b64encode(b).decode() for a, b in xattrs.items()}
             inodes[str(ino)] = doc
     orphans = await r.hkeys(k.orphans)
     for ino in orphans:  # unlinked-but-open files are not part of a snapshot
@@ -101,7 +125,7 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
     k = Keys(ns)
     items = list(doc["inodes"].items())
     src = doc["settings"]
-    used = sum(len(_b(node["attr"].get("d", ""))) for _, node in items)
+    used = sum(len(base64.b64decode(node["data"])) for _, node in items if "data" in node)
     used += sum(int(e.rsplit(":", 1)[1]) for _, node in items
                 for e in node.get("blocks", {}).values())
     base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
@@ -113,15 +137,49 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
         pipe = r.pipeline(transaction=False)
         for ino_s, node in items[start:start + _BATCH]:
             ino = int(ino_s)
-            pipe.hset(k.inode(ino), mapping={a: _b(v) for a, v in node["attr"].items()})
+            attr = {a: _b(v) for a, v in node["attr"].items()}
+            if "data" in node:
+                attr["d"] = base64.b64decode(node["data"])
+            pipe.hset(k.inode(ino), mapping=attr)
             if node.get("dir"):
                 pipe.hset(k.dir(ino), mapping={_b(a): v for a, v in node["dir"].items()})
             if node.get("blocks"):
                 pipe.hset(k.blocks(ino), mapping=dict(node["blocks"].items()))
             if node.get("xattr"):
-                pipe.hset(k.xattr(ino), mapping={_b(a): _b(v) for a, v in node["xattr"].items()})
+                pipe.hset(k.xattr(ino), mapping={_b(a): base64.b64decode(v)
+                                                 for a, v in node["xattr"].items()})
             pipe.sadd(k.idx, ino)
         await pipe.execute()
+
+
+async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
+                         settings: dict[str, Any]) -> bool:
+    """Copy a namespace inside Redis (``COPY``, no data through this process).
+
+    The caller makes sure ``src`` does not change meanwhile (frozen, or a snapshot).
+    Returns False, having written nothing, when the server refuses (Redis Cluster keeps
+    the two namespaces in different slots): the caller then exports and imports.
+    """
+    s, d = Keys(src), Keys(dst)
+    try:
+        await r.copy(s.vol, d.vol)
+    except ResponseError:
+        return False
+    inos = [int(i) for i in await r.smembers(s.idx)]
+    orphans = {int(i) for i in await r.hkeys(s.orphans)}
+    live = [ino for ino in inos if ino not in orphans]
+    for start in range(0, len(live), _BATCH):
+        await r.eval(_COPY_BATCH, 0, s.prefix, d.prefix, *live[start:start + _BATCH])
+    if live:
+        await r.sadd(d.idx, *live)
+    used = int(await r.hget(s.vol, "used") or 0)
+    for ino in orphans:  # unlinked-but-open files are not part of the copy
+        used -= len(await r.hget(s.inode(ino), "d") or b"")
+        used -= sum(int(v.rsplit(b":", 1)[1]) for v in await r.hvals(s.blocks(ino)))
+    await r.hdel(d.vol, "frozen", "ready", "source_volume")
+    await r.hset(d.vol, mapping={"used": used, "inodes": len(live), "epoch": 1, "writer": "",
+                                 **settings})
+    return True
 
 
 async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
@@ -134,7 +192,7 @@ async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
 
 
 def encode_manifest(doc: dict[str, Any]) -> bytes:
-    return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=3)
+    return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=1)
 
 
 def decode_manifest(data: bytes) -> dict[str, Any]:
