@@ -202,6 +202,21 @@ def _mount_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _ready_reporter(ready_fd: int | None) -> Callable[[str | None], None]:
+    """How the mount process tells ``chunkfs mount`` it is ready (or why it failed)."""
+
+    def on_ready(error: str | None) -> None:
+        if ready_fd is None:
+            if error:
+                print(f"chunkfs: {error}", file=sys.stderr)
+            return
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, (f"error: {error}\n" if error else "ok\n").encode())
+            os.close(ready_fd)
+
+    return on_ready
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from chunkfs.mount import check_mountpoint, run_mount
 
@@ -209,39 +224,78 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         logs.setup(args.log_level)
         os.makedirs(cfg.cache_dir, exist_ok=True)
-        ready_fd = args.ready_fd
-
-        def on_ready(error: str | None) -> None:
-            if ready_fd is None:
-                if error:
-                    print(f"chunkfs: {error}", file=sys.stderr)
-                return
-            with contextlib.suppress(OSError):
-                os.write(ready_fd, (f"error: {error}\n" if error else "ok\n").encode())
-                os.close(ready_fd)
-
-        return asyncio.run(run_mount(cfg, on_ready))
+        return asyncio.run(run_mount(cfg, _ready_reporter(args.ready_fd)))
     check_mountpoint(cfg.mountpoint)
     os.makedirs(cfg.cache_dir, exist_ok=True)
     log_path = args.log_file or os.path.join(cfg.cache_dir, f"mount-{args.name}.log")
     read_end, write_end = os.pipe()
+    if args.in_process or _without_backend_flags(args.raw_argv) != args.raw_argv:
+        # a fresh interpreter whose argv carries no backend URL (it may hold a password)
+        pid = _spawn_mount_process(args, cfg, log_path, write_end)
+    else:
+        # fork: the mount process starts with everything imported, about half a second
+        # sooner than a new interpreter (time to first byte on a new node)
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _run_detached(args, cfg, log_path, write_end, run_mount)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        line = ready.readline().decode().strip()
+    if line == "ok":
+        print(f"mounted {args.name} at {cfg.mountpoint} (pid {pid}, log {log_path})")
+        return EXIT_OK
+    code = _wait_exit(pid, 30)
+    raise CliError(line.removeprefix("error: ") if line.startswith("error: ")
+                   else f"mount process exited with status {code}; see {log_path}")
+
+
+def _spawn_mount_process(args: argparse.Namespace, cfg: Any, log_path: str, write_end: int) -> int:
     argv = [sys.executable, "-m", "chunkfs.cli", *_without_backend_flags(args.raw_argv),
             "--foreground", "--ready-fd", str(write_end)]
     # the backends travel in the environment, never in argv: a URL may carry a password
     child_env = {**os.environ, "CHUNKFS_META": cfg.meta_url, "CHUNKFS_STORAGE": cfg.storage.url}
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=log_file,
-                                pass_fds=(write_end,), start_new_session=True, close_fds=True)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        line = ready.readline().decode().strip()
-    if line == "ok":
-        print(f"mounted {args.name} at {cfg.mountpoint} (pid {proc.pid}, log {log_path})")
-        return EXIT_OK
-    code = proc.wait(timeout=30)
-    raise CliError(line.removeprefix("error: ") if line.startswith("error: ")
-                   else f"mount process exited with status {code}; see {log_path}")
+                                stderr=log_file, pass_fds=(write_end,), start_new_session=True,
+                                close_fds=True)
+    return proc.pid
+
+
+def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str, write_end: int,
+                  run_mount: Callable[..., Awaitable[int]]) -> None:
+    """The forked mount process: its own session, logs to the log file; never returns."""
+    code = 1
+    try:
+        os.setsid()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        logs.setup(args.log_level)
+        code = asyncio.run(run_mount(cfg, _ready_reporter(write_end)))
+    except BaseException:  # noqa: BLE001 - report, then leave without unwinding the parent's stack
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _wait_exit(pid: int, timeout: float) -> int | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    return None
 
 
 def _without_backend_flags(argv: list[str]) -> list[str]:
@@ -437,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
+    args.in_process = argv is not None
     try:
         result = args.run(args)
         if asyncio.iscoroutine(result):
