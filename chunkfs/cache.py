@@ -22,6 +22,7 @@ import secrets
 import struct
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +69,19 @@ class BlockCache:
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._blocks = os.path.join(root, "blocks")
         self._tmp = os.path.join(root, "tmp")
+        # disk I/O has threads of its own: a slow disk must not delay the hashing that
+        # uploads and verified reads wait for in the default pool
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-io")
+        self.pending_writes = 0
 
     @classmethod
     async def open(cls, root: str, limit: int) -> BlockCache:
         cache = cls(root, limit)
-        await asyncio.to_thread(cache._scan)
+        await cache._run(cache._scan)
         return cache
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     def _path(self, name: str) -> str:
         return os.path.join(self._blocks, name[:2], name)
@@ -111,7 +119,7 @@ class BlockCache:
             self.stats.misses += 1
             return None
         self._lru.move_to_end(name)
-        data = await asyncio.to_thread(self._load, name, digest, length)
+        data = await self._run(self._load, name, digest, length)
         if data is None:
             self._forget(name)
             self.stats.misses += 1
@@ -146,7 +154,7 @@ class BlockCache:
         if name not in self._lru:
             return None
         self._lru.move_to_end(name)
-        data = await asyncio.to_thread(self._load_range, name, length, start, size)
+        data = await self._run(self._load_range, name, length, start, size)
         if data is None:
             self._forget(name)
             return None
@@ -192,7 +200,11 @@ class BlockCache:
         if name in self._lru or len(data) > self.limit:
             return
         try:
-            await asyncio.to_thread(self._store, name, data)
+            self.pending_writes += 1
+            try:
+                await self._run(self._store, name, data)
+            finally:
+                self.pending_writes -= 1
         except OSError as exc:
             log.warning("cache write failed", extra={"error": str(exc)})
             return
@@ -202,7 +214,7 @@ class BlockCache:
         self.used += stored
         if self.used > self.limit:
             victims = self._pick_victims()
-            await asyncio.to_thread(self._unlink_all, victims)
+            await self._run(self._unlink_all, victims)
 
     def _store(self, name: str, data: bytes) -> None:
         tmp = os.path.join(self._tmp, f"{name}.{secrets.token_hex(4)}")

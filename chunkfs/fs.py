@@ -75,6 +75,10 @@ class MountOptions:
 
 @dataclass
 class MountStatus:
+    reads: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    write_bytes: int = 0
     errors: int = 0
     last_error: str = ""
     started: float = field(default_factory=time.time)
@@ -195,6 +199,8 @@ class ChunkFS(pyfuse3.Operations):
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,
                 "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
                 "errors": self.status.errors, "last_error": self.status.last_error,
+                "fuse": {"reads": self.status.reads, "read_bytes": self.status.read_bytes,
+                         "writes": self.status.writes, "write_bytes": self.status.write_bytes},
                 "uptime_s": round(time.time() - self.status.started, 1),
                 "redis": self.meta.stats.as_dict(), **self._status_extra()}
 
@@ -403,6 +409,8 @@ class ChunkFS(pyfuse3.Operations):
             body = self.dirs[-fh][0][0]
             return body[off:off + size]
         data = handle.data
+        self.status.reads += 1
+        self.status.read_bytes += size
         sequential = off == handle.next_offset
         if sequential:
             self._readahead(data, off + size)
@@ -428,6 +436,8 @@ class ChunkFS(pyfuse3.Operations):
         data = self.handles[fh].data
         if data is None:
             raise FsError(errno.EBADF)
+        self.status.writes += 1
+        self.status.write_bytes += len(buf)
         growth = self._check_space(data, off, len(buf))
         await data.write(off, buf)
         data.uncommitted_growth += growth

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.auth import S3SigV4Auth
 from botocore.exceptions import BotoCoreError, ClientError
 
 from chunkfs.config import StorageConfig
@@ -54,6 +56,28 @@ class StoreStats:
         return {"requests": dict(self.requests), "errors": self.errors, "retries": self.retries,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "avg_latency_ms": round(avg * 1000, 3)}
+
+
+_BLOCK_PATH = re.compile(r"/blocks/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})_\d+$")
+_DIGEST = "chunkfs_payload_sha256"
+_botocore_payload = S3SigV4Auth.payload
+
+
+def _payload(self: S3SigV4Auth, request: Any) -> str:
+    return request.context.get(_DIGEST) or _botocore_payload(self, request)
+
+
+# Over plain HTTP botocore hashes every PUT body to sign it, synchronously on the event
+# loop, although a block's name already is the SHA-256 of its content. Our client marks
+# block PUTs with that digest (``_mark_block_digest``); every other request is signed as
+# botocore does.
+S3SigV4Auth.payload = _payload  # type: ignore[method-assign]
+
+
+def _mark_block_digest(request: Any, **_: Any) -> None:
+    match = _BLOCK_PATH.search(request.url.split("?", 1)[0])
+    if match and request.method == "PUT":
+        request.context[_DIGEST] = match.group(1)
 
 
 class ObjectStore:
@@ -96,6 +120,7 @@ class ObjectStore:
                 config=aio_config,
             )
         )
+        self._client.meta.events.register("before-sign.s3.PutObject", _mark_block_digest)
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -148,7 +148,8 @@ class BlockStore:
             async with self._puts:
                 await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
             self._uploaded[digest] = time.monotonic()
-        self._spawn(self.cache.put(digest, data))
+        if self.cache.pending_writes < 8:  # a cache that cannot keep up is skipped, not waited for
+            self._spawn(self.cache.put(digest, data))
         return BlockEntry(digest, len(data), len(data))
 
     def _spawn(self, coro: Any) -> None:
