@@ -57,6 +57,16 @@ class Fenced(ChunkfsError):
     errno = errno.EIO
 
 
+class LeaseHeld(ChunkfsError):
+    """Another node holds the volume's writer lease."""
+
+    errno = errno.EBUSY
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class ReadOnly(ChunkfsError):
     errno = errno.EROFS
 

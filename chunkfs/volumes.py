@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from chunkfs.config import StorageConfig, redact_url
 from chunkfs.errors import (
     InvalidArgument,
+    LeaseHeld,
     MetaUnavailable,
     NoSuchObject,
     SnapshotExists,
@@ -197,8 +198,12 @@ class VolumeService:
         await self._redis(lambda: nsops.delete_namespace(self.r, ns))
 
     # ---- writer lease (fencing) -----------------------------------------------------
-    async def acquire_writer(self, name: str, node_id: str) -> int:
-        """Hand ``node_id`` the writer lease; a new epoch fences every previous writer."""
+    async def acquire_writer(self, name: str, node_id: str, *, steal: bool = True) -> int:
+        """Hand ``node_id`` the writer lease; a new epoch fences every previous writer.
+
+        With ``steal=False`` the lease is only taken if it is free (or already ours), in the
+        same transaction: two controllers can never both hand it out.
+        """
         if not node_id:
             raise InvalidArgument("node id is required")
         key = Keys(await self._volume_ns(check_name("volume", name))).vol
@@ -213,6 +218,9 @@ class VolumeService:
                             raise VolumeNotFound(f"volume {name!r} not found")
                         if writer is not None and writer.decode() == node_id:
                             return int(epoch)
+                        if not steal and writer:
+                            raise LeaseHeld(f"volume {name!r} is published to {writer.decode()}",
+                                            writer.decode())
                         pipe.multi()
                         pipe.hincrby(key, "epoch", 1)
                         pipe.hset(key, "writer", node_id)

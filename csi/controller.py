@@ -173,16 +173,14 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerPublishVolume(self, request, context):
         validate.check_capabilities([request.volume_capability])
         svc = await self.services.for_secrets(request.secrets)
-        info = await self._volume(svc, request.volume_id)
+        await self._volume(svc, request.volume_id)  # NOT_FOUND for an unknown volume
         mode = validate.access_mode(request.volume_capability)
         if request.readonly or mode not in validate.SINGLE_WRITER_MODES:
             return csi_pb2.ControllerPublishVolumeResponse()  # no lease: nothing to fence
-        if info.writer == request.node_id:  # repeat: keep the epoch the node mounted with
-            epoch = info.epoch
-        elif info.writer:
-            raise errors.published_elsewhere(request.volume_id, info.writer)
-        else:
-            epoch = await svc.acquire_writer(request.volume_id, request.node_id)
+        try:  # a repeat keeps the epoch the node mounted with; another holder is refused
+            epoch = await svc.acquire_writer(request.volume_id, request.node_id, steal=False)
+        except cf.LeaseHeld as exc:
+            raise errors.published_elsewhere(request.volume_id, exc.holder) from None
         return csi_pb2.ControllerPublishVolumeResponse(publish_context={EPOCH_KEY: str(epoch)})
 
     @require("volume_id")

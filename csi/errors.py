@@ -179,6 +179,7 @@ _CODES: list[tuple[type[cf.ChunkfsError], grpc.StatusCode]] = [
     (cf.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (cf.Fenced, grpc.StatusCode.FAILED_PRECONDITION),
     (cf.ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
+    (cf.LeaseHeld, grpc.StatusCode.FAILED_PRECONDITION),
     (cf.MetaUnavailable, grpc.StatusCode.UNAVAILABLE),
     (cf.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (cf.CorruptObject, grpc.StatusCode.DATA_LOSS),

@@ -192,3 +192,15 @@ async def test_clone_of_a_live_volume_and_capacity_check(svc: VolumeService) -> 
     clone = await svc.create_volume("copy", GiB, source_volume="src")
     assert await read_inline(meta_of(svc, clone.id), ROOT_INODE, b"f") == b"y" * 100
     assert clone.used_bytes == 100
+
+
+async def test_taking_a_held_lease_without_stealing_is_refused(svc: VolumeService) -> None:
+    from chunkfs.errors import LeaseHeld
+
+    await svc.create_volume("rwo", GiB)
+    epoch = await svc.acquire_writer("rwo", "node-a", steal=False)
+    assert await svc.acquire_writer("rwo", "node-a", steal=False) == epoch
+    with pytest.raises(LeaseHeld) as err:
+        await svc.acquire_writer("rwo", "node-b", steal=False)
+    assert err.value.holder == "node-a"
+    assert (await svc.get_volume("rwo")).epoch == epoch  # nothing changed
