@@ -12,6 +12,12 @@ depend on, by name in the module's namespace); helpers are imported by name:
   mnt          function  Mount of `volume` (default options, its own cache dir)
   shared_mnt   module    one Mount shared by a whole module (unique volume on Redis db 0)
   work         function  a fresh directory inside shared_mnt for one test
+  mount_base   session   the 0755 directory under /tmp for mount points and cache dirs
+  mount_logs   session   where mount logs go (kept in pytest's tmp dir for post-mortems)
+
+Helpers: wait_until (poll, never sleep blindly), start_bounded/run_bounded (a call that
+may block in FUSE while a service is SIGSTOPped), assert_one_line_error, run_as (a
+snippet as another user), rand_bytes/sha256/file_sha256, cache_block_files.
 
 Every mount point lives under a 0755 directory in /tmp (not in pytest's 0700 tmp dirs)
 so that unprivileged users can reach it. Teardown unmounts with `chunkfs umount`, and
@@ -220,6 +226,9 @@ class Mount:
         return self.path / other
 
     def status(self) -> dict[str, Any]:
+        """`chunkfs status --json`. Careful: running a subprocess closes (in the child) every
+        fd this process inherited to it, and each close of a FUSE fd sends a FLUSH: while the
+        test holds files open with unsynced data, use ``status_direct``."""
         return json.loads(self.cli.run("status", str(self.path), "--json").stdout)
 
     def status_direct(self) -> dict[str, Any]:
