@@ -47,6 +47,11 @@ cmd_up() {
     exit 1
   fi
 
+  if [[ ${CHUNKFS_SKIP_CSI_WALKTHROUGH:-} != 1 ]]; then
+    say "driving the CSI plugins: a controller and two node plugins (python -m csi.walkthrough)"
+    "$py" -m csi.walkthrough --dir "$local_dir/csi"
+  fi
+
   local out
   if out="$("$chunkfs" volume create "$volume" --capacity "$capacity" 2>&1)"; then
     say "$out"
