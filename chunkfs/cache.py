@@ -135,13 +135,7 @@ class BlockCache:
         except FileNotFoundError:
             return None
         if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
-            self.stats.corrupt += 1
-            log.warning("corrupt cache block removed", extra={"block": name})
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return None
+            return self._discard_corrupt(name, path)
         try:
             os.utime(path)
         except OSError:
@@ -180,15 +174,17 @@ class BlockCache:
                 ok = False
                 break
         if not ok:
-            self.stats.corrupt += 1
-            log.warning("corrupt cache block removed", extra={"block": name})
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            return None
+            return self._discard_corrupt(name, path)
         offset = start - first * CHUNK
         return body[offset:offset + size]
+
+    def _discard_corrupt(self, name: str, path: str) -> None:
+        self.stats.corrupt += 1
+        log.warning("corrupt cache block removed", extra={"block": name})
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def _forget(self, name: str) -> None:
         size = self._lru.pop(name, None)

@@ -31,17 +31,18 @@ def scrub(value: Any) -> Any:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": scrub(record.getMessage()),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                doc[key] = "***" if _SECRET_KEYS.search(key) else scrub(value)
+        extra = {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+        extra.update(extra.pop("fields", None) or {})  # extra={"fields": {...}} style too
+        for key, value in extra.items():
+            doc[key] = "***" if _SECRET_KEYS.search(key) else scrub(value)
         if record.exc_info:
-            doc["exc"] = scrub(self.formatException(record.exc_info))
+            doc["exception"] = scrub(self.formatException(record.exc_info))
         return json.dumps(doc, default=str)
 
 

@@ -13,7 +13,6 @@ For every unary RPC it
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from google.protobuf.message import Message
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from chunkfs.logs import JsonFormatter
 from csi.errors import to_status
 from csi.v1 import csi_pb2
 
@@ -86,23 +86,7 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
 
 
 # --- logs ---------------------------------------------------------------------------
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; ``extra={"fields": {...}}`` adds keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        doc.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
+# one JSON formatter for the whole project: chunkfs.logs (secrets scrubbed there too)
 
 def setup_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler()
