@@ -235,3 +235,20 @@ def test_status_and_umount_of_something_not_mounted(cli: Cli, mounter: Mounter) 
     for proc in results:
         assert_one_line_error(proc)
     assert "not a chunkfs mount" in results[0].stderr
+
+
+def test_umount_after_the_volume_was_deleted(cli: Cli, mounter: Mounter, volume: str) -> None:
+    """Deleting a mounted volume is either refused, or the mount can still be unmounted."""
+    m = mounter.mount(volume)
+    (m / "f").write_bytes(b"x")
+    proc = cli.run("volume", "delete", volume, check=False)
+    if proc.returncode != 0:  # refused while mounted: fine, if clear and harmless
+        assert_one_line_error(proc, volume)
+        assert (m / "f").read_bytes() == b"x"
+        return
+    proc = cli.run("umount", str(m.path), check=False, timeout=60)
+    if proc.returncode != 0:
+        mounter.kill(m)  # leave nothing behind
+        pytest.fail(f"umount after the volume was deleted failed: {proc.stderr.strip()}")
+    mounter.mounts.remove(m)
+    assert not is_mounted(m.path)
