@@ -64,8 +64,9 @@ KiB = 1 << 10
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05,
-               what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout``."""
+               what: str | Callable[[], str] = "condition") -> Any:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout``
+    (``what`` names the condition; a callable is asked at failure time)."""
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while True:
@@ -77,7 +78,8 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, interval: float =
             last_exc = exc
         if time.monotonic() > deadline:
             extra = f" (last error: {last_exc!r})" if last_exc else ""
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+            name = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {name}{extra}")
         time.sleep(interval)
 
 
