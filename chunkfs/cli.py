@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from chunkfs import logs
 from chunkfs.config import backend_from_env, format_size, parse_size
@@ -179,22 +180,28 @@ def _mount_config(args: argparse.Namespace) -> Any:
     unknown = sorted(set(opts) - known)
     if unknown:
         raise InvalidArgument(f"unknown mount option(s): {', '.join(unknown)}")
-    try:
-        cfg = MountConfig(
-            volume=args.name, mountpoint=os.path.abspath(args.mountpoint), meta_url=meta,
-            storage=storage, cache_dir=os.path.abspath(args.cache_dir), cache_size=args.cache_size,
-            read_only="ro" in opts, epoch=opts.get("epoch") or None,
-            buffer_size=parse_size(opts.get("buffer-size", "256MiB")),
-            memory_cache=parse_size(opts.get("memory-cache", "64MiB")),
-            io_timeout=float(opts.get("io-timeout", "60")),
-            attr_timeout=float(opts.get("attr-timeout", "1")),
-            entry_timeout=float(opts.get("entry-timeout", "1")),
-            readahead_blocks=int(opts.get("readahead", "4")),
-            inline_limit=parse_size(opts.get("inline", "16KiB")),
-            allow_other="noallow_other" not in opts,
-            kernel_readahead_kb=parse_size(opts.get("kernel-readahead", "4MiB")) // 1024)
-    except ValueError as exc:
-        raise InvalidArgument(f"bad mount option value: {exc}") from None
+    def option(key: str, default: str, convert: Callable[[str], Any]) -> Any:
+        value = opts.get(key, default)
+        try:
+            return convert(value)
+        except (ValueError, InvalidArgument) as exc:
+            raise InvalidArgument(f"bad value for mount option {key}={value!r}: {exc}") from None
+
+    cfg = MountConfig(
+        volume=args.name, mountpoint=os.path.abspath(args.mountpoint), meta_url=meta,
+        storage=storage, cache_dir=os.path.abspath(args.cache_dir), cache_size=args.cache_size,
+        read_only="ro" in opts, epoch=opts.get("epoch") or None,
+        buffer_size=option("buffer-size", "256MiB", parse_size),
+        memory_cache=option("memory-cache", "64MiB", parse_size),
+        io_timeout=option("io-timeout", "60", float),
+        attr_timeout=option("attr-timeout", "1", float),
+        entry_timeout=option("entry-timeout", "1", float),
+        readahead_blocks=option("readahead", "4", int),
+        inline_limit=option("inline", "16KiB", parse_size),
+        allow_other="noallow_other" not in opts,
+        kernel_readahead_kb=option("kernel-readahead", "4MiB", parse_size) // 1024)
+    if min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0:
+        raise InvalidArgument("mount option values must not be negative")
     if cfg.epoch is not None and not cfg.epoch.isdigit():
         raise InvalidArgument(f"epoch must be a number, got {cfg.epoch!r}")
     if cfg.buffer_size < 8 << 20:
@@ -324,6 +331,26 @@ def _read_status(mountpoint: str) -> dict[str, Any]:
         raise CliError(f"{mountpoint}: {exc.strerror}") from None
 
 
+def _mount_process_of(mountpoint: str) -> int | None:
+    """The chunkfs process serving ``mountpoint``, from /proc/mounts and command lines."""
+    with open("/proc/mounts") as f:
+        if not any(line.split()[1] == mountpoint and line.split()[2] == "fuse.chunkfs"
+                   for line in f):
+            return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if "mount" in argv and mountpoint in argv and any("chunkfs" in a for a in argv):
+            if int(entry) != os.getpid():
+                return int(entry)
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -335,14 +362,17 @@ def _pid_alive(pid: int) -> bool:
 def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        status = _read_status(mountpoint)
+        pid = int(_read_status(mountpoint)["pid"])
     except CliError as exc:
         if "stale mount" in str(exc):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
             print(f"cleared stale mount {mountpoint}")
             return EXIT_OK
-        raise
-    pid = int(status["pid"])
+        # the status file is unreachable when the volume itself is gone: find the process
+        found = _mount_process_of(mountpoint)
+        if found is None:
+            raise
+        pid = found
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + args.timeout
     while _pid_alive(pid):
@@ -403,13 +433,21 @@ async def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one line too (``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument("--meta", help="metadata engine URL, redis://[:password@]host:port/db "
                          "(default: $CHUNKFS_META)")
     backend.add_argument("--storage", help="object storage, s3://bucket/prefix (default: "
                          "$CHUNKFS_STORAGE; endpoint and credentials from AWS_* variables)")
-    parser = argparse.ArgumentParser(prog="chunkfs", description="A POSIX filesystem whose data "
+    parser = OneLineParser(prog="chunkfs", description="A POSIX filesystem whose data "
                                      "lives in S3 and whose metadata lives in Redis.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -488,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a command reports its outcome itself, in one line; a mount process sets up JSON logs
+    logging.getLogger().addHandler(logging.NullHandler())
     parser = build_parser()
     args = parser.parse_args(argv)
     args.raw_argv = list(sys.argv[1:] if argv is None else argv)
