@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,8 @@ class Cluster:
     def chunkfs(self, *args: str, node: str | None = None,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         prefix = self.nodes[node].nsenter() if node else []
-        return subprocess.run([*prefix, "chunkfs", *args], env=self.env(), check=check,
+        chunkfs = str(Path(sys.executable).with_name("chunkfs"))
+        return subprocess.run([*prefix, chunkfs, *args], env=self.env(), check=check,
                               capture_output=True, text=True, timeout=300)
 
     def mount(self, node: str, volume: str, mountpoint: Path, options: str = "") -> None:
