@@ -7,6 +7,7 @@ errors into errno values in one decorator.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import json
@@ -106,6 +107,7 @@ class ChunkFS(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, list[tuple[bytes, int]]] = {}
         self.lookups: dict[int, int] = {}
+        self.loading: dict[int, asyncio.Future[None]] = {}
         self.orphans: set[int] = set()
         self.versions: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
@@ -205,15 +207,45 @@ class ChunkFS(pyfuse3.Operations):
                 "redis": self.meta.stats.as_dict(), **self._status_extra()}
 
     async def _file(self, ino: int) -> FileData:
-        data = self.files.get(ino)
-        if data is None:
-            assert self.budget is not None
-            attr = await self.meta.getattr(ino)
-            data = FileData(ino, self.meta, self.blocks, self.budget,
-                            block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
-            await data.load(attr.size)
-            self.files[ino] = data
+        data, _ = await self._file_data(ino)
         return data
+
+    async def _file_data(self, ino: int, *, fresh: bool = False,
+                         reload_clean: bool = False) -> tuple[FileData, Attr | None]:
+        """The one FileData of an inode on this mount (loaded once even when several opens
+        race: two objects for one file would each commit their own view of it).
+        ``reload_clean`` re-reads a file nobody has open here (close-to-open)."""
+        while True:
+            loading = self.loading.get(ino)
+            if loading is not None:
+                await asyncio.shield(loading)
+                continue
+            data = self.files.get(ino)
+            if data is not None and reload_clean and data.is_clean and data.opens == 0:
+                del self.files[ino]
+                data = None
+            if data is not None:
+                return data, None
+            done = asyncio.get_running_loop().create_future()
+            self.loading[ino] = done
+            try:
+                assert self.budget is not None
+                data = FileData(ino, self.meta, self.blocks, self.budget,
+                                block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
+                attr = None
+                if fresh:
+                    data.inline = bytearray()
+                else:
+                    attr, inline, entries = await self.meta.open_file(ino)
+                    assert attr is not None
+                    if attr.is_dir:
+                        raise FsError(errno.EISDIR)
+                    data.loaded(attr.size, inline, entries)
+                self.files[ino] = data
+                return data, attr
+            finally:
+                del self.loading[ino]
+                done.set_result(None)
 
     def _drop_if_unused(self, data: FileData) -> None:
         if data.opens <= 0 and data.is_clean and self.files.get(data.ino) is data:
@@ -347,24 +379,7 @@ class ChunkFS(pyfuse3.Operations):
     # ---- files -----------------------------------------------------------------------
     async def _open(self, ino: int, *, fresh: bool = False) -> tuple[pyfuse3.FileInfo, Attr | None]:
         """A handle on the file's data; loads attributes and block map in one round trip."""
-        attr = None
-        data = self.files.get(ino)
-        if data is not None and data.is_clean and data.opens == 0:
-            del self.files[ino]
-            data = None
-        if data is None:
-            assert self.budget is not None
-            data = FileData(ino, self.meta, self.blocks, self.budget,
-                            block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
-            if fresh:
-                data.inline = bytearray()
-            else:
-                attr, inline, entries = await self.meta.open_file(ino)
-                assert attr is not None
-                if attr.is_dir:
-                    raise FsError(errno.EISDIR)
-                data.loaded(attr.size, inline, entries)
-            self.files[ino] = data
+        data, attr = await self._file_data(ino, fresh=fresh, reload_clean=True)
         data.opens += 1
         fh = self._fh()
         self.handles[fh] = Handle(ino, data)

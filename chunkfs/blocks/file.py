@@ -52,6 +52,7 @@ class FileData:
         self.committed_size = 0
         self.size_dirty = False
         self.uncommitted_growth = 0  # bytes appended since the last commit (capacity checks)
+        self.writes = 0  # write calls so far: tells a flush whether writes raced it
         self.lock = asyncio.Lock()
         self.opens = 0
 
@@ -126,6 +127,7 @@ class FileData:
 
     # ---- writes --------------------------------------------------------------------
     async def write(self, off: int, buf: bytes) -> None:
+        self.writes += 1
         end = off + len(buf)
         if self.inline is not None:
             if end <= self.inline_limit:
@@ -221,24 +223,31 @@ class FileData:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
+        """Commit what was written before this call. Writes that arrive while it waits
+        (RELEASE is not serialised with WRITE by the kernel) stay dirty for the next flush:
+        the size, body and block set committed are captured at one instant."""
         if self.inline is not None and self.inline_dirty:
-            body = bytes(self.inline)
-            await self.meta.commit(self.ino, size=self.size, inline=body)
-            self.inline_dirty = False
-            self.committed_size = max(self.committed_size, self.size)
-            self.uncommitted_growth = 0
+            body, size, writes = bytes(self.inline), self.size, self.writes
+            await self.meta.commit(self.ino, size=size, inline=body)
+            self.committed_size = max(self.committed_size, size)
+            if self.writes == writes:
+                self.inline_dirty = False
+                self.uncommitted_growth = 0
             return
         self._start_all_uploads()
-        while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        size, writes, mine = self.size, self.writes, list(self.tasks)
+        await asyncio.gather(*mine, return_exceptions=True)
         if self.errors:
             err = self.errors[0]
             self.errors.clear()
             raise err
-        if not (self.pending or self.converted or self.size > self.committed_size or self.size_dirty):
+        # every finished upload goes in: one that started after the capture holds the
+        # captured bytes of its block too (plus newer ones, hidden beyond ``size`` until
+        # the next commit); blocks wholly past ``size`` wait for the next commit
+        changes = {idx: entry for idx, (_, entry) in self.pending.items() if idx * self.bs < size}
+        if not (changes or self.converted or size > self.committed_size or self.size_dirty):
             return
-        changes = {idx: entry for idx, (_, entry) in self.pending.items()}
-        await self.meta.commit(self.ino, size=self.size, entries=changes)
+        await self.meta.commit(self.ino, size=size, entries=changes)
         for idx, entry in changes.items():
             if entry is None:
                 self.entries.pop(idx, None)
@@ -248,8 +257,9 @@ class FileData:
                 del self.pending[idx]
         self.converted = False
         self.size_dirty = False
-        self.committed_size = max(self.committed_size, self.size)
-        self.uncommitted_growth = 0
+        self.committed_size = max(self.committed_size, size)
+        if self.writes == writes:
+            self.uncommitted_growth = 0
 
     async def truncate(self, size: int) -> None:
         async with self.lock:

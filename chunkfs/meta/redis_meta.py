@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chunkfs.config import redact_url
@@ -67,6 +67,8 @@ def translate(exc: ResponseError) -> Exception:
         return NoSpace("volume capacity exceeded")
     if code == "EROFS":
         return ReadOnly("snapshots are read-only")
+    if code in ("WRONGPASS", "NOAUTH", "NOPERM"):
+        return MetaUnavailable("Redis refused the credentials (check the password in the URL)")
     if code == "NOVOL":
         return FsError(errno.ESTALE, "volume was deleted")
     return exc
@@ -105,6 +107,8 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                 stats.latency_sum += time.monotonic() - start
                 stats.by_op[op] = stats.by_op.get(op, 0) + 1
             return result
+        except AuthenticationError as exc:  # retrying cannot help
+            raise MetaUnavailable("Redis refused the credentials (check the password in the URL)") from exc
         except ResponseError as exc:
             if error_code(exc) == "FROZEN" and time.monotonic() < frozen_limit:
                 await asyncio.sleep(0.01 + random.random() * 0.02)
