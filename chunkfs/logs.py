@@ -14,7 +14,8 @@ import time
 from typing import Any
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-_SECRET_KEYS = re.compile(r"secret|password|passwd|token|credential|access.?key", re.I)
+# a key naming a secret value; "secrets" (a list of secret *names*, as CSI logs them) is fine
+_SECRET_KEYS = re.compile(r"secret(?!s$)|password|passwd|token|credential|access.?key", re.I)
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
 
 
