@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator
-
-import pytest
 
 from chunkfs.blocks.store import BlockStore
 from chunkfs.cache import BlockCache
-from chunkfs.config import StorageConfig
 from chunkfs.gc import collect_garbage
-from chunkfs.meta.redis_meta import VolumeMeta, connect_fast
+from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.objstore import block_key
 from chunkfs.volumes import VolumeService
-
-
-@pytest.fixture
-async def svc(meta_url: str, s3_env: dict[str, str]) -> AsyncIterator[VolumeService]:
-    service = await VolumeService.open(meta_url, StorageConfig.from_url(s3_env["CHUNKFS_STORAGE"], s3_env))
-    service.fast = connect_fast(meta_url)  # type: ignore[attr-defined]
-    yield service
-    await service.fast.aclose()  # type: ignore[attr-defined]
-    await service.close()
 
 
 async def write_file(svc: VolumeService, blocks: BlockStore, ns: str, name: bytes, body: bytes) -> str:

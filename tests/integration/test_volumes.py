@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import AsyncIterator
 
 import pytest
 
-from chunkfs.config import StorageConfig
 from chunkfs.errors import (
     Fenced,
     InvalidArgument,
@@ -18,20 +16,11 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fsck import check_namespace
-from chunkfs.meta.redis_meta import VolumeMeta, connect_fast
+from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.volumes import VolumeService
 
 GiB = 1 << 30
-
-
-@pytest.fixture
-async def svc(meta_url: str, s3_env: dict[str, str]) -> AsyncIterator[VolumeService]:
-    service = await VolumeService.open(meta_url, StorageConfig.from_url(s3_env["CHUNKFS_STORAGE"], s3_env))
-    service.fast = connect_fast(meta_url)  # type: ignore[attr-defined]
-    yield service
-    await service.fast.aclose()  # type: ignore[attr-defined]
-    await service.close()
 
 
 def meta_of(svc: VolumeService, ns: str, epoch: str = "1", **kw: object) -> VolumeMeta:
