@@ -453,7 +453,13 @@ class ChunkFS(pyfuse3.Operations):
             raise FsError(errno.EBADF)
         self.status.writes += 1
         self.status.write_bytes += len(buf)
-        growth = self._check_space(data, off, len(buf))
+        try:
+            growth = self._check_space(data, off, len(buf))
+        except NoSpace:
+            # the usage we know may be up to a second old (space freed meanwhile): ask once
+            state = await self.meta.volume_state()
+            self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+            growth = self._check_space(data, off, len(buf))
         await data.write(off, buf)
         data.uncommitted_growth += growth
         return len(buf)
