@@ -110,9 +110,6 @@ class BlockCache:
             self.used += size
         self._evict_sync()
 
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        return _name(*key) in self._lru
-
     async def get(self, digest: str, length: int) -> bytes | None:
         name = _name(digest, length)
         if name not in self._lru:

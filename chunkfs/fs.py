@@ -90,7 +90,6 @@ class Handle:
     ino: int
     data: FileData | None
     next_offset: int = 0
-    window: int = 1
 
 
 class ChunkFS(pyfuse3.Operations):
@@ -189,6 +188,11 @@ class ChunkFS(pyfuse3.Operations):
         if used + growth > capacity:
             raise NoSpace(f"volume full: {used} of {capacity} bytes in use")
         return growth
+
+    async def _refresh_usage(self) -> dict[str, bytes]:
+        state = await self.meta.volume_state()
+        self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        return state
 
     def uncommitted_growth(self) -> int:
         return sum(f.uncommitted_growth for f in self.files.values())
@@ -457,8 +461,7 @@ class ChunkFS(pyfuse3.Operations):
             growth = self._check_space(data, off, len(buf))
         except NoSpace:
             # the usage we know may be up to a second old (space freed meanwhile): ask once
-            state = await self.meta.volume_state()
-            self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+            await self._refresh_usage()
             growth = self._check_space(data, off, len(buf))
         await data.write(off, buf)
         data.uncommitted_growth += growth
@@ -530,8 +533,7 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        state = await self.meta.volume_state()
-        self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        state = await self._refresh_usage()
         capacity = int(state.get("capacity", 0))
         used = min(capacity, int(state.get("used", 0)) + self.uncommitted_growth())
         s = pyfuse3.StatvfsData()

@@ -75,13 +75,7 @@ class BlockStore:
         data = self.memory.get(entry.digest)
         if data is not None:
             return data
-        fut = self._inflight.get(entry.digest)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[entry.digest] = fut
-            task = asyncio.create_task(self._load(entry, fut))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        fut = self._inflight.get(entry.digest) or self._start_load(entry)
         return await asyncio.shield(fut)
 
     async def read_range(self, entry: BlockEntry, start: int, size: int) -> bytes:
@@ -99,12 +93,15 @@ class BlockStore:
     def prefetch(self, entry: BlockEntry) -> None:
         """Start loading a block that a sequential reader will want soon."""
         if self.memory.get(entry.digest) is None and entry.digest not in self._inflight:
-            fut = asyncio.get_running_loop().create_future()
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._inflight[entry.digest] = fut
-            task = asyncio.create_task(self._load(entry, fut))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._start_load(entry)
+
+    def _start_load(self, entry: BlockEntry) -> asyncio.Future[bytes]:
+        """Single flight: the one load of a block that every reader of it awaits."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
+        self._inflight[entry.digest] = fut
+        self._spawn(self._load(entry, fut))
+        return fut
 
     async def _load(self, entry: BlockEntry, fut: asyncio.Future[bytes]) -> None:
         try:

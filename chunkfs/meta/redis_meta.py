@@ -23,7 +23,6 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chunkfs.config import redact_url
 from chunkfs.errors import Fenced, FsError, MetaUnavailable, NoSpace, ReadOnly
 from chunkfs.meta import scripts
 from chunkfs.meta.resp import RespClient, pairs_to_dict
@@ -328,7 +327,3 @@ class VolumeMeta:
         script = self._scripts["PURGE"]
         await self._call("purge", lambda: self.r.evalsha(script, [self.keys.vol],
                                                          [self.keys.prefix, ino]))
-
-
-def describe(url: str) -> str:
-    return redact_url(url)
