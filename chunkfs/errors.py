@@ -57,6 +57,26 @@ class Fenced(ChunkfsError):
     errno = errno.EIO
 
 
+class SessionExpired(ChunkfsError):
+    """This mount was silent for so long that GC declared its session dead: what it
+    uploaded but never committed may be gone, so it may not commit any more (remount)."""
+
+    errno = errno.EIO
+
+
+class VolumeFrozen(ChunkfsError):
+    """A snapshot kept the volume's writers waiting for longer than a freeze may last."""
+
+    errno = errno.EIO
+
+
+class StorageClaimed(ChunkfsError):
+    """The storage prefix belongs to another metadata engine (or this one's identity is
+    missing): using it would let one engine's GC delete the other's blocks."""
+
+    errno = errno.EIO
+
+
 class LeaseHeld(ChunkfsError):
     """Another node holds the volume's writer lease."""
 
@@ -91,6 +111,11 @@ class CorruptObject(ChunkfsError):
     """An object's content does not match its content address."""
 
     errno = errno.EIO
+
+
+class BlockMissing(CorruptObject):
+    """A block map points at an object the store does not have (for a reader holding an
+    old block map: the file changed and GC collected the replaced block)."""
 
 
 class FsError(ChunkfsError):

@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from chunkfs.meta.schema import ROOT_INODE, Keys
+from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys
 
 FORMAT = 1
 
@@ -46,7 +46,6 @@ end
 return out
 """
 _BATCH = 2000
-FREEZE_SECONDS = 60
 
 
 def new_namespace_id() -> str:

@@ -13,8 +13,9 @@ import asyncio
 import errno
 import logging
 import random
+import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,17 +24,37 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chunkfs.errors import Fenced, FsError, MetaUnavailable, NoSpace, ReadOnly
+from chunkfs.errors import (
+    Fenced,
+    FsError,
+    MetaUnavailable,
+    NoSpace,
+    ReadOnly,
+    SessionExpired,
+    VolumeFrozen,
+)
 from chunkfs.meta import scripts
 from chunkfs.meta.resp import RespClient, pairs_to_dict
-from chunkfs.meta.schema import ATTR_FIELDS, Attr, BlockEntry, Keys
+from chunkfs.meta.schema import (
+    ATTR_FIELDS,
+    FREEZE_SECONDS,
+    GC_DOOMED,
+    GC_STATE,
+    Attr,
+    BlockEntry,
+    Keys,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ERRNO_CODES = {name: getattr(errno, name) for name in (
     "ENOENT", "EEXIST", "ENOTEMPTY", "ENOTDIR", "EISDIR", "EINVAL", "EPERM", "ENODATA")}
-_FROZEN_WAIT = 30.0
+# a freeze ends by itself FREEZE_SECONDS after its last renewal: waiting longer than
+# that means the snapshot's copy keeps renewing it, which is reported, not waited out
+_FROZEN_WAIT = FREEZE_SECONDS + 5.0
+_MUTATIONS = ("CREATE", "LINK", "UNLINK", "RENAME", "SETATTR", "TRUNCATE", "COMMIT", "XATTR",
+              "PURGE", "HEARTBEAT", "REGISTER", "SETTLE")
 
 
 def connect_fast(url: str, timeout: float = 10.0) -> RespClient:
@@ -70,6 +91,9 @@ def translate(exc: ResponseError) -> Exception:
         return MetaUnavailable("Redis refused the credentials (check the password in the URL)")
     if code == "NOVOL":
         return FsError(errno.ESTALE, "volume was deleted")
+    if code == "SESSION":
+        return SessionExpired("this mount was unreachable for so long that its session was "
+                              "declared dead; remount the volume")
     return exc
 
 
@@ -109,9 +133,12 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
         except AuthenticationError as exc:  # retrying cannot help
             raise MetaUnavailable("Redis refused the credentials (check the password in the URL)") from exc
         except ResponseError as exc:
-            if error_code(exc) == "FROZEN" and time.monotonic() < frozen_limit:
-                await asyncio.sleep(0.01 + random.random() * 0.02)
-                continue
+            if error_code(exc) == "FROZEN":
+                if time.monotonic() < frozen_limit:
+                    await asyncio.sleep(0.01 + random.random() * 0.02)
+                    continue
+                raise VolumeFrozen(f"a snapshot of the volume kept writers waiting for more "
+                                   f"than {_FROZEN_WAIT:.0f}s") from exc
             raise translate(exc) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             if stats is not None:
@@ -142,14 +169,20 @@ class VolumeMeta:
         self.read_only = read_only
         self.deadline = deadline
         self.stats = MetaStats()
-        self._scripts: dict[str, str] = {name: getattr(scripts, name) for name in (
-            "LOOKUP", "CREATE", "LINK", "UNLINK", "RENAME", "SETATTR", "TRUNCATE",
-            "COMMIT", "XATTR", "PURGE")}
+        self._requests = 0
+        self._instance = secrets.token_hex(6)
+
+    def _request_key(self) -> str:
+        """A reply key unique to one logical request (kept across its retries)."""
+        self._requests += 1
+        return self.keys.reply(f"{self._instance}.{self._requests}")
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if self.read_only and name not in ("LOOKUP",):
+        if self.read_only and name in _MUTATIONS and name not in ("REGISTER", "SETTLE"):
             raise ReadOnly("mounted read-only")
-        script = self._scripts[name]
+        script = getattr(scripts, name)
+        if name in _MUTATIONS:
+            keys = [*keys, self._request_key()]
         return await with_retries(lambda: self.r.evalsha(script, keys, args),
                                   deadline=self.deadline, stats=self.stats, op=name.lower(),
                                   client=self.r)
@@ -274,16 +307,19 @@ class VolumeMeta:
                         [self.epoch, size, block_size, now_ns()])
 
     async def commit(self, ino: int, *, size: int, entries: dict[int, BlockEntry | None] | None = None,
-                     inline: bytes | None = None) -> None:
-        """Make new data visible atomically: an inline body, or a set of block entries."""
+                     inline: bytes | None = None, settle: Sequence[str] = ()) -> None:
+        """Make new data visible atomically: an inline body, or a set of block entries.
+        ``settle``: object keys of this session's uploads that the new block map references
+        (or that it superseded), released from GC's protection in the same step."""
         args: list[Any] = [self.epoch, now_ns(), size]
-        if inline is not None:
-            args += ["I", inline]
-        else:
-            args += ["B", ""]
+        args += ["I", inline] if inline is not None else ["B", ""]
+        args += [self.session, len(settle), *settle]
+        if inline is None:
             for idx, entry in sorted((entries or {}).items()):
                 args += [idx, entry.encode() if entry else ""]
-        await self._run("COMMIT", [self.keys.vol, self.keys.inode(ino), self.keys.blocks(ino)], args)
+        k = self.keys
+        await self._run("COMMIT", [k.vol, k.inode(ino), k.blocks(ino), k.pending, k.settled,
+                                   k.sessions], args)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],
@@ -293,18 +329,39 @@ class VolumeMeta:
         await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],
                         [self.epoch, name, b"", 0, now_ns(), "1"])
 
-    async def heartbeat(self, ttl: float = 120.0) -> None:
-        """Tell other mounts this session is alive (its orphans must not be reaped)."""
+    async def heartbeat(self) -> None:
+        """Tell other mounts and GC that this session is alive (its orphans must not be
+        reaped, its uploads not collected). Raises SessionExpired once GC declared it dead."""
         if self.read_only:
             return
-        expiry = int((time.time() + ttl) * 1000)
-        await self._call("heartbeat", lambda: self.r.execute(
-            "HSET", self.keys.sessions, self.session, expiry))
+        await self._run("HEARTBEAT", [self.keys.vol, self.keys.sessions], [self.session])
 
     async def end_session(self) -> None:
-        if not self.read_only:
-            await self._call("heartbeat", lambda: self.r.execute(
+        """A clean end: release every upload registration, then the session itself."""
+        if self.read_only:
+            return
+        await self.settle_uploads(["*"])
+        await self._call("heartbeat", lambda: self.r.execute(
                 "HDEL", self.keys.sessions, self.session))
+
+    # ---- upload protection (docs/dev/gc.md) -------------------------------------------
+    async def register_upload(self, object_key: str) -> tuple[int, bool]:
+        """Count an upload GC must keep until a commit references it; returns (GC
+        generation, True while a GC run is deleting that very object)."""
+        k = self.keys
+        await self._run("REGISTER", [k.vol, k.pending, k.sessions], [self.session, object_key])
+        return await self.doomed(object_key)
+
+    async def doomed(self, object_key: str) -> tuple[int, bool]:
+        gen, doomed = await self._call("doomed", lambda: self.r.evalsha(
+            scripts.DOOMED, [GC_DOOMED, GC_STATE], [object_key]))
+        return int(gen), bool(int(doomed))
+
+    async def settle_uploads(self, object_keys: Sequence[str]) -> None:
+        """Release registrations of uploads no commit will reference (``["*"]``: all)."""
+        if object_keys:
+            k = self.keys
+            await self._run("SETTLE", [k.vol, k.pending, k.settled], [self.session, *object_keys])
 
     async def reap_orphans(self) -> int:
         """Purge unlinked inodes left behind by mounts that died while holding them."""
@@ -313,7 +370,7 @@ class VolumeMeta:
         orphans, sessions = await self._call("reap", lambda: self.r.pipeline([
             ("HGETALL", self.keys.orphans), ("HGETALL", self.keys.sessions)]))
         alive = {s for s, exp in pairs_to_dict(sessions).items()
-                 if int(exp) > time.time() * 1000}
+                 if exp.isdigit() and int(exp) > time.time() * 1000}
         reaped = 0
         for ino, session in pairs_to_dict(orphans).items():
             if session not in alive and session.decode() != self.session:
@@ -324,6 +381,4 @@ class VolumeMeta:
     async def purge(self, ino: int) -> None:
         if self.read_only:
             return
-        script = self._scripts["PURGE"]
-        await self._call("purge", lambda: self.r.evalsha(script, [self.keys.vol],
-                                                         [self.keys.prefix, ino]))
+        await self._run("PURGE", [self.keys.vol], [self.epoch, self.keys.prefix, ino])

@@ -4,6 +4,15 @@ Global keys (one of each per Redis database):
 
     cfs:volumes            HASH  volume name   -> namespace id
     cfs:snapshots          HASH  snapshot name -> namespace id
+    cfs:engine             STRING this metadata engine's identity (random hex); the storage
+                                 prefix records the one engine it belongs to (chunkfs/claim.py)
+
+Garbage collection (one hash-tag slot of their own; the protocol is docs/dev/gc.md):
+
+    cfs{_gc}:state         HASH  gen (bumped before each deletion phase), owner (GC run id),
+                                 lease (unix ms until which the owner's lease holds), started
+    cfs{_gc}:doomed        SET   object keys that the running GC is about to delete; an upload
+                                 of one of them waits until GC is done
 
 Per namespace (a volume or a snapshot); every key carries the namespace id as its
 Redis Cluster hash tag, so every multi-key script of one volume runs on one shard:
@@ -17,7 +26,14 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
                                  inode open or known to its kernel; removed when it lets go
     cfs{ID}:sessions       HASH  session -> expiry (unix ms), renewed by each live mount; the
-                                 orphans of an expired session are reaped by the next mount
+                                 orphans of an expired session are reaped by the next mount.
+                                 "dead:<ms>": tombstoned by GC (silent far past its expiry);
+                                 such a session can no longer register, commit or heartbeat
+    cfs{ID}:pending        HASH  "<object key> <session>" -> count of that session's uploads of
+                                 the object that no block map references yet (GC keeps them)
+    cfs{ID}:settled        HASH  object key -> unix ms when an upload of it was last committed
+                                 or superseded (GC runs that started before then keep it)
+    cfs{ID}:r:<request>    STRING the stored reply of a mutation (exact retries), expires
     cfs{ID}:i<ino>         HASH  m mode (type bits included), u uid, g gid, n nlink, s size,
                                  a/t/c atime/mtime/ctime in ns, r rdev, p parent (directories),
                                  l symlink target, d inline data (present iff the file's data
@@ -42,13 +58,17 @@ from dataclasses import dataclass
 ROOT_INODE = 1
 VOLUMES = "cfs:volumes"
 SNAPSHOTS = "cfs:snapshots"
+ENGINE = "cfs:engine"
+GC_STATE = "cfs{_gc}:state"
+GC_DOOMED = "cfs{_gc}:doomed"
+FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was last renewed
 ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
 
 
 class Keys:
     """Key builders for one namespace."""
 
-    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions")
+    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -57,6 +77,11 @@ class Keys:
         self.idx = self.prefix + "idx"
         self.orphans = self.prefix + "orphans"
         self.sessions = self.prefix + "sessions"
+        self.pending = self.prefix + "pending"
+        self.settled = self.prefix + "settled"
+
+    def reply(self, request: str) -> str:
+        return f"{self.prefix}r:{request}"
 
     def inode(self, ino: int) -> str:
         return f"{self.prefix}i{ino}"

@@ -5,9 +5,27 @@ the same atomic step as it mutates, so a stale writer can never commit and a cra
 can never leave half an operation behind. All keys of one script share the volume's
 hash tag. Errors come back as short codes (``ENOENT``, ``FENCED``, ...) that
 ``chunkfs.meta.redis_meta`` turns into typed exceptions.
+
+Retries are exact: every mutation is built by ``_mutation`` and takes, as its last
+KEY, a reply key unique to the caller's request (``Keys.reply``). The first run that
+succeeds stores its result there for ``REPLY_TTL_MS``; a retry of the same request
+(its reply was lost, or it arrived late through a slow network) returns that stored
+result instead of running again. So a ``mkdir`` whose reply was lost does not fail
+with EEXIST on retry, and an ``unlink`` cannot report ENOENT after succeeding.
+Failed runs store nothing: they changed nothing, so running them again is exact too.
+
+Upload protection (the GC protocol, ``docs/dev/gc.md``): before a block is uploaded,
+``REGISTER`` counts it in the volume's ``pending`` hash under the mount's session;
+``COMMIT`` (or ``SETTLE`` for uploads that were superseded) moves it to ``settled``
+in the same atomic step that makes the block map reference it. ``GC_PROTECTED``
+is GC's view of both, and tombstones sessions that have been silent too long, after
+which those sessions can neither register nor commit.
 """
 
 from __future__ import annotations
+
+REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
+SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
 
 PRELUDE = r"""
 local vol = KEYS[1]
@@ -55,7 +73,34 @@ local function drop_link(prefix, ino, now, keep, session)
   end
   return n
 end
+-- a session tombstoned by GC ('dead:<ms>') may no longer register or commit uploads
+local function session_dead(sessions, session)
+  local v = redis.call('HGET', sessions, session)
+  return v ~= false and string.sub(v, 1, 5) == 'dead:'
+end
+-- one registration of an upload by ``session`` is no longer needed: its block is
+-- referenced by a block map now (or was superseded); GC runs that started before this
+-- instant still count it as live
+local function settle(pending, settled, session, objkey, now)
+  local f = objkey .. ' ' .. session
+  if redis.call('HINCRBY', pending, f, -1) <= 0 then redis.call('HDEL', pending, f) end
+  redis.call('HSET', settled, objkey, now)
+end
 """
+
+
+def _mutation(body: str) -> str:
+    """A mutating script: ``body`` runs at most once per reply key (the last KEY)."""
+    return PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
+local reply = KEYS[#KEYS]
+local prev = redis.call('GET', reply)
+if prev then return cjson.decode(prev) end
+local res = body()
+if type(res) == 'table' and res.err then return res end
+redis.call('SET', reply, cjson.encode(res), 'PX', {REPLY_TTL_MS})
+return res
+"""
+
 
 # KEYS: dir ; ARGV: name, prefix  ->  {ino, {attr fields}} or nil
 LOOKUP = r"""
@@ -64,9 +109,9 @@ if not ino then return nil end
 return {ino, redis.call('HMGET', ARGV[2] .. 'i' .. ino, 'm','u','g','n','s','a','t','c','r')}
 """
 
-# KEYS: vol, parent dir, parent inode, idx
+# KEYS: vol, parent dir, parent inode, idx, reply
 # ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
-CREATE = PRELUDE + r"""
+CREATE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
@@ -85,10 +130,10 @@ redis.call('HINCRBY', vol, 'inodes', 1)
 redis.call('HSET', KEYS[3], 't', now, 'c', now)
 if isdir then redis.call('HINCRBY', KEYS[3], 'n', 1) end
 return ino
-"""
+""")
 
-# KEYS: vol, parent dir, parent inode, target inode ; ARGV: epoch, name, ino, now
-LINK = PRELUDE + r"""
+# KEYS: vol, parent dir, parent inode, target inode, reply ; ARGV: epoch, name, ino, now
+LINK = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
 local k = kind(redis.call('HGET', KEYS[4], 'm'))
@@ -100,10 +145,10 @@ local n = redis.call('HINCRBY', KEYS[4], 'n', 1)
 redis.call('HSET', KEYS[4], 'c', ARGV[4])
 redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
 return n
-"""
+""")
 
-# KEYS: vol, parent dir, parent inode ; ARGV: epoch, name, is_dir, now, prefix, keep, session
-UNLINK = PRELUDE + r"""
+# KEYS: vol, parent dir, parent inode, reply ; ARGV: epoch, name, is_dir, now, prefix, keep, session
+UNLINK = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 local prefix = ARGV[5]
 local ino = redis.call('HGET', KEYS[2], ARGV[2])
@@ -123,12 +168,12 @@ if k == 'dir' then
   return {ino, 0}
 end
 return {ino, drop_link(prefix, ino, ARGV[4], ARGV[6], ARGV[7])}
-"""
+""")
 
-# KEYS: vol, src dir, dst dir, src parent inode, dst parent inode
+# KEYS: vol, src dir, dst dir, src parent inode, dst parent inode, reply
 # ARGV: epoch, src name, dst name, flags (1 noreplace, 2 exchange), now, prefix, keep, session,
 #       src parent ino, dst parent ino
-RENAME = PRELUDE + r"""
+RENAME = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 local prefix, now, flags = ARGV[6], ARGV[5], tonumber(ARGV[4])
 local ino = redis.call('HGET', KEYS[2], ARGV[2])
@@ -197,18 +242,18 @@ if sk then redis.call('HSET', prefix .. 'i' .. ino, 'c', now) end
 redis.call('HSET', KEYS[4], 't', now, 'c', now)
 redis.call('HSET', KEYS[5], 't', now, 'c', now)
 return {dino or 0, left}
-"""
+""")
 
-# KEYS: vol, inode ; ARGV: epoch, field, value, field, value, ...
-SETATTR = PRELUDE + r"""
+# KEYS: vol, inode, reply ; ARGV: epoch, field, value, field, value, ...
+SETATTR = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
-"""
+""")
 
-# KEYS: vol, inode, blocks ; ARGV: epoch, new size, block size, now
-TRUNCATE = PRELUDE + r"""
+# KEYS: vol, inode, blocks, reply ; ARGV: epoch, new size, block size, now
+TRUNCATE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 local size, bs = tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -240,21 +285,25 @@ end
 redis.call('HSET', KEYS[2], 's', ARGV[2], 't', ARGV[4], 'c', ARGV[4])
 if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
 return 1
-"""
+""")
 
-# KEYS: vol, inode, blocks
+# KEYS: vol, inode, blocks, pending, settled, sessions, reply
 # ARGV: epoch, now, size (the file is at least this large afterwards), mode ('I' inline, 'B'),
-#       inline data, then pairs of block index, entry ('' removes the entry)
-COMMIT = PRELUDE + r"""
+#       inline data, session, n (uploads to settle), n object keys, then pairs of block index,
+#       entry ('' removes the entry)
+COMMIT = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
+local session, nsettle = ARGV[6], tonumber(ARGV[7])
+if nsettle > 0 and session_dead(KEYS[6], session) then return redis.error_reply('SESSION') end
+local first = 8 + nsettle
 local delta = 0
 local d = redis.call('HGET', KEYS[2], 'd')
 if ARGV[4] == 'I' then
   delta = #ARGV[5] - (d and #d or 0)
 else
   if d then delta = delta - #d end
-  for i = 6, #ARGV, 2 do
+  for i = first, #ARGV, 2 do
     local old = redis.call('HGET', KEYS[3], ARGV[i])
     if old then delta = delta - valid_of(old) end
     if ARGV[i + 1] ~= '' then delta = delta + valid_of(ARGV[i + 1]) end
@@ -268,20 +317,22 @@ if ARGV[4] == 'I' then
   redis.call('HSET', KEYS[2], 'd', ARGV[5])
 else
   if d then redis.call('HDEL', KEYS[2], 'd') end
-  for i = 6, #ARGV, 2 do
+  for i = first, #ARGV, 2 do
     if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
     else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
   end
 end
+local now = now_ms()
+for i = 8, first - 1 do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
 local size = tonumber(redis.call('HGET', KEYS[2], 's'))
 if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
 redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
 if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
 return 1
-"""
+""")
 
-# KEYS: vol, inode, xattrs ; ARGV: epoch, name, value, flags (1 create, 2 replace), now, remove
-XATTR = PRELUDE + r"""
+# KEYS: vol, inode, xattrs, reply ; ARGV: epoch, name, value, flags (1 create, 2 replace), now, remove
+XATTR = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 local exists = redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
@@ -295,11 +346,106 @@ else
 end
 redis.call('HSET', KEYS[2], 'c', ARGV[5])
 return 1
+""")
+
+# KEYS: vol, reply ; ARGV: epoch, prefix, ino  -- remove an orphan once its last local
+# opener closed it; fenced and frozen like every other mutation
+PURGE = _mutation(r"""
+local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
+local n = tonumber(redis.call('HGET', ARGV[2] .. 'i' .. ARGV[3], 'n'))
+if n and n <= 0 then destroy(ARGV[2], ARGV[3]) return 1 end
+return 0
+""")
+
+# KEYS: vol, sessions, reply ; ARGV: session  -- keep a mount's session alive
+HEARTBEAT = _mutation(rf"""
+if session_dead(KEYS[2], ARGV[1]) then return redis.error_reply('SESSION') end
+redis.call('HSET', KEYS[2], ARGV[1], I(now_ms() + {SESSION_TTL_MS}))
+return 1
+""")
+
+# KEYS: vol, pending, sessions, reply ; ARGV: session, object keys...
+# Protect uploads that no block map references yet (called before each PUT). Registering
+# also renews the session: a mount that uploads is alive.
+REGISTER = _mutation(rf"""
+if session_dead(KEYS[3], ARGV[1]) then return redis.error_reply('SESSION') end
+redis.call('HSET', KEYS[3], ARGV[1], I(now_ms() + {SESSION_TTL_MS}))
+for i = 2, #ARGV do redis.call('HINCRBY', KEYS[2], ARGV[i] .. ' ' .. ARGV[1], 1) end
+return 1
+""")
+
+# KEYS: vol, pending, settled, reply ; ARGV: session, object keys... ('*' alone: every
+# registration of the session, at unmount)
+SETTLE = _mutation(r"""
+local now = now_ms()
+if ARGV[2] == '*' then
+  local suffix = ' ' .. ARGV[1]
+  local flat = redis.call('HGETALL', KEYS[2])
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if string.sub(f, -#suffix) == suffix then
+      redis.call('HDEL', KEYS[2], f)
+      redis.call('HSET', KEYS[3], string.sub(f, 1, #f - #suffix), now)
+    end
+  end
+  return 1
+end
+for i = 2, #ARGV do settle(KEYS[2], KEYS[3], ARGV[1], ARGV[i], now) end
+return 1
+""")
+
+# KEYS: pending, settled, sessions ; ARGV: run start (ms), session grace (ms), tombstone
+# lifetime (ms), prune ('1': forget and tombstone; '0': only look, for dry runs)
+#   ->  object keys that GC must treat as live for a run started at ARGV[1]
+# Sessions silent for longer than their expiry + grace are tombstoned ('dead:<ms>') in the
+# same step as their registrations are dropped, so such a session can never commit what
+# it registered (COMMIT refuses a dead session). Settlements older than the run are
+# dropped: the block maps that GC marks after this call show them.
+GC_PROTECTED = PRELUDE + r"""
+local now = now_ms()
+local run_start, grace, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local prune = ARGV[4] == '1'
+local alive = {}
+local function is_alive(s)
+  if alive[s] == nil then
+    local v = redis.call('HGET', KEYS[3], s)
+    local dead = v ~= false and string.sub(v, 1, 5) == 'dead:'
+    local ok = v ~= false and not dead and tonumber(v) + grace > now
+    if prune and not ok and not dead then redis.call('HSET', KEYS[3], s, 'dead:' .. I(now)) end
+    alive[s] = ok
+  end
+  return alive[s]
+end
+local live = {}
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local key, s = string.match(flat[i], '^(.*) ([^ ]*)$')
+  if key and is_alive(s) then live[#live + 1] = key
+  elseif prune then redis.call('HDEL', KEYS[1], flat[i]) end
+end
+flat = redis.call('HGETALL', KEYS[2])
+for i = 1, #flat, 2 do
+  if tonumber(flat[i + 1]) >= run_start then live[#live + 1] = flat[i]
+  elseif prune then redis.call('HDEL', KEYS[2], flat[i]) end
+end
+if prune then
+  flat = redis.call('HGETALL', KEYS[3])
+  for i = 1, #flat, 2 do
+    local v = flat[i + 1]
+    if string.sub(v, 1, 5) == 'dead:' and tonumber(string.sub(v, 6)) + keep < now then
+      redis.call('HDEL', KEYS[3], flat[i])
+    end
+  end
+end
+return live
 """
 
-# KEYS: vol ; ARGV: prefix, ino  -- remove an orphan once its last local opener closed it
-PURGE = PRELUDE + r"""
-local n = tonumber(redis.call('HGET', ARGV[1] .. 'i' .. ARGV[2], 'n'))
-if n and n <= 0 then destroy(ARGV[1], ARGV[2]) return 1 end
-return 0
+# KEYS: doomed, gc state ; ARGV: object key  ->  {GC generation, 1 if GC is deleting the key}
+DOOMED = PRELUDE + r"""
+local st = redis.call('HMGET', KEYS[2], 'gen', 'lease')
+local doomed = 0
+if tonumber(st[2] or '0') > now_ms() and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+  doomed = 1
+end
+return {st[1] or '0', doomed}
 """
