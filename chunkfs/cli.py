@@ -22,7 +22,14 @@ from typing import Any, NoReturn
 
 from chunkfs import logs
 from chunkfs.config import backend_from_env, format_size, parse_size
-from chunkfs.errors import ChunkfsError, InvalidArgument, SnapshotExists, VolumeExists
+from chunkfs.errors import (
+    ChunkfsError,
+    InvalidArgument,
+    SnapshotExists,
+    SnapshotNotFound,
+    VolumeExists,
+    VolumeNotFound,
+)
 from chunkfs.volumes import SnapshotInfo, VolumeInfo, VolumeService
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -40,6 +47,16 @@ def _size_arg(text: str) -> int:
         return parse_size(text)
     except InvalidArgument as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def _parse_mount_options(text: str | None) -> dict[str, str]:
@@ -202,6 +219,9 @@ def _mount_config(args: argparse.Namespace) -> Any:
         kernel_readahead_kb=option("kernel-readahead", "4MiB", parse_size) // 1024)
     if min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0:
         raise InvalidArgument("mount option values must not be negative")
+    if not 0 < cfg.io_timeout <= 600:
+        # a retried metadata request must end long before its stored reply expires
+        raise InvalidArgument(f"io-timeout must be between 0 and 600 seconds, got {cfg.io_timeout}")
     if cfg.epoch is not None and not cfg.epoch.isdigit():
         raise InvalidArgument(f"epoch must be a number, got {cfg.epoch!r}")
     if cfg.buffer_size < 8 << 20:
@@ -409,12 +429,14 @@ async def cmd_gc(args: argparse.Namespace) -> int:
     from chunkfs.gc import collect_garbage
 
     async def act(svc: VolumeService) -> int:
-        report = await collect_garbage(svc.r, svc.store, grace=args.grace, dry_run=args.dry_run)
+        report = await collect_garbage(svc.r, svc.store, grace=args.grace, dry_run=args.dry_run,
+                                       session_grace=args.session_grace)
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{report.objects} block objects, {report.referenced} referenced by "
-              f"{report.namespaces} namespaces and {report.manifests} manifests; {verb} "
-              f"{report.deleted} ({format_size(report.deleted_bytes)}); kept {report.young} "
-              "unreferenced objects younger than the grace period")
+              f"{report.namespaces} namespaces and {report.manifests} manifests, "
+              f"{report.protected} protected as uploads in flight; {verb} {report.deleted} "
+              f"({format_size(report.deleted_bytes)}); kept {report.young} objects younger "
+              f"than the grace period and {report.reprieved} uploaded again while GC ran")
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -423,8 +445,14 @@ async def cmd_fsck(args: argparse.Namespace) -> int:
     from chunkfs.fsck import check_namespace
 
     async def act(svc: VolumeService) -> int:
-        info = await svc.get_volume(args.name)
-        problems = await check_namespace(svc.r, info.id, svc.store if args.objects else None)
+        try:
+            ns = (await svc.get_volume(args.name)).id
+        except VolumeNotFound:
+            try:
+                ns = (await svc.get_snapshot(args.name)).id
+            except SnapshotNotFound:
+                raise VolumeNotFound(f"no volume or snapshot named {args.name!r}") from None
+        problems = await check_namespace(svc.r, ns, svc.store if args.objects else None)
         for line in problems:
             print(line)
         print(f"{args.name}: {len(problems)} problem(s) found")
@@ -508,12 +536,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_umount)
 
     p = sub.add_parser("gc", parents=[backend], help="delete block objects nothing references")
-    p.add_argument("--grace", type=float, default=3600.0,
-                   help="never delete objects younger than this many seconds (default 3600)")
+    p.add_argument("--grace", type=_seconds_arg, default=3600.0,
+                   help="never delete objects younger than this many seconds (default 3600); "
+                        "uploads that no commit references yet are kept whatever the grace")
+    p.add_argument("--session-grace", type=_seconds_arg, default=600.0,
+                   help="a mount silent this many seconds past its session's expiry is declared "
+                        "dead: its uncommitted uploads are collected (default 600)")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(run=cmd_gc)
 
-    p = sub.add_parser("fsck", parents=[backend], help="check a volume's metadata invariants")
+    p = sub.add_parser("fsck", parents=[backend],
+                       help="check the metadata invariants of a volume or a snapshot")
     p.add_argument("name")
     p.add_argument("--objects", action="store_true", help="also check every block object exists")
     p.set_defaults(run=cmd_fsck)

@@ -24,7 +24,7 @@ import pyfuse3
 from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.file import FileData
 from chunkfs.blocks.store import BlockStore
-from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace
+from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE, Attr
 
@@ -48,7 +48,7 @@ def fuse_errors(fn: F) -> F:
         except FsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except ChunkfsError as exc:
-            if isinstance(exc, Fenced):
+            if isinstance(exc, (Fenced, SessionExpired)):
                 self.fenced = True
             if exc.errno == errno.EIO:
                 self.status.errors += 1
@@ -156,8 +156,10 @@ class ChunkFS(pyfuse3.Operations):
         if data is not None and data.opens > 0:
             return
         self.orphans.discard(ino)
-        self.files.pop(ino, None)
+        data = self.files.pop(ino, None)
         try:
+            if data is not None and not data.is_clean:
+                await data.abandon()
             await self.meta.purge(ino)
         except ChunkfsError as exc:  # left in the orphan list: reaped at the next mount
             log.warning("purge of an unlinked inode failed", extra={"ino": ino, "error": str(exc)})
@@ -495,6 +497,10 @@ class ChunkFS(pyfuse3.Operations):
                 await data.flush()
         finally:
             if data.opens <= 0:
+                if self.fenced and not data.is_clean and self.files.get(data.ino) is data:
+                    # nothing of it can be committed any more: free its buffers and uploads
+                    del self.files[data.ino]
+                    await data.abandon()
                 self._drop_if_unused(data)
                 await self._maybe_purge(data.ino)
 

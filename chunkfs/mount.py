@@ -25,8 +25,15 @@ import pyfuse3.asyncio
 from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.store import BlockStore
 from chunkfs.cache import BlockCache
+from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig
-from chunkfs.errors import InvalidArgument, MetaUnavailable, VolumeNotFound
+from chunkfs.errors import (
+    InvalidArgument,
+    MetaUnavailable,
+    SessionExpired,
+    StorageClaimed,
+    VolumeNotFound,
+)
 from chunkfs.fs import ChunkFS, MountOptions
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
 from chunkfs.meta.schema import VOLUMES, Keys
@@ -84,6 +91,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
     async with contextlib.AsyncExitStack() as stack:
         try:
             check_mountpoint(cfg.mountpoint)
+            store = await ObjectStore.create(cfg.storage, deadline=cfg.io_timeout)
+            stack.push_async_callback(store.close)
             admin = connect(cfg.meta_url)
             try:
                 ns = await with_retries(lambda: admin.hget(VOLUMES, cfg.volume), deadline=10)
@@ -92,27 +101,26 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                 keys = Keys(ns.decode())
                 state = {k.decode(): v.decode() for k, v in
                          (await with_retries(lambda: admin.hgetall(keys.vol), deadline=10)).items()}
+                await store.ping(deadline=min(cfg.io_timeout, 15))
+                await with_retries(lambda: claim_storage(admin, store), deadline=10)
             finally:
                 await admin.aclose()
             client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))
             stack.push_async_callback(client.aclose)
             epoch = cfg.epoch if cfg.epoch is not None else state.get("epoch", "1")
-            store = await ObjectStore.create(cfg.storage, deadline=cfg.io_timeout)
-            stack.push_async_callback(store.close)
-            await store.ping(deadline=min(cfg.io_timeout, 15))
             cache = await BlockCache.open(cfg.cache_dir, cfg.cache_size)
-        except (MetaUnavailable, VolumeNotFound, InvalidArgument) as exc:
+        except (MetaUnavailable, VolumeNotFound, InvalidArgument, StorageClaimed) as exc:
             on_ready(str(exc))
             return 1
         except Exception as exc:
             on_ready(f"{type(exc).__name__}: {exc}")
             return 1
-        blocks = BlockStore(store, cache, memory_limit=cfg.memory_cache)
-        stack.push_async_callback(blocks.drain)
         session = secrets.token_hex(6)
         meta = VolumeMeta(client, keys.ns, epoch=epoch, session=session,
                           read_only=cfg.read_only or state.get("kind") == "snapshot",
                           deadline=cfg.io_timeout)
+        blocks = BlockStore(store, cache, meta, memory_limit=cfg.memory_cache)
+        stack.push_async_callback(blocks.drain)
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
                                entry_timeout=cfg.entry_timeout, inline_limit=cfg.inline_limit,
                                readahead_blocks=cfg.readahead_blocks,
@@ -200,6 +208,10 @@ async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta) -> None:
         if beats % 20 == 0 and not fs.fenced:
             try:
                 await meta.heartbeat()
+            except SessionExpired as exc:
+                log.error("session declared dead: fencing this mount", extra={"error": str(exc)})
+                fs.fenced = True
+                fs.status.last_error = f"heartbeat: {exc}"
             except Exception as exc:
                 log.warning("session heartbeat failed", extra={"error": str(exc)})
         try:

@@ -174,6 +174,24 @@ class ObjectStore:
         await self._retry("put", call, deadline)
         self.stats.bytes_out += len(body)
 
+    async def put_new(self, key: str, data: bytes) -> bool:
+        """Create ``key`` unless it exists (``If-None-Match: *``); False if it existed.
+        A server that ignores the condition overwrites: callers read back what won."""
+        async def call() -> bool:
+            try:
+                await self._client.put_object(Bucket=self.config.bucket, Key=self._key(key),
+                                              Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status == 412 or exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    return False
+                raise
+            return True
+
+        created = await self._retry("put", call)
+        self.stats.bytes_out += len(data)
+        return created
+
     async def get(self, key: str, deadline: float | None = None) -> bytes:
         async def call() -> bytes:
             resp = await self._client.get_object(Bucket=self.config.bucket, Key=self._key(key))

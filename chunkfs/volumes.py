@@ -8,6 +8,7 @@ volume cloned from it, can be restored even if Redis is lost.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -17,6 +18,7 @@ from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
+from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig, redact_url
 from chunkfs.errors import (
     InvalidArgument,
@@ -102,6 +104,7 @@ class VolumeService:
         self.store = store
         self.meta_url = meta_url
         self.deadline = 15.0
+        self._claimed = False
 
     @classmethod
     async def open(cls, meta_url: str, storage: StorageConfig,
@@ -119,6 +122,20 @@ class VolumeService:
 
     async def _redis(self, call: Any) -> Any:
         return await with_retries(call, deadline=self.deadline)
+
+    async def claim(self, *, adopt: bool = False) -> None:
+        """The storage prefix must belong to this Redis database (``chunkfs.claim``)."""
+        if adopt or not self._claimed:
+            await self._redis(lambda: claim_storage(self.r, self.store, adopt=adopt))
+            self._claimed = True
+
+    async def _register(self, registry: str, name: str, ns: str) -> bool:
+        """Register ``name`` -> ``ns`` unless the name is taken; a retry whose first reply
+        was lost finds its own registration and succeeds too."""
+        if await self._redis(lambda: self.r.hsetnx(registry, name, ns)):
+            return True
+        current = await self._redis(lambda: self.r.hget(registry, name))
+        return current is not None and current.decode() == ns
 
     async def ping(self) -> None:
         try:
@@ -160,6 +177,7 @@ class VolumeService:
         with contextlib.suppress(VolumeNotFound):
             existing = await self.get_volume(name)
             raise VolumeExists(f"volume {name!r} already exists", existing)
+        await self.claim()
         ns = nsops.new_namespace_id()
         settings = {"name": name, "kind": "volume", "capacity": capacity, "created": time.time(),
                     "block_size": DEFAULT_BLOCK_SIZE, "source": ""}
@@ -176,7 +194,7 @@ class VolumeService:
             await self._copy_live(source_ns, ns, settings)
         else:
             await self._redis(lambda: nsops.init_namespace(self.r, ns, settings))
-        if not await self._redis(lambda: self.r.hsetnx(VOLUMES, name, ns)):
+        if not await self._register(VOLUMES, name, ns):
             await nsops.delete_namespace(self.r, ns)
             raise VolumeExists(f"volume {name!r} already exists", await self.get_volume(name))
         return await self.get_volume(name)
@@ -270,11 +288,22 @@ class VolumeService:
             await self._redis(lambda: nsops.import_namespace(self.r, dst, doc, settings))
 
     async def _copy_live(self, src: str, dst: str, settings: dict[str, Any]) -> None:
-        """Copy a volume in use: its writers wait while its metadata is copied."""
+        """Copy a volume in use: its writers wait while its metadata is copied. The freeze
+        is renewed while the copy runs (it ends by itself if this process dies), so the
+        copy is one instant of the volume however long it takes."""
         await self._redis(lambda: nsops.freeze(self.r, src))
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(nsops.FREEZE_SECONDS / 4)
+                with contextlib.suppress(Exception):
+                    await nsops.freeze(self.r, src)
+
+        renewer = asyncio.create_task(renew())
         try:
             await self._copy(src, dst, settings)
         finally:
+            renewer.cancel()
             await self._redis(lambda: nsops.thaw(self.r, src))
 
     async def _clone_snapshot(self, name: str, ns: str, settings: dict[str, Any]) -> None:
@@ -291,6 +320,7 @@ class VolumeService:
             data = await self.store.get(manifest_key(name))
         except NoSuchObject as exc:
             raise SnapshotNotFound(f"snapshot {name!r} not found") from exc
+        await self.claim(adopt=True)  # a restore into a Redis that lost everything
         doc = nsops.decode_manifest(data)
         used = int(doc["settings"].get("used", 0))
         if int(settings["capacity"]) < used:
@@ -322,24 +352,38 @@ class VolumeService:
         return infos
 
     async def create_snapshot(self, volume_name: str, snapshot_name: str) -> SnapshotInfo:
+        """Snapshot a volume. Repeating the call for a snapshot that exists but is not
+        ready (its manifest upload failed, or the caller died) finishes it."""
         check_name("snapshot", snapshot_name)
         with contextlib.suppress(SnapshotNotFound):
             existing = await self.get_snapshot(snapshot_name)
+            if not existing.ready_to_use and existing.source_volume == volume_name:
+                return await self.finish_snapshot(snapshot_name)
             raise SnapshotExists(f"snapshot {snapshot_name!r} already exists", existing)
         source_ns = await self._volume_ns(check_name("volume", volume_name))
+        await self.claim()
         ns = nsops.new_namespace_id()
         settings = {"name": snapshot_name, "kind": "snapshot", "created": time.time(),
                     "source_volume": volume_name, "ready": 0, "source": ""}
         await self._copy_live(source_ns, ns, settings)
-        if not await self._redis(lambda: self.r.hsetnx(SNAPSHOTS, snapshot_name, ns)):
+        if not await self._register(SNAPSHOTS, snapshot_name, ns):
             await nsops.delete_namespace(self.r, ns)
             raise SnapshotExists(f"snapshot {snapshot_name!r} already exists",
                                  await self.get_snapshot(snapshot_name))
-        # the manifest: the snapshot's durable copy in S3, made from the immutable snapshot
-        # namespace while the source volume is already writable again
-        doc = await self._redis(lambda: nsops.export_namespace(self.r, ns))
+        return await self.finish_snapshot(snapshot_name)
+
+    async def finish_snapshot(self, snapshot_name: str) -> SnapshotInfo:
+        """Write the manifest of a registered snapshot and mark it ready (idempotent).
+
+        The manifest is the snapshot's durable copy in S3, made from the immutable
+        snapshot namespace while the source volume is already writable again.
+        """
+        info = await self.get_snapshot(snapshot_name)
+        if info.ready_to_use:
+            return info
+        doc = await self._redis(lambda: nsops.export_namespace(self.r, info.id))
         await self.store.put(manifest_key(snapshot_name), await nsops.encode_manifest_async(doc))
-        await self._redis(lambda: self.r.hset(Keys(ns).vol, "ready", 1))
+        await self._redis(lambda: self.r.hset(Keys(info.id).vol, "ready", 1))
         return await self.get_snapshot(snapshot_name)
 
     async def delete_snapshot(self, name: str) -> None:

@@ -295,6 +295,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 info = exc.existing or await svc.get_snapshot(name)
         if info.source_volume != request.source_volume_id:
             raise errors.snapshot_exists_incompatible(name, info.source_volume)
+        if not info.ready_to_use:  # an earlier call failed half-way: this retry finishes it
+            info = await svc.finish_snapshot(name)
         return csi_pb2.CreateSnapshotResponse(snapshot=to_snapshot(info))
 
     @require("snapshot_id")

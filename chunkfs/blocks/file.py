@@ -13,6 +13,11 @@ Concurrency protocol (one event loop, so only ``await`` points matter):
 - ``lock`` serialises flush/commit and truncate, so commits of one file never interleave.
 - A failed upload puts its bytes back into ``dirty`` (unless rewritten since) and the
   error is reported by the next flush: acknowledged data is never dropped.
+- Every finished upload is recorded in ``uploads`` (block index, seq, object key): GC
+  keeps its object until a commit settles it. A commit settles the uploads whose entry
+  it writes and those a newer upload of the same block superseded; the others (blocks
+  left for a later commit) stay protected. A file dropped with uploads unsettled
+  (``abandon``) releases them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import logging
 from typing import Any
 
 from chunkfs.blocks.budget import WriteBudget
-from chunkfs.blocks.store import BlockStore
+from chunkfs.blocks.store import BlockStore, object_key
+from chunkfs.errors import BlockMissing
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import BlockEntry
 
@@ -46,6 +52,7 @@ class FileData:
         self.dirty: dict[int, bytearray] = {}
         self.inflight: dict[int, tuple[int, bytes]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.uploads: list[tuple[int, int, str]] = []  # finished, not yet settled by a commit
         self.errors: list[BaseException] = []
         self.seq = 0
         self.size = 0
@@ -94,6 +101,31 @@ class FileData:
         return memoryview(data)[:entry.valid] if entry.valid < len(data) else data
 
     async def read(self, off: int, size: int, *, random: bool = False) -> bytes:
+        try:
+            return await self._read(off, size, random=random)
+        except BlockMissing:
+            # our block map may be older than the file (another mount replaced blocks and
+            # GC collected the old ones): read the current version, as close-to-open allows
+            if not await self._refresh_entries():
+                raise
+            return await self._read(off, size, random=random)
+
+    async def _refresh_entries(self) -> bool:
+        """Reload committed entries of blocks without local changes; True if any changed."""
+        _, entries = await self.meta.file_data(self.ino)
+        changed = False
+        for idx in set(self.entries) | set(entries):
+            if idx in self.pending or idx in self.dirty or idx in self.inflight:
+                continue
+            if self.entries.get(idx) != entries.get(idx):
+                changed = True
+                if idx in entries:
+                    self.entries[idx] = entries[idx]
+                else:
+                    del self.entries[idx]
+        return changed
+
+    async def _read(self, off: int, size: int, *, random: bool) -> bytes:
         end = min(off + size, self.size)
         if off >= end:
             return b""
@@ -203,6 +235,8 @@ class FileData:
     async def _upload(self, idx: int, seq: int, data: bytes) -> None:
         try:
             entry = await self.blocks.put(data)
+            if entry is not None:
+                self.uploads.append((idx, seq, object_key(entry)))
             if self.pending.get(idx, (-1, None))[0] < seq:
                 self.pending[idx] = (seq, entry)
         except BaseException as exc:
@@ -247,7 +281,11 @@ class FileData:
         changes = {idx: entry for idx, (_, entry) in self.pending.items() if idx * self.bs < size}
         if not (changes or self.converted or size > self.committed_size or self.size_dirty):
             return
-        await self.meta.commit(self.ino, size=size, entries=changes)
+        settled = self._settled_by(changes)
+        await self.meta.commit(self.ino, size=size, entries=changes,
+                               settle=[key for _, _, key in settled])
+        for record in settled:
+            self.uploads.remove(record)
         for idx, entry in changes.items():
             if entry is None:
                 self.entries.pop(idx, None)
@@ -260,6 +298,32 @@ class FileData:
         self.committed_size = max(self.committed_size, size)
         if self.writes == writes:
             self.uncommitted_growth = 0
+
+    def _settled_by(self, changes: dict[int, BlockEntry | None]) -> list[tuple[int, int, str]]:
+        """Uploads a commit of ``changes`` releases: those it references, and those that a
+        newer upload of the same block superseded."""
+        out = []
+        for record in self.uploads:
+            idx, seq, _ = record
+            newest = self.pending.get(idx)
+            if idx in changes or newest is None or newest[0] > seq:
+                out.append(record)
+        return out
+
+    async def abandon(self) -> None:
+        """The file is dropped with local state (unlinked and closed, fenced, unmounted):
+        give its buffers back to the budget and its uploads back to GC."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        self.errors.clear()
+        self.budget.release(sum(len(b) for b in self.dirty.values()))
+        self.dirty.clear()
+        self.inline_dirty = self.converted = self.size_dirty = False
+        keys = [key for _, _, key in self.uploads]
+        self.uploads.clear()
+        self.pending.clear()
+        await self.meta.settle_uploads(keys)
 
     async def truncate(self, size: int) -> None:
         async with self.lock:

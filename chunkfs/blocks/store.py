@@ -10,18 +10,25 @@ block through to the local cache so that a reader on this node hits it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from chunkfs.cache import BlockCache
-from chunkfs.errors import CorruptObject, NoSuchObject
+from chunkfs.errors import BlockMissing, CorruptObject, NoSuchObject, StorageUnavailable
 from chunkfs.meta.schema import BlockEntry
 from chunkfs.objstore import ObjectStore, block_key
 
 log = logging.getLogger(__name__)
+
+
+def object_key(entry: BlockEntry) -> str:
+    """The object a block entry points at (what uploads register and commits settle)."""
+    return block_key(entry.digest, entry.length)
 
 
 def _sha256(data: bytes) -> str:
@@ -52,11 +59,22 @@ class MemoryBlocks:
             self.used -= len(old)
 
 
+class UploadGuard(Protocol):
+    """Where uploads are registered so that GC keeps them (``VolumeMeta`` is one)."""
+
+    async def register_upload(self, object_key: str) -> tuple[int, bool]: ...
+
+    async def doomed(self, object_key: str) -> tuple[int, bool]: ...
+
+    async def settle_uploads(self, object_keys: Sequence[str]) -> None: ...
+
+
 class BlockStore:
-    def __init__(self, store: ObjectStore, cache: BlockCache, *, memory_limit: int,
-                 max_parallel_gets: int = 16, max_parallel_puts: int = 8) -> None:
+    def __init__(self, store: ObjectStore, cache: BlockCache, guard: UploadGuard, *,
+                 memory_limit: int, max_parallel_gets: int = 16, max_parallel_puts: int = 8) -> None:
         self.store = store
         self.cache = cache
+        self.guard = guard
         self.memory = MemoryBlocks(memory_limit)
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._gets = asyncio.Semaphore(max_parallel_gets)
@@ -64,11 +82,12 @@ class BlockStore:
         # store can absorb would only add copies of buffered blocks to the resident memory
         self._puts = asyncio.Semaphore(max_parallel_puts)
         self._background: set[asyncio.Task[Any]] = set()
-        # digests this mount uploaded recently: a repeated PUT of the same block is skipped,
-        # but only for a short while, far below the GC grace period, so GC can never delete
-        # an object between our "it exists" and the commit that references it
-        self._uploaded: OrderedDict[str, float] = OrderedDict()
+        # objects this mount uploaded recently, with the GC generation of the upload: a
+        # repeated PUT of the same block is skipped while no GC has started deleting since
+        # (the generation is unchanged), whatever the grace period (docs/dev/gc.md)
+        self._uploaded: OrderedDict[str, tuple[float, int]] = OrderedDict()
         self.upload_memory_s = 300.0
+        self.doomed_poll_s = 0.2
 
     # ---- read path -----------------------------------------------------------------
     async def get(self, entry: BlockEntry) -> bytes:
@@ -123,7 +142,7 @@ class BlockStore:
         try:
             data = await self.store.get(key)
         except NoSuchObject as exc:
-            raise CorruptObject(f"block {entry.digest} is missing from the object store") from exc
+            raise BlockMissing(f"block {entry.digest} is missing from the object store") from exc
         if len(data) != entry.length or await asyncio.to_thread(_sha256, data) != entry.digest:
             # one more try: a torn response is transient, a corrupt object is not
             data = await self.store.get(key)
@@ -134,20 +153,46 @@ class BlockStore:
 
     # ---- write path ----------------------------------------------------------------
     async def put(self, data: bytes, *, deadline: float | None = None) -> BlockEntry | None:
-        """Upload one block; None for an all-zero block (stored as a hole)."""
+        """Upload one block; None for an all-zero block (stored as a hole).
+
+        The upload is registered with the guard first, so GC keeps the object until a
+        commit references it (the caller settles the registration with that commit, see
+        ``object_key``); a block GC is deleting at this very moment is uploaded again once
+        GC is done with it.
+        """
         if not data or data == bytes(len(data)):
             return None
         digest = await asyncio.to_thread(_sha256, data)
-        now = time.monotonic()
-        while self._uploaded and next(iter(self._uploaded.values())) < now - self.upload_memory_s:
-            self._uploaded.popitem(last=False)
-        if digest not in self._uploaded:
-            async with self._puts:
-                await self.store.put(block_key(digest, len(data)), data, deadline=deadline)
-            self._uploaded[digest] = time.monotonic()
+        key = block_key(digest, len(data))
+        limit = time.monotonic() + (self.store.deadline if deadline is None else deadline)
+        gen = await self._protect(key, limit)
+        try:
+            now = time.monotonic()
+            while self._uploaded and next(iter(self._uploaded.values()))[0] < now - self.upload_memory_s:
+                self._uploaded.popitem(last=False)
+            if self._uploaded.get(key, (0.0, -1))[1] != gen:
+                async with self._puts:
+                    await self.store.put(key, data, deadline=max(0.5, limit - time.monotonic()))
+                self._uploaded[key] = (time.monotonic(), gen)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.guard.settle_uploads([key])
+            raise
         if self.cache.pending_writes < 8:  # a cache that cannot keep up is skipped, not waited for
             self._spawn(self.cache.put(digest, data))
         return BlockEntry(digest, len(data), len(data))
+
+    async def _protect(self, key: str, limit: float) -> int:
+        """Register an upload; wait while a GC run deletes that object. Returns the GC
+        generation to compare with the one of an earlier upload of the same object."""
+        gen, doomed = await self.guard.register_upload(key)
+        while doomed:
+            if time.monotonic() > limit:
+                raise StorageUnavailable("garbage collection kept deleting this block for longer "
+                                         "than the I/O timeout")
+            await asyncio.sleep(self.doomed_poll_s)
+            gen, doomed = await self.guard.doomed(key)
+        return gen
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

@@ -110,12 +110,13 @@ def test_warm_remount_reads_from_the_cache(mounter: Mounter, volume: str) -> Non
     for name, data in files.items():
         write_file(m / name, data)
     m = mounter.remount(m)  # same cache dir
+    gets_at_mount = m.status()["s3"]["requests"].get("get", 0)  # the storage marker
     for name, data in files.items():
         assert file_sha256(m / name) == sha256(data)
     st = m.status()
     assert st["cache"]["hits"] >= 3, st["cache"]
     assert st["cache"]["misses"] == 0, st["cache"]
-    assert st["s3"]["requests"].get("get", 0) == 0, f"a warm read went to S3: {st['s3']}"
+    assert st["s3"]["requests"].get("get", 0) == gets_at_mount, f"a warm read went to S3: {st['s3']}"
 
 
 def test_cache_dir_deleted_while_mounted(mounter: Mounter, volume: str) -> None:

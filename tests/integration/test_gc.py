@@ -1,60 +1,360 @@
-"""Garbage collection: unreferenced old blocks go, everything referenced or young stays."""
+"""Garbage collection against real Redis + SeaweedFS: it deletes exactly what nothing can
+reference any more, whatever the grace period, and refuses to run where it cannot see
+everything (docs/dev/gc.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from chunkfs.blocks.store import BlockStore
+import pytest
+
+from chunkfs import gc
+from chunkfs.blocks.store import BlockStore, object_key
 from chunkfs.cache import BlockCache
-from chunkfs.gc import collect_garbage
+from chunkfs.config import StorageConfig
+from chunkfs.errors import NoSpace, SessionExpired, StorageClaimed
+from chunkfs.fsck import check_namespace
+from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE
-from chunkfs.objstore import block_key
 from chunkfs.volumes import VolumeService
 
-
-async def write_file(svc: VolumeService, blocks: BlockStore, ns: str, name: bytes, body: bytes) -> str:
-    meta = VolumeMeta(svc.fast, ns, epoch="1", session="t", deadline=5)
-    attr = await meta.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
-    entry = await blocks.put(body)
-    assert entry is not None
-    await meta.commit(attr.ino, size=len(body), entries={0: entry})
-    return block_key(entry.digest, entry.length)
+MiB = 1 << 20
 
 
-async def keys(svc: VolumeService) -> set[str]:
+@dataclass
+class Writer:
+    """One mount's worth of write path over the service's backends, without FUSE."""
+
+    svc: VolumeService
+    ns: str
+    blocks: BlockStore
+    meta: VolumeMeta
+    inos: dict[bytes, int] = field(default_factory=dict)
+
+    async def upload(self, body: bytes) -> tuple[object, str]:
+        entry = await self.blocks.put(body)
+        assert entry is not None
+        return entry, object_key(entry)
+
+    async def create(self, name: bytes) -> int:
+        attr = await self.meta.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
+        self.inos[name] = attr.ino
+        return attr.ino
+
+    async def commit(self, name: bytes, entry: object, key: str, size: int) -> None:
+        await self.meta.commit(self.inos[name], size=size, entries={0: entry}, settle=[key])
+
+    async def write(self, name: bytes, body: bytes) -> str:
+        await self.create(name)
+        entry, key = await self.upload(body)
+        await self.commit(name, entry, key, len(body))
+        return key
+
+    async def unlink(self, name: bytes) -> None:
+        await self.meta.unlink(ROOT_INODE, name, is_dir=False, keep_if_open=False)
+
+
+@pytest.fixture
+async def writer_for(svc: VolumeService, tmp_path) -> AsyncIterator:
+    made: list[Writer] = []
+
+    async def make(ns: str, session: str = "w") -> Writer:
+        cache = await BlockCache.open(str(tmp_path / f"cache-{len(made)}"), 1 << 30)
+        meta = VolumeMeta(svc.fast, ns, epoch="", session=f"{session}{len(made)}", deadline=10)  # type: ignore[attr-defined]
+        await meta.heartbeat()
+        w = Writer(svc, ns, BlockStore(svc.store, cache, meta, memory_limit=1 << 20), meta)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        await w.blocks.drain()
+
+
+async def objects(svc: VolumeService) -> set[str]:
     return {k async for k, _, _ in svc.store.list("blocks/")}
 
 
-async def test_gc_deletes_only_unreferenced_blocks_past_the_grace(svc: VolumeService, tmp_path) -> None:
-    blocks = BlockStore(svc.store, await BlockCache.open(str(tmp_path), 1 << 30), memory_limit=1 << 20)
+async def aged(svc: VolumeService) -> None:
+    """Wait until every object is older than now by the store's clock resolution, so that
+    ``grace=0`` makes each of them a candidate (S3 times have whole seconds)."""
+    for _ in range(100):
+        newest = max([m async for _, _, m in svc.store.list("blocks/")], default=0.0)
+        if newest < time.time() - 0.001:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("object timestamps stay in the future")
+
+
+async def fsck_objects(svc: VolumeService, ns: str) -> list[str]:
+    return await check_namespace(svc.r, ns, svc.store)
+
+
+async def test_gc_deletes_only_unreferenced_blocks_past_the_grace(svc, writer_for) -> None:
     info = await svc.create_volume("v", 1 << 30)
-    kept = await write_file(svc, blocks, info.id, b"kept", os.urandom(5000))
-    doomed = await write_file(svc, blocks, info.id, b"doomed", os.urandom(5000))
-    meta = VolumeMeta(svc.fast, info.id, epoch="1", session="t", deadline=5)
-    await meta.unlink(ROOT_INODE, b"doomed", is_dir=False, keep_if_open=False)
+    w = await writer_for(info.id)
+    kept = await w.write(b"kept", os.urandom(5000))
+    doomed = await w.write(b"doomed", os.urandom(5000))
+    await w.unlink(b"doomed")
 
     report = await collect_garbage(svc.r, svc.store, grace=3600)
-    assert report.deleted == 0 and report.young == 1  # too young to be collected
-    assert await keys(svc) == {kept, doomed}
+    assert report.deleted == 0 and report.young == 2  # too young to be collected
+    assert await objects(svc) == {kept, doomed}
 
+    await aged(svc)
     report = await collect_garbage(svc.r, svc.store, grace=0, dry_run=True)
-    assert report.deleted == 1 and await keys(svc) == {kept, doomed}
+    assert report.deleted == 1 and await objects(svc) == {kept, doomed}
 
+    await aged(svc)
     report = await collect_garbage(svc.r, svc.store, grace=0)
-    assert report.deleted == 1
-    assert await keys(svc) == {kept}
-    await blocks.drain()
+    assert report.deleted == 1 and report.deleted_bytes == 5000
+    assert await objects(svc) == {kept}
+    assert await fsck_objects(svc, info.id) == []
 
 
-async def test_gc_keeps_blocks_of_snapshots_even_when_redis_lost_them(svc: VolumeService, tmp_path) -> None:
-    blocks = BlockStore(svc.store, await BlockCache.open(str(tmp_path), 1 << 30), memory_limit=1 << 20)
+async def test_an_upload_no_commit_references_yet_survives_any_grace(svc, writer_for) -> None:
+    """A file held open: its full blocks are uploaded long before the commit."""
     info = await svc.create_volume("v", 1 << 30)
-    key = await write_file(svc, blocks, info.id, b"f", os.urandom(3000))
+    w = await writer_for(info.id)
+    await w.create(b"log")
+    entry, key = await w.upload(os.urandom(3 * MiB))
+    for _ in range(2):
+        await aged(svc)
+        await collect_garbage(svc.r, svc.store, grace=0)
+    assert key in await objects(svc)
+    await w.commit(b"log", entry, key, 3 * MiB)
+    assert await fsck_objects(svc, info.id) == []
+    # once committed, the protection has done its job; the reference keeps it from now on
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert key in await objects(svc)
+    assert await svc.r.hlen(f"cfs{{{info.id}}}:pending") == 0
+
+
+async def test_a_commit_refused_then_retried_after_gc_finds_its_blocks(svc, writer_for) -> None:
+    info = await svc.create_volume("small", 1 * MiB)
+    w = await writer_for(info.id)
+    await w.create(b"big")
+    entry, key = await w.upload(os.urandom(2 * MiB))
+    with pytest.raises(NoSpace):
+        await w.commit(b"big", entry, key, 2 * MiB)
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    await svc.resize_volume("small", 4 * MiB)
+    await w.commit(b"big", entry, key, 2 * MiB)
+    assert await fsck_objects(svc, info.id) == []
+
+
+async def test_a_block_deleted_by_gc_is_uploaded_again_by_a_mount_that_uploaded_it_before(
+        svc, writer_for) -> None:
+    """The mount's skip-the-repeated-PUT memory must not outlive a GC deletion."""
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    body = os.urandom(100_000)
+    key = await w.write(b"a", body)
+    await w.unlink(b"a")
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert key not in await objects(svc)
+    assert await w.write(b"b", body) == key  # same content: same object, PUT again
+    assert key in await objects(svc)
+    assert await fsck_objects(svc, info.id) == []
+
+
+async def test_an_upload_of_a_doomed_object_waits_for_gc_then_uploads_again(svc, writer_for) -> None:
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    body = os.urandom(70_000)
+    key = await w.write(b"a", body)
+    await w.unlink(b"a")
+    async with gc.gc_lease(svc.r) as lease:  # a GC between publishing doomed and deleting
+        await gc._publish_doomed(svc.r, lease, {key})
+        late = asyncio.create_task(w.write(b"b", body))
+        await asyncio.sleep(1.0)
+        assert not late.done(), "an upload of an object GC is deleting went ahead"
+        await svc.store.delete_many([key])
+    await asyncio.wait_for(late, 30)
+    assert key in await objects(svc)
+    assert await fsck_objects(svc, info.id) == []
+
+
+async def test_an_upload_registered_while_gc_publishes_doomed_is_spared(svc, writer_for) -> None:
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    key = await w.write(b"a", os.urandom(60_000))
+    await w.unlink(b"a")
+    async with gc.gc_lease(svc.r) as lease:
+        run_start = lease.started_ms
+        await gc._publish_doomed(svc.r, lease, {key})
+        await w.meta.register_upload(key)  # checked doomed just before it was published
+        doomed = {key}
+        assert await gc._reprieve(svc.r, doomed, run_start, session_grace=600) == 1
+        assert doomed == set()
+
+
+@pytest.mark.parametrize("when", ["before the source is marked", "after the source is marked"])
+async def test_a_clone_made_while_gc_marks_keeps_its_blocks(svc, writer_for, monkeypatch, when) -> None:
+    src = await svc.create_volume("src", 1 << 30)
+    w = await writer_for(src.id)
+    await w.write(b"f", os.urandom(200_000))
+    real = gc.referenced_blocks
+    done: list[str] = []
+
+    async def clone_then_drop() -> None:
+        if not done:
+            done.append((await svc.create_volume("clone", 1 << 30, source_volume="src")).id)
+            await w.unlink(b"f")
+
+    async def marking(r, ns):
+        if ns == src.id and when.startswith("before"):
+            await clone_then_drop()
+        refs = await real(r, ns)
+        if ns == src.id and when.startswith("after"):
+            await clone_then_drop()
+        return refs
+
+    monkeypatch.setattr(gc, "referenced_blocks", marking)
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    monkeypatch.setattr(gc, "referenced_blocks", real)
+    assert done and await fsck_objects(svc, done[0]) == []
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert await fsck_objects(svc, done[0]) == []
+
+
+async def test_a_snapshot_made_while_gc_marks_keeps_its_blocks(svc, writer_for, monkeypatch) -> None:
+    src = await svc.create_volume("src", 1 << 30)
+    w = await writer_for(src.id)
+    await w.write(b"f", os.urandom(200_000))
+    real = gc.referenced_blocks
+    made: list[str] = []
+
+    async def marking(r, ns):
+        refs = await real(r, ns)
+        if ns == src.id and not made:
+            made.append((await svc.create_snapshot("src", "snap")).id)
+            await w.unlink(b"f")
+        return refs
+
+    monkeypatch.setattr(gc, "referenced_blocks", marking)
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert await fsck_objects(svc, made[0]) == []
+
+
+async def test_a_silent_session_is_declared_dead_and_can_no_longer_commit(svc, writer_for) -> None:
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    await w.create(b"f")
+    entry, key = await w.upload(os.urandom(50_000))
+    # the session has not expired yet: its upload is protected
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0, session_grace=0)
+    assert key in await objects(svc)
+    # a session that stays silent past its expiry plus the grace is dead for GC ...
+    await svc.r.hset(f"cfs{{{info.id}}}:sessions", w.meta.session, 1)
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0, session_grace=0)
+    assert key not in await objects(svc)
+    # ... and for itself: it can neither commit what GC took, nor carry on
+    with pytest.raises(SessionExpired):
+        await w.commit(b"f", entry, key, 50_000)
+    with pytest.raises(SessionExpired):
+        await w.meta.heartbeat()
+    assert await fsck_objects(svc, info.id) == []
+
+
+async def test_gc_keeps_manifest_blocks_and_refuses_a_redis_that_lost_its_identity(svc, writer_for) -> None:
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    key = await w.write(b"f", os.urandom(3000))
     await svc.create_snapshot("v", "snap")
-    await svc.r.flushdb()
+    await svc.r.flushdb()  # Redis is lost
+    await aged(svc)
+    with pytest.raises(StorageClaimed, match="no engine identity"):
+        await collect_garbage(svc.r, svc.store, grace=0)
+    assert key in await objects(svc)
+    restored = await svc.create_volume("restored", 1 << 30, source_snapshot="snap")  # adopts
+    await aged(svc)
     report = await collect_garbage(svc.r, svc.store, grace=0)
     assert report.manifests == 1 and report.deleted == 0
-    assert await keys(svc) == {key}
-    await blocks.drain()
+    assert await fsck_objects(svc, restored.id) == []
+
+
+async def test_a_storage_prefix_serves_exactly_one_redis_database(svc, local_services, s3_env) -> None:
+    await svc.create_volume("first", 1 << 30)
+    other_db = (int(svc.meta_url.rsplit("/", 1)[1]) + 128) % 255 + 1
+    other_url = local_services.redis.url_for_db(other_db)
+    with local_services.redis.client(db=other_db) as client:
+        client.flushdb()
+    other = await VolumeService.open(other_url, StorageConfig.from_url(s3_env["CHUNKFS_STORAGE"], s3_env))
+    try:
+        with pytest.raises(StorageClaimed, match="belongs to metadata engine"):
+            await other.create_volume("second", 1 << 30)
+        with pytest.raises(StorageClaimed):
+            await collect_garbage(other.r, other.store, grace=0)
+        assert await other.list_volumes() == []
+    finally:
+        await other.r.flushdb()
+        await other.close()
+
+
+async def test_two_gc_runs_never_overlap(svc) -> None:
+    await svc.create_volume("v", 1 << 30)
+    async with gc.gc_lease(svc.r):
+        with pytest.raises(GcRefused, match="holds the lease"):
+            await collect_garbage(svc.r, svc.store, grace=0)
+    await collect_garbage(svc.r, svc.store, grace=0)  # free again
+
+
+def test_gc_refuses_to_run_on_redis_cluster(tmp_path) -> None:
+    """A key scan on one cluster node would miss every other shard's volumes."""
+    import shutil
+    import subprocess
+
+    import redis
+
+    from chunkfs.localstack import free_port
+    from chunkfs.meta.redis_meta import connect
+
+    async def check(url: str) -> None:
+        r = connect(url)
+        try:
+            with pytest.raises(GcRefused, match="Redis Cluster"):
+                await gc.refuse_cluster(r)
+        finally:
+            await r.aclose()
+
+    for _attempt in range(3):  # the free port may be taken before redis binds it
+        port = free_port()
+        proc = subprocess.Popen(
+            [shutil.which("redis-server") or "redis-server", "--port", str(port),
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(tmp_path / f"nodes-{port}.conf"), "--dir", str(tmp_path),
+             "--save", "", "--appendonly", "no", "--logfile", str(tmp_path / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port, socket_connect_timeout=1)
+            while proc.poll() is None:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            if proc.poll() is None:
+                asyncio.run(check(f"redis://127.0.0.1:{port}/0"))
+                return
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    pytest.fail("redis-server in cluster mode did not start: "
+                + (tmp_path / "redis.log").read_text()[-2000:])

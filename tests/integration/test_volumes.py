@@ -193,3 +193,32 @@ async def test_taking_a_held_lease_without_stealing_is_refused(svc: VolumeServic
         await svc.acquire_writer("rwo", "node-b", steal=False)
     assert err.value.holder == "node-a"
     assert (await svc.get_volume("rwo")).epoch == epoch  # nothing changed
+
+
+async def test_a_snapshot_whose_manifest_upload_failed_is_finished_by_the_retry(svc: VolumeService) -> None:
+    """The external-snapshotter retries CreateSnapshot until it is ready: the retry must
+    finish the snapshot (manifest in S3, ready), not report "not ready" forever."""
+    import dataclasses
+
+    from chunkfs.errors import StorageUnavailable
+    from chunkfs.objstore import ObjectStore
+    from chunkfs.volumes import manifest_key
+
+    info = await svc.create_volume("src", GiB)
+    await put_file(meta_of(svc, info.id), ROOT_INODE, b"f", b"in the snapshot")
+    good = svc.store
+    dead = await ObjectStore.create(dataclasses.replace(good.config, endpoint="http://127.0.0.1:9"),
+                                    deadline=1.0)
+    svc.store = dead
+    try:
+        with pytest.raises(StorageUnavailable):
+            await svc.create_snapshot("src", "snap")
+    finally:
+        svc.store = good
+        await dead.close()
+    assert not (await svc.get_snapshot("snap")).ready_to_use
+    assert not await good.exists(manifest_key("snap"))
+    done = await svc.create_snapshot("src", "snap")  # the retry
+    assert done.ready_to_use and await good.exists(manifest_key("snap"))
+    with pytest.raises(SnapshotExists):  # a finished snapshot is not made twice
+        await svc.create_snapshot("src", "snap")
