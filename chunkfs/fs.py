@@ -117,6 +117,19 @@ class ChunkFS(pyfuse3.Operations):
 
     def attach_budget(self, budget: WriteBudget) -> None:
         self.budget = budget
+        budget.relieve = self.relieve_memory
+
+    def relieve_memory(self, need: int) -> None:
+        """The write budget is spent: upload dirty blocks of any open file, largest first,
+        until ``need`` bytes are on their way (a writer of one file must never wait on
+        partial blocks of others that nobody flushes)."""
+        dirty = sorted(((len(buf), ino, idx) for ino, f in self.files.items()
+                        for idx, buf in f.dirty.items()), reverse=True)
+        started = 0
+        for _size, ino, idx in dirty:
+            if started >= need:
+                break
+            started += self.files[ino].start_upload(idx)
 
     # ---- helpers -------------------------------------------------------------------
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -176,20 +189,17 @@ class ChunkFS(pyfuse3.Operations):
         if self.fenced:
             raise Fenced("writer lease revoked: this node may no longer write the volume")
 
-    def _check_space(self, data: FileData, off: int, n: int) -> int:
-        """ENOSPC before buffering bytes the volume cannot hold; returns the growth.
-
-        Growth counts bytes written past the end of the file, not the extent: a write
-        far beyond the end leaves a hole, and holes cost nothing.
-        """
-        growth = min(n, max(0, off + n - max(data.size, data.committed_size)))
+    def _check_space(self, data: FileData, off: int, n: int) -> None:
+        """ENOSPC before buffering bytes the volume cannot hold: what the commit of this
+        write would charge (a block's bytes up to the write, zeros of a hole included),
+        on top of the last known usage and everything this mount has not committed yet."""
+        growth = data.growth_of(off, n)
         if not growth:
-            return 0
+            return
         capacity = int(self.volume.get("capacity", 0))
         used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
         if used + growth > capacity:
             raise NoSpace(f"volume full: {used} of {capacity} bytes in use")
-        return growth
 
     async def _refresh_usage(self) -> dict[str, bytes]:
         state = await self.meta.volume_state()
@@ -292,10 +302,10 @@ class ChunkFS(pyfuse3.Operations):
             changes["t"] = attr.st_mtime_ns
         if fields.update_size:
             data = await self._file(inode)
-            if attr.st_size > data.size:
-                self._check_space(data, data.size, 0)
             try:
                 await data.truncate(attr.st_size)
+                if data.opens <= 0 and not data.is_clean:
+                    await data.flush()  # nobody has it open here: nothing else would commit it
             finally:
                 self._drop_if_unused(data)
         if changes or not fields.update_size:
@@ -460,13 +470,12 @@ class ChunkFS(pyfuse3.Operations):
         self.status.writes += 1
         self.status.write_bytes += len(buf)
         try:
-            growth = self._check_space(data, off, len(buf))
+            self._check_space(data, off, len(buf))
         except NoSpace:
             # the usage we know may be up to a second old (space freed meanwhile): ask once
             await self._refresh_usage()
-            growth = self._check_space(data, off, len(buf))
+            self._check_space(data, off, len(buf))
         await data.write(off, buf)
-        data.uncommitted_growth += growth
         return len(buf)
 
     @fuse_errors

@@ -140,7 +140,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                 on_ready(f"{type(exc).__name__}: {exc}")
                 return 1
         fs = ChunkFS(meta, blocks, options, state, extra)
-        fs.attach_budget(WriteBudget(cfg.buffer_size))
+        fs.attach_budget(WriteBudget(cfg.buffer_size, stall_timeout=cfg.io_timeout))
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts |= {f"fsname=chunkfs:{cfg.volume}", "subtype=chunkfs"}
         if cfg.allow_other:

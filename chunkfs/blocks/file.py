@@ -11,6 +11,15 @@ Concurrency protocol (one event loop, so only ``await`` points matter):
   same block starts a new buffer from that copy. Results are ordered by ``seq``: an
   older upload finishing late never replaces a newer one in ``pending``.
 - ``lock`` serialises flush/commit and truncate, so commits of one file never interleave.
+- Memory pressure may upload any dirty block of any file (``start_upload``, called by the
+  mount-wide budget), partial ones too: a later write to such a block starts from the
+  uploaded copy, so pressure never changes what a reader sees.
+- Capacity is charged at write time (``growth_of``: the bytes the next commit would add to
+  the volume's usage, holes included), so ENOSPC surfaces in ``write``; ``truncate``
+  never needs to commit other pending data first, so freeing space always works.
+- A file truncated to zero (``O_TRUNC``) is this mount's to write whole: its commits set
+  the file to exactly what was written since (``exact``), so two nodes rewriting one file
+  leave one complete version, the last one closed, never a mix of blocks.
 - A failed upload puts its bytes back into ``dirty`` (unless rewritten since) and the
   error is reported by the next flush: acknowledged data is never dropped.
 - Every finished upload is recorded in ``uploads`` (block index, seq, object key): GC
@@ -57,8 +66,8 @@ class FileData:
         self.seq = 0
         self.size = 0
         self.committed_size = 0
-        self.size_dirty = False
-        self.uncommitted_growth = 0  # bytes appended since the last commit (capacity checks)
+        self.committed_inline = 0  # length of the committed inline body (capacity checks)
+        self.exact = False  # truncated to zero here: commits replace the whole file
         self.writes = 0  # write calls so far: tells a flush whether writes raced it
         self.lock = asyncio.Lock()
         self.opens = 0
@@ -69,13 +78,54 @@ class FileData:
 
     def loaded(self, size: int, inline: bytes | None, entries: dict[int, BlockEntry]) -> None:
         self.inline = bytearray(inline) if inline is not None else None
+        self.committed_inline = len(inline) if inline is not None else 0
         self.entries = entries
         self.size = self.committed_size = size
 
     @property
     def is_clean(self) -> bool:
         return not (self.dirty or self.inflight or self.pending or self.inline_dirty
-                    or self.converted or self.size_dirty)
+                    or self.converted)
+
+    # ---- capacity ------------------------------------------------------------------
+    def _local_len(self, idx: int) -> int:
+        """How many bytes block ``idx`` holds in this mount's current view (holes count
+        from the block's start, as the committed entry's valid length does)."""
+        if self.inline is not None:
+            return len(self.inline) if idx == 0 else 0
+        if idx in self.dirty:
+            return len(self.dirty[idx])
+        if idx in self.inflight:
+            return len(self.inflight[idx][1])
+        entry = self.entry_for(idx)
+        return entry.valid if entry else 0
+
+    def growth_of(self, off: int, n: int) -> int:
+        """Bytes of volume usage a write of ``n`` bytes at ``off`` adds (what the commit
+        will charge): bytes past each touched block's current length."""
+        if n <= 0:
+            return 0
+        end = off + n
+        if self.inline is not None and end <= self.inline_limit:
+            return max(0, end - len(self.inline))
+        growth = 0
+        for idx in range(off // self.bs, (end - 1) // self.bs + 1):
+            stop = min(end, (idx + 1) * self.bs) - idx * self.bs
+            growth += max(0, stop - self._local_len(idx))
+        return growth
+
+    @property
+    def uncommitted_growth(self) -> int:
+        """Usage that committing this mount's local changes would add."""
+        if self.inline is not None:
+            return max(0, len(self.inline) - self.committed_inline) if self.inline_dirty else 0
+        growth = 0
+        for idx in set(self.dirty) | set(self.inflight) | set(self.pending):
+            entry = self.entries.get(idx)
+            growth += max(0, self._local_len(idx) - (entry.valid if entry else 0))
+        if self.converted:
+            growth -= self.committed_inline
+        return max(0, growth)
 
     @property
     def dirty_bytes(self) -> int:
@@ -181,7 +231,7 @@ class FileData:
                 block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
             grow = max(0, start + n - len(block))
             if grow:
-                await self.budget.acquire(grow, self._start_all_uploads)
+                await self.budget.acquire(grow)
                 block = self.dirty.get(idx)
                 if block is None:  # uploaded meanwhile under memory pressure
                     block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
@@ -205,14 +255,19 @@ class FileData:
             base = existing if existing is not None else await self._block_bytes(idx)
         if idx in self.dirty:  # another writer created it while we fetched the base
             return self.dirty[idx]
+        if base:
+            await self.budget.acquire(len(base))
+            if idx in self.dirty:  # created meanwhile: our budget goes back
+                self.budget.release(len(base))
+                return self.dirty[idx]
         block = bytearray(base)
-        if block:
-            await self.budget.acquire(len(block), self._start_all_uploads)
         self.dirty[idx] = block
         return block
 
     async def _convert_inline(self) -> None:
         data = bytes(self.inline or b"")
+        if data:
+            await self.budget.acquire(len(data))
         self.inline = None
         self.inline_dirty = False
         self.converted = True
@@ -222,6 +277,14 @@ class FileData:
     def _start_all_uploads(self) -> None:
         for idx in list(self.dirty):
             self._start_upload(idx)
+
+    def start_upload(self, idx: int) -> int:
+        """Upload dirty block ``idx`` now (memory pressure); returns its size, 0 if clean."""
+        if idx not in self.dirty:
+            return 0
+        n = len(self.dirty[idx])
+        self._start_upload(idx)
+        return n
 
     def _start_upload(self, idx: int) -> None:
         data = bytes(self.dirty.pop(idx))
@@ -233,6 +296,7 @@ class FileData:
         task.add_done_callback(self.tasks.discard)
 
     async def _upload(self, idx: int, seq: int, data: bytes) -> None:
+        requeued = False  # its bytes went back to ``dirty``: they stay in the budget
         try:
             entry = await self.blocks.put(data)
             if entry is not None:
@@ -243,13 +307,14 @@ class FileData:
             self.errors.append(exc)
             if idx not in self.dirty and self.inflight.get(idx, (None,))[0] == seq:
                 self.dirty[idx] = bytearray(data)
-                self.budget.used += len(data)  # stays accounted while it waits for a retry
+                requeued = True
             log.warning("block upload failed", extra={"ino": self.ino, "block": idx,
                                                       "error": f"{type(exc).__name__}: {exc}"})
         finally:
             if self.inflight.get(idx, (None,))[0] == seq:
                 del self.inflight[idx]
-            self.budget.release(len(data))
+            if not requeued:
+                self.budget.release(len(data))
 
     # ---- durability ------------------------------------------------------------------
     async def flush(self) -> None:
@@ -262,14 +327,14 @@ class FileData:
         the size, body and block set committed are captured at one instant."""
         if self.inline is not None and self.inline_dirty:
             body, size, writes = bytes(self.inline), self.size, self.writes
-            await self.meta.commit(self.ino, size=size, inline=body)
-            self.committed_size = max(self.committed_size, size)
+            await self.meta.commit(self.ino, size=size, inline=body, exact=self.exact)
+            self.committed_size = size if self.exact else max(self.committed_size, size)
+            self.committed_inline = len(body)
             if self.writes == writes:
                 self.inline_dirty = False
-                self.uncommitted_growth = 0
             return
         self._start_all_uploads()
-        size, writes, mine = self.size, self.writes, list(self.tasks)
+        size, mine = self.size, list(self.tasks)
         await asyncio.gather(*mine, return_exceptions=True)
         if self.errors:
             err = self.errors[0]
@@ -279,10 +344,10 @@ class FileData:
         # captured bytes of its block too (plus newer ones, hidden beyond ``size`` until
         # the next commit); blocks wholly past ``size`` wait for the next commit
         changes = {idx: entry for idx, (_, entry) in self.pending.items() if idx * self.bs < size}
-        if not (changes or self.converted or size > self.committed_size or self.size_dirty):
+        if not (changes or self.converted or size != self.committed_size):
             return
         settled = self._settled_by(changes)
-        await self.meta.commit(self.ino, size=size, entries=changes,
+        await self.meta.commit(self.ino, size=size, entries=changes, exact=self.exact,
                                settle=[key for _, _, key in settled])
         for record in settled:
             self.uploads.remove(record)
@@ -293,11 +358,13 @@ class FileData:
                 self.entries[idx] = entry
             if self.pending.get(idx, (None, None))[1] is entry:
                 del self.pending[idx]
+        if self.exact:
+            for idx in [i for i in self.entries if i * self.bs >= size]:
+                del self.entries[idx]
+        if self.converted:
+            self.committed_inline = 0
         self.converted = False
-        self.size_dirty = False
-        self.committed_size = max(self.committed_size, size)
-        if self.writes == writes:
-            self.uncommitted_growth = 0
+        self.committed_size = size if self.exact else max(self.committed_size, size)
 
     def _settled_by(self, changes: dict[int, BlockEntry | None]) -> list[tuple[int, int, str]]:
         """Uploads a commit of ``changes`` releases: those it references, and those that a
@@ -319,17 +386,64 @@ class FileData:
         self.errors.clear()
         self.budget.release(sum(len(b) for b in self.dirty.values()))
         self.dirty.clear()
-        self.inline_dirty = self.converted = self.size_dirty = False
+        self.inline_dirty = self.converted = False
         keys = [key for _, _, key in self.uploads]
         self.uploads.clear()
         self.pending.clear()
         await self.meta.settle_uploads(keys)
 
     async def truncate(self, size: int) -> None:
+        """Cut or extend the file. Local changes are trimmed to the new size here and
+        committed later; the truncation itself commits at once and, shrinking, frees
+        space first, so it works on a full volume."""
         async with self.lock:
-            await self._flush_locked()
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)  # settle uploads
+            if size == 0:
+                self.exact = True
             if self.inline is not None and size > self.inline_limit:
+                # an inline body must become a block before the file can grow past the
+                # limit: extending it in Redis would store every zero
                 await self._convert_inline()
                 await self._flush_locked()
+            dropped = self._trim_local(size)
             await self.meta.truncate(self.ino, size, self.bs)
-            await self.load(size)
+            self._trim_committed(size)
+            if dropped:  # uploads of blocks cut away: no commit will reference them
+                self.uploads = [r for r in self.uploads if r not in dropped]
+                await self.meta.settle_uploads([key for _, _, key in dropped])
+
+    def _trim_local(self, size: int) -> list[tuple[int, int, str]]:
+        """Cut local changes at ``size``; returns the upload records of blocks cut away."""
+        bs = self.bs
+        if self.inline is not None:
+            del self.inline[size:]
+            self.inline.extend(bytes(size - len(self.inline)))
+        for idx in list(self.dirty):
+            keep = size - idx * bs
+            if keep < len(self.dirty[idx]):
+                freed = len(self.dirty[idx]) - max(0, keep)
+                if keep <= 0:
+                    del self.dirty[idx]
+                else:
+                    del self.dirty[idx][keep:]
+                self.budget.release(freed)
+        for idx, (seq, entry) in list(self.pending.items()):
+            keep = size - idx * bs
+            if keep <= 0:
+                del self.pending[idx]  # its upload records are settled by the next commit
+            elif entry is not None and entry.valid > keep:
+                self.pending[idx] = (seq, BlockEntry(entry.digest, entry.length, keep))
+        self.size = size
+        return [r for r in self.uploads if r[0] not in self.pending and r[0] * bs >= size]
+
+    def _trim_committed(self, size: int) -> None:
+        """The committed view after TRUNCATE (the script trims the same way)."""
+        for idx, entry in list(self.entries.items()):
+            keep = size - idx * self.bs
+            if keep <= 0:
+                del self.entries[idx]
+            elif entry.valid > keep:
+                self.entries[idx] = BlockEntry(entry.digest, entry.length, keep)
+        if self.inline is not None:
+            self.committed_inline = size  # TRUNCATE cut or zero-padded the stored body
+        self.committed_size = size

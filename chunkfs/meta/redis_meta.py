@@ -307,12 +307,16 @@ class VolumeMeta:
                         [self.epoch, size, block_size, now_ns()])
 
     async def commit(self, ino: int, *, size: int, entries: dict[int, BlockEntry | None] | None = None,
-                     inline: bytes | None = None, settle: Sequence[str] = ()) -> None:
+                     inline: bytes | None = None, settle: Sequence[str] = (),
+                     exact: bool = False) -> None:
         """Make new data visible atomically: an inline body, or a set of block entries.
         ``settle``: object keys of this session's uploads that the new block map references
-        (or that it superseded), released from GC's protection in the same step."""
+        (or that it superseded), released from GC's protection in the same step.
+        ``exact``: the file becomes exactly ``size`` bytes (entries past it go), instead
+        of at least ``size``."""
         args: list[Any] = [self.epoch, now_ns(), size]
-        args += ["I", inline] if inline is not None else ["B", ""]
+        mode = "X" if exact else ""
+        args += ["I" + mode, inline] if inline is not None else ["B" + mode, ""]
         args += [self.session, len(settle), *settle]
         if inline is None:
             for idx, entry in sorted((entries or {}).items()):

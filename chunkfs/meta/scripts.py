@@ -288,44 +288,61 @@ return 1
 """)
 
 # KEYS: vol, inode, blocks, pending, settled, sessions, reply
-# ARGV: epoch, now, size (the file is at least this large afterwards), mode ('I' inline, 'B'),
-#       inline data, session, n (uploads to settle), n object keys, then pairs of block index,
-#       entry ('' removes the entry)
+# ARGV: epoch, now, size, mode ('I' inline or 'B' blocks; with 'X' appended the file becomes
+#       exactly ``size`` bytes, otherwise at least that large), inline data, session,
+#       n (uploads to settle), n object keys, then pairs of block index, entry ('' removes it)
 COMMIT = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 local session, nsettle = ARGV[6], tonumber(ARGV[7])
 if nsettle > 0 and session_dead(KEYS[6], session) then return redis.error_reply('SESSION') end
+local inline, exact = string.sub(ARGV[4], 1, 1) == 'I', string.sub(ARGV[4], 2, 2) == 'X'
+local newsize = tonumber(ARGV[3])
 local first = 8 + nsettle
 local delta = 0
 local d = redis.call('HGET', KEYS[2], 'd')
-if ARGV[4] == 'I' then
+local set, gone = {}, {}  -- the block map changes: index -> new entry; index -> true: removed
+if inline then
   delta = #ARGV[5] - (d and #d or 0)
 else
   if d then delta = delta - #d end
   for i = first, #ARGV, 2 do
-    local old = redis.call('HGET', KEYS[3], ARGV[i])
-    if old then delta = delta - valid_of(old) end
-    if ARGV[i + 1] ~= '' then delta = delta + valid_of(ARGV[i + 1]) end
+    if ARGV[i + 1] == '' then gone[ARGV[i]] = true else set[ARGV[i]] = ARGV[i + 1] end
   end
+end
+if exact then  -- entries past the new end go, the one across it is cut
+  local bs = tonumber(redis.call('HGET', vol, 'block_size'))
+  local all = redis.call('HGETALL', KEYS[3])
+  for i = 1, #all, 2 do
+    local idx, e = all[i], set[all[i]] or all[i + 1]
+    local keep = newsize - tonumber(idx) * bs
+    if inline or keep <= 0 then set[idx] = nil; gone[idx] = true
+    elseif valid_of(e) > keep then set[idx] = (string.gsub(e, ':%d+$', ':' .. I(keep))) end
+  end
+end
+for idx, e in pairs(set) do
+  local old = redis.call('HGET', KEYS[3], idx)
+  delta = delta + valid_of(e) - (old and valid_of(old) or 0)
+end
+for idx in pairs(gone) do
+  local old = redis.call('HGET', KEYS[3], idx)
+  if old then delta = delta - valid_of(old) end
 end
 if delta > 0 then
   local st = redis.call('HMGET', vol, 'used', 'capacity')
   if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
 end
-if ARGV[4] == 'I' then
+if inline then
   redis.call('HSET', KEYS[2], 'd', ARGV[5])
-else
-  if d then redis.call('HDEL', KEYS[2], 'd') end
-  for i = first, #ARGV, 2 do
-    if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[3], ARGV[i])
-    else redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-  end
+elseif d then
+  redis.call('HDEL', KEYS[2], 'd')
 end
+for idx in pairs(gone) do redis.call('HDEL', KEYS[3], idx) end
+for idx, e in pairs(set) do redis.call('HSET', KEYS[3], idx, e) end
 local now = now_ms()
 for i = 8, first - 1 do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
 local size = tonumber(redis.call('HGET', KEYS[2], 's'))
-if tonumber(ARGV[3]) > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
+if exact or newsize > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
 redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
 if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
 return 1

@@ -199,6 +199,26 @@ class Cli:
     def volume_names(self) -> list[str]:
         return [v["name"] for v in json.loads(self.run("volume", "list", "--json").stdout)]
 
+    def call(self, action: Callable[[Any], Any]) -> Any:
+        """Run ``action(VolumeService)`` (a coroutine function) in this process. Use it
+        instead of ``run`` while the test holds files open with unsynced data: a `chunkfs`
+        subprocess closes its inherited copies of our FUSE fds at exec, and each close
+        flushes (commits) the file."""
+        import asyncio
+
+        from chunkfs.config import backend_from_env
+        from chunkfs.volumes import VolumeService
+
+        async def go() -> Any:
+            meta, storage = backend_from_env(None, None, self.env)
+            svc = await VolumeService.open(meta, storage)
+            try:
+                return await action(svc)
+            finally:
+                await svc.close()
+
+        return asyncio.run(go())
+
 
 def make_env(base: dict[str, str], **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CHUNKFS_"))}

@@ -3,17 +3,13 @@ is never deleted, whatever the grace period, while GC runs as often as it likes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
-from chunkfs.config import backend_from_env
 from chunkfs.gc import collect_garbage
 from chunkfs.volumes import VolumeService
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures (see __all__)
@@ -23,22 +19,9 @@ from tests.integration.fs_fixtures import Cli, MiB, Mount, Mounter
 AGE = 1.1
 
 
-def service_call(cli: Cli, action: Callable[[VolumeService], Awaitable[Any]]) -> Any:
-    """Run a service-layer call in this process: a `chunkfs` subprocess would close its
-    inherited copies of our open FUSE files at exec, and each close flushes the file,
-    committing exactly what these tests keep uncommitted on purpose."""
-    async def run() -> Any:
-        meta, storage = backend_from_env(None, None, cli.env)
-        svc = await VolumeService.open(meta, storage)
-        try:
-            return await action(svc)
-        finally:
-            await svc.close()
-    return asyncio.run(run())
-
-
 def gc(cli: Cli) -> None:
-    service_call(cli, lambda svc: collect_garbage(svc.r, svc.store, grace=0))
+    """In this process (see ``Cli.call``): a subprocess would flush our open files."""
+    cli.call(lambda svc: collect_garbage(svc.r, svc.store, grace=0))
 
 
 def fsck_clean(cli: Cli, name: str) -> None:
@@ -136,7 +119,7 @@ def test_gc_in_a_loop_beside_writers_clones_and_snapshots(cli: Cli, mounter: Mou
         n = 0
         while not stop.is_set():
             n += 1
-            service_call(cli, lambda svc: copy_round(svc, n))  # noqa: B023 - called at once
+            cli.call(lambda svc: copy_round(svc, n))  # noqa: B023 - called at once
             time.sleep(0.5)
 
     threads = [threading.Thread(target=t, daemon=True)
