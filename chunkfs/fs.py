@@ -216,6 +216,8 @@ class ChunkFS(pyfuse3.Operations):
         return {"pid": os.getpid(), "volume": self.volume.get("name", ""), "fenced": self.fenced,
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,
                 "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
+                "write_buffer": {"used": self.budget.used if self.budget else 0,
+                                 "limit": self.budget.limit if self.budget else 0},
                 "errors": self.status.errors, "last_error": self.status.last_error,
                 "fuse": {"reads": self.status.reads, "read_bytes": self.status.read_bytes,
                          "writes": self.status.writes, "write_bytes": self.status.write_bytes},

@@ -165,3 +165,22 @@ def test_two_mounts_rewriting_one_file_leave_the_last_closed_version_whole(
             with open(m / "shared", "rb") as fh:  # close-to-open: a fresh open sees it
                 assert sha256(fh.read()) == sha256(small), m
         big, small = small, big
+
+
+def test_a_fenced_mount_gives_back_the_buffers_of_the_files_it_can_no_longer_commit(
+        mounter: Mounter, cli: Cli, volume: str) -> None:
+    m = mounter.mount(volume, options="epoch=1,buffer-size=8MiB")
+    fds = [os.open(m / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+    for fd in fds:
+        os.write(fd, rand_bytes(2 * MiB, fd))  # buffered, never committed
+    assert m.status_direct()["write_buffer"]["used"] >= 6 * MiB
+    cli.call(lambda svc: svc.acquire_writer(volume, "another-node"))  # the lease moves on
+    wait_until(lambda: m.status_direct()["fenced"], 10, what="the mount to notice the fence")
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    st = m.status_direct()
+    assert st["write_buffer"]["used"] == 0 and st["dirty_bytes"] == 0, st
+    assert st["open_files"] == 0, st
