@@ -144,6 +144,7 @@ class Plugin:
             os.unlink(path)  # a stale socket of a previous run
         self.server.add_insecure_port("unix://" + path)
         await self.server.start()
+        os.chmod(path, 0o600)  # whatever the umask: only this uid (and root) may call
         if self.mounts is not None:
             log.info("chunkfs mounts run as %s", self.mounts.mounter.launcher.describe())
         log.info("serving %s on %s", self.args.role, path,
