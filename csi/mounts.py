@@ -16,13 +16,17 @@ Protocol (what survives what)
 * ``NodeMounts.recover`` (at start and then periodically) checks every recorded mount:
   a staging mount whose process died (statfs fails with ENOTCONN) is lazily unmounted
   and mounted again with the recorded epoch and options; each bind mount of it, now
-  pointing at the dead FUSE connection, is unmounted and bound again. A live mount is
+  pointing at the dead FUSE connection, is bound again on top of the dead one (so that
+  the new mount propagates into the pods' containers, which hold copies of the dead
+  one; NodeUnpublish removes both layers). A live mount is
   never touched, and a hung one (statfs does not return) is reported, not remounted.
   The recorded epoch is reused as is: if the lease moved on meanwhile, the re-mounted
   volume is fenced exactly like the old one was.
 * Pods see a re-established mount through the same target path; files they had open
   on the dead connection fail and must be reopened (in Kubernetes the pod needs
-  ``mountPropagation: HostToContainer`` to see the new bind mount).
+  ``mountPropagation: HostToContainer`` to see the new bind mount). In the chart the
+  mount processes live in the mounter pod (``csi/mounter.py``), so this path is only
+  taken when a mounter or a mount process dies, not when the node plugin does.
 
 Concurrency: the node servicer holds the per-volume key (``KeyLocks``) around every
 call into this module that changes a volume's mounts; ``recover`` waits for the same
@@ -419,17 +423,18 @@ class Mounter:
                                           f"remount {opts}: {err}")
 
     async def unmount(self, path: str) -> None:
-        """Unmount a bind mount; detach it lazily if it is dead or busy."""
-        if not is_mountpoint(path):
-            return
-        health = await self.prober.health(path)
-        if health is not Health.ALIVE:
-            await self.force_unmount(path)
-            return
-        rc, err = await _run(["umount", path])
-        if rc != 0 and is_mountpoint(path):
-            log.warning("umount %s failed (%s); detaching it lazily", path, err)
-            await self.force_unmount(path)
+        """Unmount a bind mount and the dead ones a recovery stacked it over; detach
+        lazily what is dead or busy."""
+        while is_mountpoint(path):
+            health = await self.prober.health(path)
+            if health is not Health.ALIVE:
+                await self.force_unmount(path)
+                return
+            rc, err = await _run(["umount", path])
+            if rc != 0 and is_mountpoint(path):
+                log.warning("umount %s failed (%s); detaching it lazily", path, err)
+                await self.force_unmount(path)
+                return
 
     async def force_unmount(self, path: str) -> None:
         while is_mountpoint(path):
@@ -536,8 +541,15 @@ class NodeMounts:
             self.store.drop_publish(rec.target_path)
             return health
         if health is Health.DEAD:
-            await self.mounter.force_unmount(rec.target_path)
-        if health in (Health.DEAD, Health.ABSENT):
+            # Bind over the dead mount instead of detaching it first: a pod's container
+            # holds a copy of the dead mount, and only a mount made on top of it propagates
+            # into the container (mountPropagation: HostToContainer). unmount() later
+            # removes both layers.
+            log.warning("volume %s: binding the re-established mount over the dead one at "
+                        "%s", rec.volume_id, rec.target_path)
+            await self.mounter.bind(rec.staging_path, rec.target_path, rec.readonly,
+                                    rec.flags)
+        elif health is Health.ABSENT:
             log.warning("volume %s: re-making the bind mount at %s", rec.volume_id,
                         rec.target_path)
             await self._bind(rec)
