@@ -20,13 +20,17 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       ca-certificates gcc libc6-dev libfuse3-dev pkg-config python3 python3-dev python3-venv \
  && rm -rf /var/lib/apt/lists/*
+# The dependencies first, from pyproject.toml alone: this layer stays cached while only
+# the code changes.
 COPY pyproject.toml /src/
-COPY chunkfs /src/chunkfs
-COPY csi /src/csi
 RUN --mount=type=secret,id=pip-ca,required=false \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python3 -m venv /opt/chunkfs-csi \
- && /opt/chunkfs-csi/bin/pip install /src \
+ && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' >/tmp/requirements.txt \
+ && /opt/chunkfs-csi/bin/pip install -r /tmp/requirements.txt "setuptools>=68"
+COPY chunkfs /src/chunkfs
+COPY csi /src/csi
+RUN /opt/chunkfs-csi/bin/pip install --no-deps --no-build-isolation /src \
  && /opt/chunkfs-csi/bin/python -c "import pyfuse3, grpc, chunkfs.cli, csi.server"
 
 FROM ${BASE_IMAGE}
