@@ -228,3 +228,35 @@ def test_mounts_come_back_after_the_mounter_dies(docker, image, node_host, backe
     teardown_volume(node, volume_id, staging, target)  # both layers of the target go
     assert not os.path.exists(target)
     verify_durable(backend_env, volume_id, summary["acked"], Path(node_host.root))
+
+
+def test_without_the_mounter_a_plugin_restart_breaks_io_until_it_re_mounts(
+        docker, image, node_host, backend_secret, backend_env, chart_pods):
+    """The fallback (mounter.enabled=false): the mount processes live in the plugin's
+    container and die with it -- why the chart has a mounter. The restarted plugin
+    re-mounts from its records and the application recovers by reopening."""
+    pods = chart_pods(node_host.values(mounter={"enabled": False}))
+    _, controller = pods.start_controller()
+    node_cid, node = pods.start_node("node-1")
+    volume_id = f"pvc-{uuid.uuid4()}"
+    epoch = create_and_attach(controller, volume_id, backend_secret)
+    staging, target = stage_and_publish(node, node_host, volume_id, epoch, backend_secret)
+
+    app = App(pods, image, target)
+    app.wait_acks(20)
+    killed = time.time()
+    docker.docker("kill", node_cid)
+    node.close()
+    _, node = pods.start_node("node-2")
+    app.wait_acks(20, after=killed)
+    summary = app.stop()
+    errors = app.errors()
+    assert errors, "the mounts died with the plugin container: the application saw it"
+    assert summary["bad_reads"] == 0
+    first_error = float(errors[0].split()[0])
+    resumed = next(t for _, t in app.acks() if t > first_error)
+    print(f"\nno mounter, plugin kill: {summary['acked']} records acknowledged, "
+          f"{len(errors)} failed attempts; I/O resumed {resumed - first_error:.2f}s after "
+          "the first error")
+    teardown_volume(node, volume_id, staging, target)
+    verify_durable(backend_env, volume_id, summary["acked"], Path(node_host.root))
