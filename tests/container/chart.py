@@ -13,6 +13,7 @@ apparmor=unconfined``, which is what a chunkfs mount needs of it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -217,3 +218,35 @@ if __name__ == "__main__":
     DEPLOY.parent.mkdir(exist_ok=True)
     DEPLOY.write_text(default_manifests())
     print(f"wrote {DEPLOY.relative_to(ROOT)}")
+
+
+def values_table() -> str:
+    """The README's values table: every documented key of values.yaml, its default and
+    its comment (tests/container/test_deploy.py keeps the README's copy in step)."""
+    rows = ["| key | default | description |", "| --- | --- | --- |"]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("#").strip().removeprefix("-- "))
+            continue
+        if not stripped or stripped.startswith("-") or ":" not in stripped:
+            comment = [] if not stripped else comment
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        key = stripped.split(":")[0]
+        path = [k for _, k in stack] + [key]
+        stack.append((indent, key))
+        if comment:
+            value: Any = defaults
+            for k in path:
+                value = value[k]
+            shown = json.dumps(value) if not isinstance(value, str) else (value or '""')
+            text = " ".join(comment).replace("|", "\\|")
+            rows.append(f"| `{'.'.join(path)}` | `{shown}` | {text} |")
+        comment = []
+    return "\n".join(rows) + "\n"

@@ -63,3 +63,10 @@ def test_the_examples_cover_what_the_readme_promises():
     secret = kinds["Secret"][0]["stringData"]
     assert set(secret) == {"meta-url", "storage", "endpoint", "region", "access-key-id",
                            "secret-access-key"}
+
+
+def test_the_readme_lists_every_value_of_the_chart():
+    readme = (chart.ROOT / "README.md").read_text()
+    assert chart.values_table() in readme, (
+        "the README's values table differs from charts/chunkfs-csi/values.yaml: replace it "
+        "with the output of tests.container.chart.values_table()")
