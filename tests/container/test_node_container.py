@@ -98,9 +98,13 @@ class App:
         return json.loads((self.ctl / "summary.json").read_text())
 
 
-def longest_gap(acks: list[tuple[int, float]], start: float = 0.0) -> float:
+def gaps(acks: list[tuple[int, float]], start: float = 0.0) -> list[float]:
     times = [t for _, t in acks if t >= start]
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+    return sorted(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+def longest_gap(acks: list[tuple[int, float]], start: float = 0.0) -> float:
+    return max(gaps(acks, start), default=0.0)
 
 
 def stage_and_publish(node: Csi, host, volume_id: str, epoch: str,
@@ -188,8 +192,8 @@ def test_application_io_survives_node_plugin_kill_and_upgrade(
     print(f"\nnode plugin kill + upgrade: {summary['acked']} records of {RECORD} bytes "
           f"acknowledged, {summary['reads']} read back; "
           f"{sum(1 for _, t in acks if killed < t < upgraded)} acknowledged while no "
-          f"plugin ran; longest gap between acknowledgements {longest_gap(acks):.3f}s "
-          f"(after the kill {longest_gap(acks, killed):.3f}s)")
+          f"plugin ran; gap between acknowledgements: median {gaps(acks)[len(acks) // 2]:.3f}s"
+          f", longest {longest_gap(acks):.3f}s (after the kill {longest_gap(acks, killed):.3f}s)")
 
     teardown_volume(node, volume_id, staging, target)  # the new plugin manages old mounts
     verify_durable(backend_env, volume_id, summary["acked"], Path(node_host.root))
