@@ -34,16 +34,6 @@ RUN /opt/chunkfs-csi/bin/pip install --no-deps --no-build-isolation /src \
  && /opt/chunkfs-csi/bin/python -c "import pyfuse3, grpc, chunkfs.cli, csi.server"
 
 FROM ${BASE_IMAGE}
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
-LABEL org.opencontainers.image.title="chunkfs-csi" \
-      org.opencontainers.image.description="Kubernetes CSI driver whose volumes live in S3 (chunkfs: FUSE over S3 + Redis); one image for the controller, node and mounter roles" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="debian:bookworm-slim"
 ENV DEBIAN_FRONTEND=noninteractive
 # fuse3: fusermount3 and /etc/fuse.conf; mount/util-linux: bind mounts and umount;
 # tini: PID 1 that reaps the detached mount processes and forwards signals.
@@ -58,6 +48,18 @@ COPY --from=build /opt/chunkfs-csi /opt/chunkfs-csi
 ENV PATH=/opt/chunkfs-csi/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 RUN chunkfs-csi --help >/dev/null && chunkfs --help >/dev/null
+# Build arguments last: their values change at every build and would otherwise
+# invalidate the cached layers above.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="chunkfs-csi" \
+      org.opencontainers.image.description="Kubernetes CSI driver whose volumes live in S3 (chunkfs: FUSE over S3 + Redis); one image for the controller, node and mounter roles" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="debian:bookworm-slim"
 USER 10001:10001
 ENTRYPOINT ["/usr/bin/tini", "--", "chunkfs-csi"]
 CMD ["--help"]

@@ -98,6 +98,12 @@ class ChartPods:
                 raise AssertionError(f"no {what} after {timeout}s:\n" + self.docker.logs(cid))
             time.sleep(0.1)
 
+    def wait_gone(self, cid: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.docker.running(cid):
+            assert time.monotonic() < deadline, f"container {cid[:12]} still runs"
+            time.sleep(0.05)
+
     def wait_csi(self, cid: str, socket: Path, timeout: float = 60.0) -> Csi:
         self.wait_for(cid, socket.exists, f"socket {socket}", timeout)
         csi = Csi(socket)

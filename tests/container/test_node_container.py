@@ -170,7 +170,7 @@ def test_application_io_survives_node_plugin_kill_and_upgrade(
     app.wait_acks(20)
     killed = time.time()
     docker.docker("kill", node_cid)  # SIGKILL: the container and everything in it
-    assert not docker.running(node_cid)
+    pods.wait_gone(node_cid)
     node.close()
     app.wait_acks(30, after=killed)  # no plugin at all, and the application goes on
     assert mount_table().get(staging) == FSTYPE
@@ -213,6 +213,7 @@ def test_mounts_come_back_after_the_mounter_dies(docker, image, node_host, backe
     app.wait_acks(20)
     killed = time.time()
     docker.docker("kill", mounter_cid)  # every mount process of the node dies
+    pods.wait_gone(mounter_cid)
     pods.start_mounter("mounter-2")
     app.wait_acks(20, after=killed)  # re-mounted, re-bound into the pod, reopened
     summary = app.stop()
@@ -250,6 +251,7 @@ def test_without_the_mounter_a_plugin_restart_breaks_io_until_it_re_mounts(
     app.wait_acks(20)
     killed = time.time()
     docker.docker("kill", node_cid)
+    pods.wait_gone(node_cid)
     node.close()
     _, node = pods.start_node("node-2")
     app.wait_acks(20, after=killed)

@@ -228,13 +228,15 @@ def installed(kubeconfig: str, k8s: Any) -> dict[str, str]:
     values = {"image": {"repository": IMAGE.split(":")[0], "tag": IMAGE.split(":")[1],
                         "pullPolicy": "Never"},
               "node": {"recoverInterval": 2}}
-    existing = [r["name"] for r in cfg.list()] if hasattr(cfg, "list") else []
-    if "chunkfs-csi" in existing:
-        cfg.upgrade(str(ROOT / "charts/chunkfs-csi"), "chunkfs-csi", values,
-                    namespace=NAMESPACE, wait="watcher", timeout=600)
-    else:
-        cfg.install(str(ROOT / "charts/chunkfs-csi"), "chunkfs-csi", values,
-                    namespace=NAMESPACE, wait="watcher", timeout=600)
+    chart_dir = str(ROOT / "charts/chunkfs-csi")
+    try:
+        cfg.install(chart_dir, "chunkfs-csi", values, namespace=NAMESPACE, wait="watcher",
+                    timeout=600)
+    except helm.HelmError as exc:  # a kept cluster: the release exists, upgrade it
+        if "re-use" not in str(exc) and "exists" not in str(exc):
+            raise
+        cfg.upgrade(chart_dir, "chunkfs-csi", values, namespace=NAMESPACE, wait="watcher",
+                    timeout=600)
     storage = client.StorageV1Api(k8s)
     workers = [n.metadata.name for n in core.list_node().items
                if "node-role.kubernetes.io/control-plane" not in (n.metadata.labels or {})]
