@@ -144,6 +144,12 @@ class DockerEngine:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+        # dockerd leaves its default network namespace bind-mounted under the exec root
+        exec_root = str(self.root / "exec") + "/"
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            leftovers = [ln.split()[4] for ln in f if ln.split()[4].startswith(exec_root)]
+        for path in sorted(leftovers, reverse=True):
+            subprocess.run(["umount", "-l", path], capture_output=True, check=False)
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
