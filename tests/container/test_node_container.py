@@ -199,8 +199,11 @@ def test_application_io_survives_node_plugin_kill_and_upgrade(
     verify_durable(backend_env, volume_id, summary["acked"], Path(node_host.root))
 
 
+@pytest.mark.parametrize("how", ["kill", "stop"])
 def test_mounts_come_back_after_the_mounter_dies(docker, image, node_host, backend_secret,
-                                                 backend_env, chart_pods):
+                                                 backend_env, chart_pods, how):
+    """kill: SIGKILL, every mount process dies at once. stop: SIGTERM (the pod deleted):
+    the mounter flushes and unmounts what it started, then exits."""
     pods = chart_pods()
     _, controller = pods.start_controller()
     mounter_cid = pods.start_mounter("mounter-1")
@@ -212,7 +215,13 @@ def test_mounts_come_back_after_the_mounter_dies(docker, image, node_host, backe
     app = App(pods, image, target)
     app.wait_acks(20)
     killed = time.time()
-    docker.docker("kill", mounter_cid)  # every mount process of the node dies
+    if how == "kill":
+        docker.docker("kill", mounter_cid)  # every mount process of the node dies
+    else:
+        docker.docker("stop", "--time", "60", mounter_cid, timeout=90)
+        log = docker.logs(mounter_cid, tail=200)
+        assert "unmounting 1 chunkfs mounts" in log and "mounter stopped" in log, log
+        assert "at stop failed" not in log, log
     pods.wait_gone(mounter_cid)
     pods.start_mounter("mounter-2")
     app.wait_acks(20, after=killed)  # re-mounted, re-bound into the pod, reopened
@@ -224,7 +233,7 @@ def test_mounts_come_back_after_the_mounter_dies(docker, image, node_host, backe
     assert summary["bad_reads"] == 0
     first_error = float(errors[0].split()[0])
     resumed = next(t for _, t in acks if t > first_error)
-    print(f"\nmounter kill: {summary['acked']} records acknowledged, {len(errors)} failed "
+    print(f"\nmounter {how}: {summary['acked']} records acknowledged, {len(errors)} failed "
           f"attempts; I/O resumed {resumed - first_error:.2f}s after the first error")
     stats = node.node.NodeGetVolumeStats(csi_pb2.NodeGetVolumeStatsRequest(
         volume_id=volume_id, volume_path=target), timeout=30)
