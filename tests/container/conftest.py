@@ -63,6 +63,10 @@ def image(docker: DockerEngine) -> str:
     except EngineUnavailable as exc:
         pytest.skip(f"no base image: {exc}")
     build_image(docker, ROOT, IMAGE, log)
+    # the images of earlier runs, now untagged, and a bounded build cache: the data root
+    # stays a few GiB however often the suite runs
+    docker.docker("image", "prune", "--force", check=False)
+    docker.docker("builder", "prune", "--force", "--keep-storage", "2GB", check=False)
     return IMAGE
 
 
