@@ -164,6 +164,12 @@ def unmount_failed(path: str, why: str) -> CsiError:
     return _err(grpc.StatusCode.INTERNAL, f"unmounting {path!r} failed: {why}")
 
 
+def mounter_unavailable(socket_path: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.UNAVAILABLE,
+                f"the chunkfs mounter at {socket_path} is not reachable ({why}); is its pod "
+                "running on this node?")
+
+
 def timed_out(what: str) -> CsiError:
     return _err(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} timed out")
 

@@ -16,13 +16,17 @@ Protocol (what survives what)
 * ``NodeMounts.recover`` (at start and then periodically) checks every recorded mount:
   a staging mount whose process died (statfs fails with ENOTCONN) is lazily unmounted
   and mounted again with the recorded epoch and options; each bind mount of it, now
-  pointing at the dead FUSE connection, is unmounted and bound again. A live mount is
+  pointing at the dead FUSE connection, is bound again on top of the dead one (so that
+  the new mount propagates into the pods' containers, which hold copies of the dead
+  one; NodeUnpublish removes both layers). A live mount is
   never touched, and a hung one (statfs does not return) is reported, not remounted.
   The recorded epoch is reused as is: if the lease moved on meanwhile, the re-mounted
   volume is fenced exactly like the old one was.
 * Pods see a re-established mount through the same target path; files they had open
   on the dead connection fail and must be reopened (in Kubernetes the pod needs
-  ``mountPropagation: HostToContainer`` to see the new bind mount).
+  ``mountPropagation: HostToContainer`` to see the new bind mount). In the chart the
+  mount processes live in the mounter pod (``csi/mounter.py``), so this path is only
+  taken when a mounter or a mount process dies, not when the node plugin does.
 
 Concurrency: the node servicer holds the per-volume key (``KeyLocks``) around every
 call into this module that changes a volume's mounts; ``recover`` waits for the same
@@ -53,6 +57,7 @@ from typing import Any
 
 from csi import errors
 from csi.backends import overlay_env
+from csi.launcher import ChildLauncher, Launcher, MountSpec
 
 log = logging.getLogger("chunkfs.csi.mounts")
 
@@ -60,7 +65,6 @@ STATE_VERSION = 1
 MOUNT_TIMEOUT = 120.0    # chunkfs mount: connect, load the root, be ready
 UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
 PROBE_TIMEOUT = 5.0      # a statfs that takes longer marks the mount as hung
-LOG_LIMIT = 16 << 20     # a mount's log file is truncated at the next mount beyond this
 CHUNKFS_EXIT_USAGE = 2            # the chunkfs CLI's exit status for bad input
 FSTYPE = "fuse.chunkfs"          # in /proc/self/mountinfo, also for the bind mounts
 STATUS_FILE = ".chunkfs.status"  # a chunkfs mount's virtual status file (chunkfs status)
@@ -341,11 +345,19 @@ async def _run(argv: list[str], seconds: float = 60.0) -> tuple[int, str]:
 
 
 class Mounter:
-    """The mount primitives: chunkfs mounts and bind mounts, by command line."""
+    """The mount primitives: chunkfs mounts (through a ``Launcher``) and bind mounts.
+
+    ``launcher`` decides where the chunkfs mount processes run (``csi/launcher.py``): as
+    children of this process (default) or in the mounter, outside the plugin's container.
+    ``default_cache_size`` bounds each volume's cache unless its StorageClass sets one.
+    """
 
     def __init__(self, log_dir: str, chunkfs: list[str] | None = None,
-                 prober: Prober | None = None) -> None:
+                 prober: Prober | None = None, launcher: Launcher | None = None,
+                 default_cache_size: str | None = None) -> None:
         self.chunkfs = chunkfs or chunkfs_command()
+        self.launcher = launcher or ChildLauncher(self.chunkfs)
+        self.default_cache_size = default_cache_size
         self.log_dir = log_dir
         self.prober = prober or Prober()
         os.makedirs(log_dir, mode=0o700, exist_ok=True)
@@ -356,38 +368,22 @@ class Mounter:
     async def mount_chunkfs(self, rec: StageRecord, cache_dir: str,
                             env: dict[str, str]) -> None:
         await asyncio.to_thread(os.makedirs, rec.staging_path, exist_ok=True)
-        await asyncio.to_thread(os.makedirs, cache_dir, mode=0o700, exist_ok=True)
         options = list(rec.options)
         if rec.epoch is not None:
             options.insert(0, f"epoch={rec.epoch}")
         if rec.readonly:
             options.insert(0, "ro")
-        argv = [*self.chunkfs, "mount", rec.volume_id, rec.staging_path,
-                "--cache-dir", cache_dir]
-        if rec.cache_size:
-            argv += ["--cache-size", rec.cache_size]
-        if options:
-            argv += ["-o", ",".join(options)]
-        logfile = self.log_path(rec.volume_id)
-        argv += ["--log-file", logfile]
-        out, offset = _open_log(logfile, argv)
-        with out:
-            # own session: the mount must not die with the plugin's process group
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                start_new_session=True)
-        try:
-            rc = await asyncio.wait_for(proc.wait(), MOUNT_TIMEOUT)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        spec = MountSpec(volume_id=rec.volume_id, staging_path=rec.staging_path,
+                         cache_dir=cache_dir, log_file=self.log_path(rec.volume_id),
+                         options=options, cache_size=rec.cache_size or self.default_cache_size)
+        outcome = await self.launcher.mount(spec, env, MOUNT_TIMEOUT)
+        if outcome.timed_out:
             await self.force_unmount(rec.staging_path)
-            raise errors.timed_out(f"chunkfs mount of {rec.volume_id}") from None
-        if rc != 0:
-            why = _last_line(logfile, offset) or f"chunkfs mount exited with status {rc}"
-            if rc == CHUNKFS_EXIT_USAGE:  # bad input, e.g. an unknown mount option
-                raise errors.mount_rejected(rec.volume_id, why)
-            raise errors.mount_failed(rec.volume_id, why)
+            raise errors.timed_out(f"chunkfs mount of {rec.volume_id}")
+        if outcome.rc != 0:
+            if outcome.rc == CHUNKFS_EXIT_USAGE:  # bad input, e.g. an unknown mount option
+                raise errors.mount_rejected(rec.volume_id, outcome.message)
+            raise errors.mount_failed(rec.volume_id, outcome.message)
         health = await self.prober.health(rec.staging_path)
         if health is not Health.ALIVE:
             raise errors.mount_failed(
@@ -405,9 +401,12 @@ class Mounter:
         if health is Health.DEAD:
             await self.force_unmount(path)
             return
-        rc, err = await _run([*self.chunkfs, "umount", path], UNMOUNT_TIMEOUT)
-        if rc != 0 and is_mountpoint(path):
-            raise errors.unmount_failed(path, err or f"chunkfs umount exited with {rc}")
+        outcome = await self.launcher.umount(path, UNMOUNT_TIMEOUT)
+        if outcome.timed_out:
+            raise errors.timed_out(f"chunkfs umount {path}")
+        if outcome.rc != 0 and is_mountpoint(path):
+            raise errors.unmount_failed(path, outcome.message
+                                        or f"chunkfs umount exited with {outcome.rc}")
 
     async def bind(self, source: str, target: str, readonly: bool,
                    flags: Iterable[str]) -> None:
@@ -424,46 +423,24 @@ class Mounter:
                                           f"remount {opts}: {err}")
 
     async def unmount(self, path: str) -> None:
-        """Unmount a bind mount; detach it lazily if it is dead or busy."""
-        if not is_mountpoint(path):
-            return
-        health = await self.prober.health(path)
-        if health is not Health.ALIVE:
-            await self.force_unmount(path)
-            return
-        rc, err = await _run(["umount", path])
-        if rc != 0 and is_mountpoint(path):
-            log.warning("umount %s failed (%s); detaching it lazily", path, err)
-            await self.force_unmount(path)
+        """Unmount a bind mount and the dead ones a recovery stacked it over; detach
+        lazily what is dead or busy."""
+        while is_mountpoint(path):
+            health = await self.prober.health(path)
+            if health is not Health.ALIVE:
+                await self.force_unmount(path)
+                return
+            rc, err = await _run(["umount", path])
+            if rc != 0 and is_mountpoint(path):
+                log.warning("umount %s failed (%s); detaching it lazily", path, err)
+                await self.force_unmount(path)
+                return
 
     async def force_unmount(self, path: str) -> None:
         while is_mountpoint(path):
             rc, err = await _run(["umount", "-l", path])
             if rc != 0 and is_mountpoint(path):
                 raise errors.unmount_failed(path, err)
-
-
-def _open_log(path: str, argv: list[str]) -> tuple[Any, int]:
-    """The volume's log (shared with its detached mount process), opened for appending."""
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.getsize(path) > LOG_LIMIT:
-            os.truncate(path, 0)
-    out = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
-    offset = out.tell()
-    out.write(f"--- {time.strftime('%F %T')} {' '.join(argv)}\n".encode())
-    out.flush()
-    return out, offset
-
-
-def _last_line(path: str, offset: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return ""
-    lines = [ln for ln in lines if ln and not ln.startswith("--- ")]
-    return lines[-1] if lines else ""
 
 
 # --- the node's mounts --------------------------------------------------------------
@@ -564,8 +541,15 @@ class NodeMounts:
             self.store.drop_publish(rec.target_path)
             return health
         if health is Health.DEAD:
-            await self.mounter.force_unmount(rec.target_path)
-        if health in (Health.DEAD, Health.ABSENT):
+            # Bind over the dead mount instead of detaching it first: a pod's container
+            # holds a copy of the dead mount, and only a mount made on top of it propagates
+            # into the container (mountPropagation: HostToContainer). unmount() later
+            # removes both layers.
+            log.warning("volume %s: binding the re-established mount over the dead one at "
+                        "%s", rec.volume_id, rec.target_path)
+            await self.mounter.bind(rec.staging_path, rec.target_path, rec.readonly,
+                                    rec.flags)
+        elif health is Health.ABSENT:
             log.warning("volume %s: re-making the bind mount at %s", rec.volume_id,
                         rec.target_path)
             await self._bind(rec)

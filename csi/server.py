@@ -2,7 +2,9 @@
 
 One grpc.aio server per process serves Identity plus the Controller service
 (``--role controller``), the Node service (``--role node``) or both (``--role all``,
-for local use and conformance runs) on one unix socket. SIGTERM stops it gracefully:
+for local use and conformance runs) on one unix socket. ``--role mounter`` is not a
+gRPC server: it is the process the node's chunkfs mounts live in (``csi/mounter.py``),
+and a node plugin started with ``--mounter-socket`` runs its mounts there. SIGTERM stops it gracefully:
 in-flight RPCs get ``--grace`` seconds, and chunkfs mounts are left running (they
 belong to the pods, not to the plugin). A node plugin re-establishes dead mounts from
 its state directory at start and every ``--recover-interval`` seconds.
@@ -28,7 +30,8 @@ from csi import validate
 from csi.backends import ServiceCache
 from csi.controller import ControllerServicer
 from csi.identity import DRIVER_NAME, IdentityServicer
-from csi.mounts import NodeMounts
+from csi.launcher import MounterClient
+from csi.mounts import Mounter, NodeMounts
 from csi.node import NodeServicer
 from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
 from csi.rpc import KeyLocks
@@ -44,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "comes from CHUNKFS_META, CHUNKFS_STORAGE and AWS_*; CSI secrets override it.")
     p.add_argument("--endpoint", default="unix:///csi/csi.sock",
                    help="gRPC endpoint, unix:///path/to/csi.sock (default: %(default)s)")
-    p.add_argument("--role", choices=("controller", "node", "all"), default="all")
+    p.add_argument("--role", choices=("controller", "node", "all", "mounter"), default="all")
     p.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname(),
                    help="this node's id for NodeGetInfo (default: $NODE_ID or the hostname)")
     p.add_argument("--driver-name", default=DRIVER_NAME, help="default: %(default)s")
@@ -53,6 +56,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                    help="node: staging and target paths must be under it "
                    "(default: %(default)s)")
+    p.add_argument("--mounter-socket",
+                   help="node: run the chunkfs mount processes in the mounter listening on "
+                   "this unix socket (a separate pod, so that they outlive this one); "
+                   "mounter: the socket to listen on. Default (node): child processes")
+    p.add_argument("--cache-size", type=_size_arg,
+                   help="node: cache bound of each volume's mount unless its StorageClass "
+                   "sets cache-size (default: chunkfs's, 10GiB)")
     p.add_argument("--max-volumes-per-node", type=int, default=64)
     p.add_argument("--recover-interval", type=float, default=10.0,
                    help="node: seconds between checks of the recorded mounts (0: only at "
@@ -66,8 +76,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default=os.environ.get("CHUNKFS_CSI_LOG_LEVEL", "info"))
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     args = p.parse_args(argv)
-    if args.role in ("node", "all") and not (args.cache_dir and args.state_dir):
+    if args.role in ("node", "all", "mounter") and not (args.cache_dir and args.state_dir):
         p.error(f"--role {args.role} needs --cache-dir and --state-dir")
+    if args.role == "mounter" and not args.mounter_socket:
+        p.error("--role mounter needs --mounter-socket")
     if not args.endpoint.startswith("unix://"):
         p.error("--endpoint must be unix:///path/to/csi.sock")
     return args
@@ -80,6 +92,15 @@ def socket_path(endpoint: str) -> str:
 
 def _size(text: str) -> int:
     return parse_size(text)
+
+
+def _size_arg(text: str) -> str:
+    """A size as chunkfs takes it (checked here, passed on as written)."""
+    try:
+        parse_size(text)
+    except Exception as exc:  # noqa: BLE001 - argparse reports it as a usage error
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 class Plugin:
@@ -103,7 +124,11 @@ class Plugin:
                 ControllerServicer(self.services, rules), self.server)
         if args.role in ("node", "all"):
             locks = KeyLocks()
-            self.mounts = NodeMounts(args.state_dir, args.cache_dir, locks=locks)
+            launcher = MounterClient(args.mounter_socket) if args.mounter_socket else None
+            mounter = Mounter(os.path.join(args.state_dir, "logs"), launcher=launcher,
+                              default_cache_size=args.cache_size)
+            self.mounts = NodeMounts(args.state_dir, args.cache_dir, mounter=mounter,
+                                     locks=locks)
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeServicer(self.services, self.mounts, node_id=args.node_id,
                              kubelet_dir=args.kubelet_dir,
@@ -119,6 +144,9 @@ class Plugin:
             os.unlink(path)  # a stale socket of a previous run
         self.server.add_insecure_port("unix://" + path)
         await self.server.start()
+        os.chmod(path, 0o600)  # whatever the umask: only this uid (and root) may call
+        if self.mounts is not None:
+            log.info("chunkfs mounts run as %s", self.mounts.mounter.launcher.describe())
         log.info("serving %s on %s", self.args.role, path,
                  extra={"fields": {"role": self.args.role, "endpoint": path,
                                    "node_id": self.args.node_id,
@@ -172,7 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(args))
+        if args.role == "mounter":
+            from csi import mounter
+
+            asyncio.run(mounter.serve(args))
+        else:
+            asyncio.run(serve(args))
     except Exception:  # noqa: BLE001 - report and exit non-zero
         log.exception("chunkfs-csi failed")
         return 1

@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # A complete local chunkfs: Redis + SeaweedFS (S3) on loopback ports, a volume, a mount.
 #
-#   sudo bash scripts/local-stack.sh up     # setup, start services, create + mount "demo"
-#   sudo bash scripts/local-stack.sh env    # print the export lines (source them)
-#   sudo bash scripts/local-stack.sh down   # unmount, stop the services (data is kept)
+#   bash scripts/local-stack.sh up     # setup, start services, create + mount "demo"
+#   bash scripts/local-stack.sh env    # print the export lines (source them)
+#   bash scripts/local-stack.sh down   # unmount, stop the services (data is kept)
 #
 # Everything lives under ./.local/: services' data and state.json, env (the exports,
 # mode 0600), cache/ (block cache), mnt/demo (the mount). `up` is idempotent; `down`
 # then `up` brings back the same data, credentials and, when free, the same ports.
 # Delete ./.local after `down` to start from scratch.
 set -euo pipefail
+
+# Root is needed (FUSE mounts, apt, network namespaces). In a root shell (a fresh Debian
+# has no sudo) this runs as is; from a user with sudo it re-runs itself through sudo.
+if [[ $EUID -ne 0 ]]; then
+  if command -v sudo >/dev/null 2>&1; then
+    exec sudo -E bash "${BASH_SOURCE[0]}" "$@"
+  fi
+  echo "$(basename "${BASH_SOURCE[0]}"): run as root (no sudo here)" >&2
+  exit 1
+fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -85,7 +95,7 @@ Next:
   $chunkfs status $mnt
   $chunkfs volume list
   $chunkfs snapshot create $volume snap1
-  sudo bash scripts/local-stack.sh down           # unmount and stop (data is kept)
+  bash scripts/local-stack.sh down                # unmount and stop (data is kept)
 EOF
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on Debian 12 (as root): system packages, .venv, `pip install -e '.[dev]'`.
 #
-#   sudo bash scripts/setup.sh
+#   bash scripts/setup.sh          # as root (or: sudo bash scripts/setup.sh)
 #
 # apt runs only when a package is missing, pip only when pyproject.toml changed since the
 # last successful install (or the install is broken). Starts no service: the tests and
@@ -16,10 +16,12 @@ say() { echo "setup: $*" >&2; }
 
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev: build and run pyfuse3; redis-server: the
 # metadata engine; fio: benchmarks; iproute2: network namespaces (multinode tests);
-# attr: xattr tools; util-linux: mountpoint, unshare.
+# attr: xattr tools; util-linux: mountpoint, unshare; docker.io + debootstrap: the container
+# tests (tests/container) start their own dockerd and make the base image from Debian.
 packages=(
   ca-certificates gcc pkg-config python3 python3-dev python3-venv
   fuse3 libfuse3-dev redis-server fio iproute2 attr util-linux procps
+  docker.io debootstrap
 )
 
 missing=()
@@ -30,7 +32,7 @@ for pkg in "${packages[@]}"; do
 done
 if ((${#missing[@]})); then
   if [[ $EUID -ne 0 ]]; then
-    say "missing packages: ${missing[*]}; run as root (sudo bash scripts/setup.sh)"
+    say "missing packages: ${missing[*]}; run as root (bash scripts/setup.sh in a root shell, or sudo bash scripts/setup.sh)"
     exit 1
   fi
   say "installing ${missing[*]}"

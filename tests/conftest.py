@@ -3,7 +3,7 @@
 Nothing starts unless a test asks for one of SERVICE_FIXTURES; such tests are marked
 ``services`` automatically, so ``pytest -m "not services"`` (or ``--no-services``) runs
 without backends. Tests under tests/<group>/ get the marker ``<group>`` (integration,
-csi, multinode, e2e).
+csi, multinode, container, e2e).
 
 Fixtures (all backends are real processes on loopback ports):
   local_services  session   chunkfs.localstack.LocalStack (.redis: RedisService, .s3: S3Service)
@@ -36,7 +36,7 @@ from chunkfs.localstack import BUCKET, LocalStack, ServiceError
 SERVICE_FIXTURES = frozenset(
     {"local_services", "redis_url", "s3_client", "meta_url", "s3_env", "backend_env"}
 )
-GROUPS = ("unit", "integration", "csi", "multinode", "e2e")
+GROUPS = ("unit", "integration", "csi", "multinode", "container", "e2e")
 NONROOT_NAME = "chunkfs-test"
 NONROOT_UID = 1777
 REDIS_TEST_DBS = range(1, 256)  # localstack starts redis with 256 databases; 0 is redis_url's
