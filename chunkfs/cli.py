@@ -49,6 +49,12 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int_arg(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
+
+
 def _seconds_arg(text: str) -> float:
     try:
         value = float(text)
@@ -83,7 +89,8 @@ async def _with_service(args: argparse.Namespace,
 def _volume_doc(v: VolumeInfo) -> dict[str, Any]:
     return {"name": v.name, "id": v.id, "capacity": v.capacity, "used_bytes": v.used_bytes,
             "inodes": v.used_inodes, "created": v.created, "epoch": v.epoch,
-            "writer": v.writer, "source": v.source, "block_size": v.block_size}
+            "writer": v.writer, "source": v.source, "block_size": v.block_size,
+            "max_inodes": v.max_inodes}
 
 
 def _print_volume(v: VolumeInfo, as_json: bool) -> None:
@@ -92,7 +99,8 @@ def _print_volume(v: VolumeInfo, as_json: bool) -> None:
         return
     print(f"name:       {v.name}\nid:         {v.id}\ncapacity:   {format_size(v.capacity)}"
           f" ({v.capacity} bytes)\nused:       {format_size(v.used_bytes)} ({v.used_bytes} bytes)"
-          f"\ninodes:     {v.used_inodes}\nepoch:      {v.epoch}\nwriter:     {v.writer or '-'}"
+          f"\ninodes:     {v.used_inodes} of {v.max_inodes}\nepoch:      {v.epoch}"
+          f"\nwriter:     {v.writer or '-'}"
           f"\nsource:     {v.source or '-'}\ncreated:    "
           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
 
@@ -102,7 +110,8 @@ async def cmd_volume_create(args: argparse.Namespace) -> int:
         try:
             info = await svc.create_volume(args.name, args.capacity,
                                            source_snapshot=args.from_snapshot,
-                                           source_volume=args.from_volume)
+                                           source_volume=args.from_volume,
+                                           max_inodes=args.max_inodes)
         except VolumeExists as exc:
             raise CliError(f"volume {args.name!r} already exists", EXIT_ERROR) from exc
         print(f"created volume {info.name} ({format_size(info.capacity)})")
@@ -484,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vsub.add_parser("create", parents=[backend], help="create a volume")
     p.add_argument("name")
     p.add_argument("--capacity", type=_size_arg, required=True, help="e.g. 10GiB")
+    p.add_argument("--max-inodes", type=_positive_int_arg, default=None,
+                   help="files, directories and links the volume may hold (default: one per "
+                        "4 KiB of capacity, at least 10000)")
     p.add_argument("--from-snapshot", help="clone the volume from this snapshot")
     p.add_argument("--from-volume", help="clone the volume from this volume")
     p.set_defaults(run=cmd_volume_create)

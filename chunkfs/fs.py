@@ -26,7 +26,7 @@ from chunkfs.blocks.file import FileData
 from chunkfs.blocks.store import BlockStore
 from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import ROOT_INODE, Attr
+from chunkfs.meta.schema import ROOT_INODE, Attr, inode_limit
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -34,6 +34,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 STATUS_NAME = b".chunkfs.status"
 STATUS_INO = (1 << 62) + 1
 _RENAME_FLAGS = {0: 0, pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
+_NEAR_FULL = 1 << 20  # closer to the capacity than this, a write checks the usage in Redis
 
 
 def fuse_errors(fn: F) -> F:
@@ -189,17 +190,26 @@ class ChunkFS(pyfuse3.Operations):
         if self.fenced:
             raise Fenced("writer lease revoked: this node may no longer write the volume")
 
-    def _check_space(self, data: FileData, off: int, n: int) -> None:
-        """ENOSPC before buffering bytes the volume cannot hold: what the commit of this
-        write would charge (a block's bytes up to the write, zeros of a hole included),
-        on top of the last known usage and everything this mount has not committed yet."""
+    def _space_left(self, data: FileData, off: int, n: int) -> int:
+        """Capacity left after this write: what its commit would charge (a block's bytes
+        up to the write, zeros of a hole included), on top of the last known usage and
+        everything this mount has not committed yet."""
         growth = data.growth_of(off, n)
         if not growth:
-            return
+            return 1 << 62
         capacity = int(self.volume.get("capacity", 0))
-        used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
-        if used + growth > capacity:
-            raise NoSpace(f"volume full: {used} of {capacity} bytes in use")
+        return capacity - int(self.volume.get("used", 0)) - self.uncommitted_growth() - growth
+
+    async def _check_space(self, data: FileData, off: int, n: int) -> None:
+        """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
+        to a second old (space used or freed since): near the limit, ask Redis first."""
+        left = self._space_left(data, off, n)
+        if left < max(_NEAR_FULL, int(self.volume.get("capacity", 0)) // 100):
+            await self._refresh_usage()
+            left = self._space_left(data, off, n)
+        if left < 0:
+            used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
+            raise NoSpace(f"volume full: {used} of {self.volume.get('capacity')} bytes in use")
 
     async def _refresh_usage(self) -> dict[str, bytes]:
         state = await self.meta.volume_state()
@@ -471,12 +481,7 @@ class ChunkFS(pyfuse3.Operations):
             raise FsError(errno.EBADF)
         self.status.writes += 1
         self.status.write_bytes += len(buf)
-        try:
-            self._check_space(data, off, len(buf))
-        except NoSpace:
-            # the usage we know may be up to a second old (space freed meanwhile): ask once
-            await self._refresh_usage()
-            self._check_space(data, off, len(buf))
+        await self._check_space(data, off, len(buf))
         await data.write(off, buf)
         return len(buf)
 
@@ -559,8 +564,8 @@ class ChunkFS(pyfuse3.Operations):
         s.f_blocks = capacity // 4096
         s.f_bfree = s.f_bavail = (capacity - used) // 4096
         inodes = int(state.get("inodes", 0))
-        s.f_files = inodes + (1 << 32)
-        s.f_ffree = s.f_favail = 1 << 32
+        s.f_files = inode_limit(capacity, int(state.get("max_inodes", 0) or 0))
+        s.f_ffree = s.f_favail = max(0, s.f_files - inodes)
         s.f_namemax = 255
         return s
 

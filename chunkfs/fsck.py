@@ -27,6 +27,7 @@ async def check_namespace(r: aioredis.Redis, ns: str,
     attrs: dict[int, dict[str, bytes]] = {}
     dirs: dict[int, dict[bytes, bytes]] = {}
     blocks: dict[int, dict[bytes, bytes]] = {}
+    xattr_bytes: dict[int, int] = {}
     for start in range(0, len(inos), 2000):
         batch = inos[start:start + 2000]
         pipe = r.pipeline(transaction=False)
@@ -34,10 +35,12 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             pipe.hgetall(k.inode(ino))
             pipe.hgetall(k.dir(ino))
             pipe.hgetall(k.blocks(ino))
+            pipe.hgetall(k.xattr(ino))
         rows = await pipe.execute()
         for n, ino in enumerate(batch):
-            attrs[ino] = {a.decode(): b for a, b in rows[3 * n].items()}
-            dirs[ino], blocks[ino] = rows[3 * n + 1], rows[3 * n + 2]
+            attrs[ino] = {a.decode(): b for a, b in rows[4 * n].items()}
+            dirs[ino], blocks[ino] = rows[4 * n + 1], rows[4 * n + 2]
+            xattr_bytes[ino] = sum(len(a) + len(b) for a, b in rows[4 * n + 3].items())
     links: Counter[int] = Counter()
     subdirs: Counter[int] = Counter()
     used = 0
@@ -47,6 +50,8 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             problems.append(f"inode {ino} is indexed but has no attributes")
             continue
         mode = int(attr["m"])
+        # metadata is charged to the volume too: names, symlink targets, xattrs
+        used += sum(len(name) for name in dirs[ino]) + len(attr.get("l", b"")) + xattr_bytes[ino]
         for name, child in dirs[ino].items():
             child_ino = int(child)
             if child_ino not in attrs or not attrs[child_ino]:

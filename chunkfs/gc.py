@@ -180,15 +180,52 @@ async def referenced_blocks(r: aioredis.Redis, ns: str) -> set[str]:
     return refs
 
 
+async def _server_ms(r: aioredis.Redis) -> int:
+    seconds, micros = await r.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def protected_uploads(r: aioredis.Redis, ns: str, run_start_ms: int, *,
                             session_grace: float, prune: bool) -> set[str]:
     """Objects of uploads that ``ns``'s block maps may reference later, or referenced
     only since ``run_start_ms``. With ``prune``, forgets what no longer needs protection
-    and tombstones sessions silent for longer than their expiry plus ``session_grace``."""
+    and declares dead the sessions silent for longer than their expiry plus
+    ``session_grace``. Scans in bounded steps: no call's cost grows with the volume."""
     k = Keys(ns)
-    live = await r.eval(scripts.GC_PROTECTED, 3, k.pending, k.settled, k.sessions, run_start_ms,
-                        int(session_grace * 1000), TOMBSTONE_KEEP_MS, "1" if prune else "0")
-    return {key.decode() for key in live}
+    grace_ms = int(session_grace * 1000)
+    pending: list[tuple[bytes, str, str]] = []  # field, object key, session
+    async for field, _ in r.hscan_iter(k.pending, count=1000):
+        key, _, session = field.decode().rpartition(" ")
+        pending.append((field, key, session))
+    sessions = {s.decode(): v.decode() for s, v in (await r.hgetall(k.sessions)).items()}
+    now = await _server_ms(r)
+    dead: set[str] = set()
+    for session in {session for _, _, session in pending}:
+        value = sessions.get(session)
+        silent = value is None or value.startswith("dead:") or int(value) + grace_ms <= now
+        if not silent:
+            continue
+        if prune and not await r.eval(scripts.TOMBSTONE, 1, k.sessions, session, grace_ms):
+            continue  # renewed since we looked: alive
+        dead.add(session)
+    live = {key for _, key, session in pending if session not in dead}
+    stale = [field for field, _, session in pending if session in dead]
+    settled_old: list[bytes] = []
+    async for key, ms in r.hscan_iter(k.settled, count=1000):
+        if int(ms) >= run_start_ms:
+            live.add(key.decode())
+        else:
+            settled_old.append(key)
+    if prune:
+        for start in range(0, len(stale), _BATCH):
+            await r.hdel(k.pending, *stale[start:start + _BATCH])
+        for start in range(0, len(settled_old), _BATCH):
+            await r.hdel(k.settled, *settled_old[start:start + _BATCH])
+        old_tombstones = [s for s, v in sessions.items() if v.startswith("dead:")
+                          and int(v[5:]) + TOMBSTONE_KEEP_MS < now]
+        if old_tombstones:
+            await r.hdel(k.sessions, *old_tombstones)
+    return live
 
 
 async def manifest_blocks(store: ObjectStore) -> tuple[int, set[str]]:

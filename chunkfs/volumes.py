@@ -32,7 +32,7 @@ from chunkfs.errors import (
 )
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.redis_meta import connect, with_retries
-from chunkfs.meta.schema import SNAPSHOTS, VOLUMES, Keys
+from chunkfs.meta.schema import SNAPSHOTS, VOLUMES, Keys, inode_limit
 from chunkfs.objstore import ObjectStore
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
@@ -51,6 +51,7 @@ class VolumeInfo:
     writer: str | None
     source: str | None
     block_size: int
+    max_inodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def _volume_info(name: str, ns: str, raw: dict[bytes, bytes]) -> VolumeInfo:
         used_bytes=int(raw.get(b"used", 0)), used_inodes=int(raw.get(b"inodes", 0)),
         created=float(raw.get(b"created", 0)), epoch=int(raw.get(b"epoch", 0)),
         writer=writer or None, source=_text(raw.get(b"source")) or None,
-        block_size=int(raw.get(b"block_size", DEFAULT_BLOCK_SIZE)))
+        block_size=int(raw.get(b"block_size", DEFAULT_BLOCK_SIZE)),
+        max_inodes=inode_limit(int(raw.get(b"capacity", 0)), int(raw.get(b"max_inodes", 0) or 0)))
 
 
 def _snapshot_info(name: str, ns: str, raw: dict[bytes, bytes]) -> SnapshotInfo:
@@ -170,10 +172,13 @@ class VolumeService:
                 if raw]
 
     async def create_volume(self, name: str, capacity: int, *, source_snapshot: str | None = None,
-                            source_volume: str | None = None) -> VolumeInfo:
+                            source_volume: str | None = None,
+                            max_inodes: int | None = None) -> VolumeInfo:
         check_name("volume", name)
         if not isinstance(capacity, int) or capacity <= 0:
             raise InvalidArgument(f"capacity must be a positive number of bytes, got {capacity!r}")
+        if max_inodes is not None and (not isinstance(max_inodes, int) or max_inodes <= 0):
+            raise InvalidArgument(f"max_inodes must be a positive number, got {max_inodes!r}")
         with contextlib.suppress(VolumeNotFound):
             existing = await self.get_volume(name)
             raise VolumeExists(f"volume {name!r} already exists", existing)
@@ -181,6 +186,8 @@ class VolumeService:
         ns = nsops.new_namespace_id()
         settings = {"name": name, "kind": "volume", "capacity": capacity, "created": time.time(),
                     "block_size": DEFAULT_BLOCK_SIZE, "source": ""}
+        if max_inodes is not None:
+            settings["max_inodes"] = max_inodes
         if source_snapshot is not None and source_volume is not None:
             raise InvalidArgument("give either a source snapshot or a source volume, not both")
         if source_snapshot is not None:

@@ -61,8 +61,11 @@ def _b(s: str) -> bytes:
 
 
 async def init_namespace(r: aioredis.Redis, ns: str, settings: dict[str, Any],
-                         root_mode: int = 0o40777) -> None:
-    """Create the volume hash and the root directory of an empty namespace."""
+                         root_mode: int = 0o41777) -> None:
+    """Create the volume hash and the root directory of an empty namespace.
+
+    The root is world-writable with the sticky bit, as /tmp is: every uid sharing the
+    volume can create entries, none can remove or rename another's."""
     k = Keys(ns)
     now = time.time_ns()
     async with r.pipeline(transaction=True) as pipe:
@@ -116,6 +119,16 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
             "inodes": inodes}
 
 
+def _node_bytes(node: dict[str, Any]) -> int:
+    """What an exported inode charges to its volume: data, names, symlink target, xattrs."""
+    n = len(base64.b64decode(node["data"])) if "data" in node else 0
+    n += sum(int(e.rsplit(":", 1)[1]) for e in node.get("blocks", {}).values())
+    n += sum(len(_b(name)) for name in node.get("dir", {}))
+    n += len(_b(node["attr"].get("l", "")))
+    n += sum(len(_b(a)) + len(base64.b64decode(v)) for a, v in node.get("xattr", {}).items())
+    return n
+
+
 async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
                            settings: dict[str, Any]) -> None:
     """Write an exported document under namespace ``ns`` (which must not exist)."""
@@ -124,9 +137,7 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
     k = Keys(ns)
     items = list(doc["inodes"].items())
     src = doc["settings"]
-    used = sum(len(base64.b64decode(node["data"])) for _, node in items if "data" in node)
-    used += sum(int(e.rsplit(":", 1)[1]) for _, node in items
-                for e in node.get("blocks", {}).values())
+    used = sum(_node_bytes(node) for _, node in items)
     base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
             "block_size": src.get("block_size"), "epoch": 1, "writer": ""}
     # the volume record first: GC finds namespaces by it, so blocks are protected while
@@ -173,8 +184,10 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
         await r.sadd(d.idx, *live)
     used = int(await r.hget(s.vol, "used") or 0)
     for ino in orphans:  # unlinked-but-open files are not part of the copy
-        used -= len(await r.hget(s.inode(ino), "d") or b"")
+        inline, target = await r.hmget(s.inode(ino), "d", "l")
+        used -= len(inline or b"") + len(target or b"")
         used -= sum(int(v.rsplit(b":", 1)[1]) for v in await r.hvals(s.blocks(ino)))
+        used -= sum(len(a) + len(b) for a, b in (await r.hgetall(s.xattr(ino))).items())
     await r.hdel(d.vol, "frozen", "ready", "source_volume")
     await r.hset(d.vol, mapping={"used": used, "inodes": len(live), "epoch": 1, "writer": "",
                                  **settings})

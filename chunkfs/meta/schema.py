@@ -18,7 +18,9 @@ Per namespace (a volume or a snapshot); every key carries the namespace id as it
 Redis Cluster hash tag, so every multi-key script of one volume runs on one shard:
 
     cfs{ID}:vol            HASH  name, kind (volume|snapshot), capacity, used (bytes held by
-                                 block entries and inline data), inodes, next_ino, epoch
+                                 block entries and inline data, and by metadata: entry names,
+                                 symlink targets, xattr names and values), inodes, max_inodes
+                                 (absent: inode_limit(capacity)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
                                  frozen (snapshot in progress: writers wait), version
@@ -62,6 +64,13 @@ ENGINE = "cfs:engine"
 GC_STATE = "cfs{_gc}:state"
 GC_DOOMED = "cfs{_gc}:doomed"
 FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was last renewed
+BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
+MIN_INODES = 10_000
+
+
+def inode_limit(capacity: int, max_inodes: int | None = None) -> int:
+    """How many inodes a volume may hold (CREATE refuses more with ENOSPC; df -i)."""
+    return max_inodes if max_inodes else max(MIN_INODES, capacity // BYTES_PER_INODE)
 ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
 
 

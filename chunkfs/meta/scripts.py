@@ -17,18 +17,22 @@ Failed runs store nothing: they changed nothing, so running them again is exact 
 Upload protection (the GC protocol, ``docs/dev/gc.md``): before a block is uploaded,
 ``REGISTER`` counts it in the volume's ``pending`` hash under the mount's session;
 ``COMMIT`` (or ``SETTLE`` for uploads that were superseded) moves it to ``settled``
-in the same atomic step that makes the block map reference it. ``GC_PROTECTED``
-is GC's view of both, and tombstones sessions that have been silent too long, after
-which those sessions can neither register nor commit.
+in the same atomic step that makes the block map reference it. GC reads both (in
+bounded scans) and ``TOMBSTONE``s sessions that have been silent too long, after which
+those sessions can neither register nor commit.
 """
 
 from __future__ import annotations
 
+from chunkfs.meta.schema import BYTES_PER_INODE, MIN_INODES
+
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
+MAX_WALK = 1024                 # ancestors a directory rename checks (bounds its cost)
 
-PRELUDE = r"""
+PRELUDE = rf"""
 local vol = KEYS[1]
+local MIN_INODES, BYTES_PER_INODE, MAX_WALK = {MIN_INODES}, {BYTES_PER_INODE}, {MAX_WALK}
 local function I(x) return string.format('%d', x) end
 local function now_ms()
   local t = redis.call('TIME')
@@ -49,12 +53,32 @@ local function kind(mode)
   return 'file'
 end
 local function valid_of(entry) return tonumber(string.match(entry, ':(%d+)$')) end
+-- metadata costs space too (names, symlink targets, xattrs): one tenant must not be able
+-- to fill the Redis every volume shares while its usage stays 0
+local function room_for(delta)
+  if delta <= 0 then return true end
+  local st = redis.call('HMGET', vol, 'used', 'capacity')
+  return tonumber(st[1]) + delta <= tonumber(st[2])
+end
+local function inode_room()
+  local st = redis.call('HMGET', vol, 'inodes', 'max_inodes', 'capacity')
+  local limit = tonumber(st[2]) or math.max(MIN_INODES, math.floor(tonumber(st[3]) / BYTES_PER_INODE))
+  return tonumber(st[1]) < limit
+end
+local function xattr_bytes(xkey)
+  local n, flat = 0, redis.call('HGETALL', xkey)
+  for i = 1, #flat do n = n + #flat[i] end
+  return n
+end
 local function destroy(prefix, ino)
   local ikey = prefix .. 'i' .. ino
   local bkey = prefix .. 'b' .. ino
   local freed = 0
   local d = redis.call('HGET', ikey, 'd')
   if d then freed = freed + #d end
+  local l = redis.call('HGET', ikey, 'l')
+  if l then freed = freed + #l end
+  freed = freed + xattr_bytes(prefix .. 'x' .. ino)
   for _, e in ipairs(redis.call('HVALS', bkey)) do freed = freed + valid_of(e) end
   redis.call('DEL', ikey, bkey, prefix .. 'x' .. ino, prefix .. 'd' .. ino)
   redis.call('SREM', prefix .. 'idx', ino)
@@ -111,15 +135,24 @@ return {ino, redis.call('HMGET', ARGV[2] .. 'i' .. ino, 'm','u','g','n','s','a',
 
 # KEYS: vol, parent dir, parent inode, idx, reply
 # ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
+#   ->  {ino, mode, gid} (a setgid parent gives its group, and to directories its setgid bit)
 CREATE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
-if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
+local parent = redis.call('HMGET', KEYS[3], 'm', 'g')
+if kind(parent[1]) ~= 'dir' then return redis.error_reply('ENOENT') end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
+local cost = #ARGV[2] + #ARGV[8]
+if not inode_room() or not room_for(cost) then return redis.error_reply('ENOSPC') end
 local ino = redis.call('HINCRBY', vol, 'next_ino', 1)
 local ikey = ARGV[9] .. 'i' .. ino
 local now = ARGV[7]
 local isdir = ARGV[10] == '1'
-redis.call('HSET', ikey, 'm', ARGV[3], 'u', ARGV[4], 'g', ARGV[5], 'n', isdir and 2 or 1,
+local mode, gid = tonumber(ARGV[3]), ARGV[5]
+if bit.band(tonumber(parent[1]), 1024) ~= 0 then  -- a setgid directory: its group is inherited
+  gid = parent[2]
+  if isdir then mode = bit.bor(mode, 1024) end
+end
+redis.call('HSET', ikey, 'm', mode, 'u', ARGV[4], 'g', gid, 'n', isdir and 2 or 1,
            's', #ARGV[8], 'a', now, 't', now, 'c', now, 'r', ARGV[6])
 if isdir then redis.call('HSET', ikey, 'p', ARGV[11]) end
 if ARGV[8] ~= '' then redis.call('HSET', ikey, 'l', ARGV[8]) end
@@ -129,7 +162,8 @@ redis.call('SADD', KEYS[4], ino)
 redis.call('HINCRBY', vol, 'inodes', 1)
 redis.call('HSET', KEYS[3], 't', now, 'c', now)
 if isdir then redis.call('HINCRBY', KEYS[3], 'n', 1) end
-return ino
+redis.call('HINCRBY', vol, 'used', cost)
+return {ino, mode, tonumber(gid)}
 """)
 
 # KEYS: vol, parent dir, parent inode, target inode, reply ; ARGV: epoch, name, ino, now
@@ -140,7 +174,9 @@ local k = kind(redis.call('HGET', KEYS[4], 'm'))
 if not k then return redis.error_reply('ENOENT') end
 if k == 'dir' then return redis.error_reply('EPERM') end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
+if not room_for(#ARGV[2]) then return redis.error_reply('ENOSPC') end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HINCRBY', vol, 'used', #ARGV[2])
 local n = redis.call('HINCRBY', KEYS[4], 'n', 1)
 redis.call('HSET', KEYS[4], 'c', ARGV[4])
 redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
@@ -160,6 +196,7 @@ if k == 'dir' and redis.call('HLEN', prefix .. 'd' .. ino) > 0 then
   return redis.error_reply('ENOTEMPTY')
 end
 redis.call('HDEL', KEYS[2], ARGV[2])
+redis.call('HINCRBY', vol, 'used', -#ARGV[2])
 redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
 if not k then return {ino, 0} end
 if k == 'dir' then
@@ -181,12 +218,19 @@ if not ino then return redis.error_reply('ENOENT') end
 if kind(redis.call('HGET', KEYS[5], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
 local sk = kind(redis.call('HGET', prefix .. 'i' .. ino, 'm'))
 local cross = ARGV[9] ~= ARGV[10]
-if sk == 'dir' and cross then
-  local p = ARGV[10]
-  while p and p ~= '1' do
-    if p == ino then return redis.error_reply('EINVAL') end
+-- is ``anc`` an ancestor of (or) directory ``p``? bounded: a deeper tree is refused
+local function under(p, anc)
+  for _ = 1, MAX_WALK do
+    if not p or p == '1' then return false end
+    if p == anc then return true end
     p = redis.call('HGET', prefix .. 'i' .. p, 'p')
   end
+  return nil
+end
+if sk == 'dir' and cross then
+  local u = under(ARGV[10], ino)
+  if u == nil then return redis.error_reply('ELOOP') end
+  if u then return redis.error_reply('EINVAL') end
 end
 local dino = redis.call('HGET', KEYS[3], ARGV[3])
 if dino == ino then return {0, 0} end
@@ -194,11 +238,9 @@ local dk = dino and kind(redis.call('HGET', prefix .. 'i' .. dino, 'm'))
 if flags == 2 then
   if not dino then return redis.error_reply('ENOENT') end
   if dk == 'dir' and cross then
-    local p = ARGV[9]
-    while p and p ~= '1' do
-      if p == dino then return redis.error_reply('EINVAL') end
-      p = redis.call('HGET', prefix .. 'i' .. p, 'p')
-    end
+    local u = under(ARGV[9], dino)
+    if u == nil then return redis.error_reply('ELOOP') end
+    if u then return redis.error_reply('EINVAL') end
   end
   redis.call('HSET', KEYS[2], ARGV[2], dino)
   redis.call('HSET', KEYS[3], ARGV[3], ino)
@@ -219,6 +261,7 @@ if flags == 2 then
   return {0, 0}
 end
 local left = 0
+if not dino and not room_for(#ARGV[3] - #ARGV[2]) then return redis.error_reply('ENOSPC') end
 if dino then
   if flags == 1 then return redis.error_reply('EEXIST') end
   if sk == 'dir' and dk and dk ~= 'dir' then return redis.error_reply('ENOTDIR') end
@@ -233,6 +276,8 @@ if dino then
 end
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[3], ino)
+-- the source entry goes; the destination entry is new unless it replaced one
+redis.call('HINCRBY', vol, 'used', (dino and 0 or #ARGV[3]) - #ARGV[2])
 if sk == 'dir' and cross then
   redis.call('HINCRBY', KEYS[4], 'n', -1)
   redis.call('HINCRBY', KEYS[5], 'n', 1)
@@ -352,14 +397,20 @@ return 1
 XATTR = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
-local exists = redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1
+local old = redis.call('HGET', KEYS[3], ARGV[2])
+local exists = old ~= false
+local before = exists and #ARGV[2] + #old or 0
 if ARGV[6] == '1' then
   if not exists then return redis.error_reply('ENODATA') end
   redis.call('HDEL', KEYS[3], ARGV[2])
+  redis.call('HINCRBY', vol, 'used', -before)
 else
   if ARGV[4] == '1' and exists then return redis.error_reply('EEXIST') end
   if ARGV[4] == '2' and not exists then return redis.error_reply('ENODATA') end
+  local delta = #ARGV[2] + #ARGV[3] - before
+  if not room_for(delta) then return redis.error_reply('ENOSPC') end
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  redis.call('HINCRBY', vol, 'used', delta)
 end
 redis.call('HSET', KEYS[2], 'c', ARGV[5])
 return 1
@@ -411,50 +462,17 @@ for i = 2, #ARGV do settle(KEYS[2], KEYS[3], ARGV[1], ARGV[i], now) end
 return 1
 """)
 
-# KEYS: pending, settled, sessions ; ARGV: run start (ms), session grace (ms), tombstone
-# lifetime (ms), prune ('1': forget and tombstone; '0': only look, for dry runs)
-#   ->  object keys that GC must treat as live for a run started at ARGV[1]
-# Sessions silent for longer than their expiry + grace are tombstoned ('dead:<ms>') in the
-# same step as their registrations are dropped, so such a session can never commit what
-# it registered (COMMIT refuses a dead session). Settlements older than the run are
-# dropped: the block maps that GC marks after this call show them.
-GC_PROTECTED = PRELUDE + r"""
+# KEYS: sessions ; ARGV: session, grace (ms)  ->  1 if the session is dead (now or before)
+# GC declares a session dead when it has not been renewed for its expiry plus ``grace``
+# (or never registered); atomic with HEARTBEAT/REGISTER/COMMIT, which refuse dead ones,
+# so what a dead session registered can be dropped afterwards without racing its commit.
+TOMBSTONE = PRELUDE + r"""
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.sub(v, 1, 5) == 'dead:' then return 1 end
 local now = now_ms()
-local run_start, grace, keep = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local prune = ARGV[4] == '1'
-local alive = {}
-local function is_alive(s)
-  if alive[s] == nil then
-    local v = redis.call('HGET', KEYS[3], s)
-    local dead = v ~= false and string.sub(v, 1, 5) == 'dead:'
-    local ok = v ~= false and not dead and tonumber(v) + grace > now
-    if prune and not ok and not dead then redis.call('HSET', KEYS[3], s, 'dead:' .. I(now)) end
-    alive[s] = ok
-  end
-  return alive[s]
-end
-local live = {}
-local flat = redis.call('HGETALL', KEYS[1])
-for i = 1, #flat, 2 do
-  local key, s = string.match(flat[i], '^(.*) ([^ ]*)$')
-  if key and is_alive(s) then live[#live + 1] = key
-  elseif prune then redis.call('HDEL', KEYS[1], flat[i]) end
-end
-flat = redis.call('HGETALL', KEYS[2])
-for i = 1, #flat, 2 do
-  if tonumber(flat[i + 1]) >= run_start then live[#live + 1] = flat[i]
-  elseif prune then redis.call('HDEL', KEYS[2], flat[i]) end
-end
-if prune then
-  flat = redis.call('HGETALL', KEYS[3])
-  for i = 1, #flat, 2 do
-    local v = flat[i + 1]
-    if string.sub(v, 1, 5) == 'dead:' and tonumber(string.sub(v, 6)) + keep < now then
-      redis.call('HDEL', KEYS[3], flat[i])
-    end
-  end
-end
-return live
+if v and tonumber(v) + tonumber(ARGV[2]) > now then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], 'dead:' .. I(now))
+return 1
 """
 
 # KEYS: doomed, gc state ; ARGV: object key  ->  {GC generation, 1 if GC is deleting the key}

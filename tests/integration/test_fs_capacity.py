@@ -79,7 +79,7 @@ def test_writes_past_capacity_fail_with_enospc(mounter: Mounter, cli: Cli) -> No
     # nothing of the refused writes lingers: no dirty bytes, no phantom usage, clean unmount
     st = m.status()
     assert st["dirty_bytes"] == 0, st
-    assert _df(m.path)[1] <= 7 * MiB + 100
+    assert _df(m.path)[1] <= 7 * MiB + 4096  # df counts 4 KiB blocks; names cost bytes too
     log = m.log_file
     mounter.umount(m)
     assert "flush at unmount failed" not in log.read_text()

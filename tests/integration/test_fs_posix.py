@@ -729,6 +729,9 @@ def read(p):
     with open(p, 'rb') as f: return f.read()
 ops = {'write': write, 'read': read, 'chmod': lambda p: os.chmod(p, 0o600),
        'chown': lambda p: os.chown(p, 0, 0), 'mkdir': os.mkdir, 'unlink': os.unlink,
+       'rename': lambda p: os.rename(p, p + '.moved'),
+       'stat_gid': lambda p: str(os.stat(p).st_gid).encode(),
+       'stat_mode': lambda p: oct(os.stat(p).st_mode).encode(),
        'stat_uid': lambda p: str(os.stat(p).st_uid).encode(),
        'listdir': lambda p: ','.join(sorted(os.listdir(p))).encode()}
 print(json.dumps([attempt(ops[op], path) for op, path in zip(sys.argv[1::2], sys.argv[2::2])]))
@@ -753,6 +756,40 @@ def test_nonroot_user_creates_files_in_volume_root(shared_mnt: Mount, nonroot_us
     assert res == ["ok", "mine", str(nonroot_user.uid), "ok", "ok", "mine"]
     st = (root / name).stat()
     assert (st.st_uid, st.st_gid) == me
+
+
+def test_the_volume_root_is_sticky_users_keep_their_own_files(shared_mnt: Mount, nonroot_user) -> None:
+    """Every uid sharing a volume can create at its root, none can remove or rename what
+    another created (the root is 1777, as /tmp is)."""
+    root = shared_mnt.path
+    assert stat.S_IMODE(root.stat().st_mode) == 0o1777
+    me, other = (nonroot_user.uid, nonroot_user.gid), (65534, 65534)
+    name = str(root / f"sticky-{os.getpid()}-{time.monotonic_ns()}")
+    assert probe(me, ("write", name)) == ["ok"]
+    assert probe(other, ("unlink", name), ("rename", name), ("write", name + ".theirs")) == [
+        "EPERM", "EPERM", "ok"]
+    assert probe(me, ("unlink", name + ".theirs"), ("rename", name)) == ["EPERM", "ok"]
+    assert probe(me, ("unlink", name + ".moved")) == ["ok"]
+
+
+def test_a_setgid_directory_gives_new_entries_its_group(work: Path, nonroot_user) -> None:
+    """What fsGroup relies on: files made in a setgid directory belong to its group, and
+    directories made there are setgid too."""
+    shared = work / "team"
+    shared.mkdir()
+    os.chown(shared, 0, 4242)
+    os.chmod(shared, 0o2777)
+    me = (nonroot_user.uid, nonroot_user.gid)
+    res = probe(me, ("write", shared / "f"), ("stat_gid", shared / "f"), ("mkdir", shared / "d"),
+                ("stat_gid", shared / "d"), ("stat_mode", shared / "d"),
+                ("write", shared / "d" / "g"), ("stat_gid", shared / "d" / "g"))
+    assert res[:4] == ["ok", "4242", "ok", "4242"], res
+    assert int(res[4], 8) & stat.S_ISGID, res
+    assert res[5:] == ["ok", "4242"], res
+    plain = work / "plain"
+    plain.mkdir(mode=0o777)
+    os.chmod(plain, 0o777)
+    assert probe(me, ("write", plain / "f"), ("stat_gid", plain / "f")) == ["ok", str(nonroot_user.gid)]
 
 
 def test_permission_checks_between_users(work: Path, nonroot_user) -> None:

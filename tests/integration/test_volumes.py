@@ -78,10 +78,12 @@ async def test_bad_capacities_are_rejected(svc: VolumeService, capacity: int) ->
 async def test_cannot_shrink_below_used(svc: VolumeService) -> None:
     info = await svc.create_volume("v", GiB)
     await put_file(meta_of(svc, info.id), ROOT_INODE, b"f", b"x" * 1000)
+    used = 1000 + len(b"f")  # the data and the entry's name
+    assert (await svc.get_volume("v")).used_bytes == used
     with pytest.raises(InvalidArgument):
-        await svc.resize_volume("v", 999)
+        await svc.resize_volume("v", used - 1)
     assert (await svc.get_volume("v")).capacity == GiB
-    assert (await svc.resize_volume("v", 1000)).capacity == 1000
+    assert (await svc.resize_volume("v", used)).capacity == used
 
 
 async def test_writer_lease_fences_the_previous_writer(svc: VolumeService) -> None:
@@ -117,7 +119,8 @@ async def test_snapshot_is_a_frozen_metadata_copy(svc: VolumeService) -> None:
     snap = await svc.create_snapshot("src", "snap-1")
     # only the manifest is written: no block is read or copied, whatever the volume holds
     assert sum(svc.store.stats.requests.values()) - requests_before == 1
-    assert snap.ready_to_use and snap.source_volume == "src" and snap.size_bytes == 9
+    # its size is what it holds: 9 bytes of data, and the names "dir" and "f"
+    assert snap.ready_to_use and snap.source_volume == "src" and snap.size_bytes == 9 + 3 + 1
     await meta.commit((await meta.lookup(d.ino, b"f")).ino, size=9, inline=b"version-2")
     clone = await svc.create_volume("clone", GiB, source_snapshot="snap-1")
     assert clone.source == "snapshot:snap-1"
@@ -180,7 +183,7 @@ async def test_clone_of_a_live_volume_and_capacity_check(svc: VolumeService) -> 
     assert [v.name for v in await svc.list_volumes()] == ["src"]
     clone = await svc.create_volume("copy", GiB, source_volume="src")
     assert await read_inline(meta_of(svc, clone.id), ROOT_INODE, b"f") == b"y" * 100
-    assert clone.used_bytes == 100
+    assert clone.used_bytes == 100 + len(b"f")  # the data and the entry's name
 
 
 async def test_taking_a_held_lease_without_stealing_is_refused(svc: VolumeService) -> None:
