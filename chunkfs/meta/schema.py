@@ -4,6 +4,9 @@ Global keys (one of each per Redis database):
 
     cfs:volumes            HASH  volume name   -> namespace id
     cfs:snapshots          HASH  snapshot name -> namespace id
+    cfs:node:<node id>     HASH  a CSI node plugin's registration: started, heartbeat (unix s),
+                                 version, max_volumes; renewed by every heartbeat with an
+                                 EXPIRE, so a node that stopped beating disappears
 
 Per namespace (a volume or a snapshot); every key carries the namespace id as its
 Redis Cluster hash tag, so every multi-key script of one volume runs on one shard:
@@ -27,6 +30,9 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  block i covers [i*block_size, (i+1)*block_size); bytes past the
                                  valid length, and missing indexes (holes), read as zeros
     cfs{ID}:x<ino>         HASH  xattr name -> value
+    cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
+                                 (access mode, readonly, publish_context); volumes only, written
+                                 and removed by the CSI controller, never copied into clones
 
 Objects (in the bucket, under the storage prefix):
 
@@ -45,10 +51,15 @@ SNAPSHOTS = "cfs:snapshots"
 ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
 
 
+def node_key(node_id: str) -> str:
+    """A CSI node plugin's registration (see the schema above)."""
+    return f"cfs:node:{node_id}"
+
+
 class Keys:
     """Key builders for one namespace."""
 
-    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions")
+    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "publications")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -57,6 +68,7 @@ class Keys:
         self.idx = self.prefix + "idx"
         self.orphans = self.prefix + "orphans"
         self.sessions = self.prefix + "sessions"
+        self.publications = self.prefix + "pub"
 
     def inode(self, ino: int) -> str:
         return f"{self.prefix}i{ino}"
