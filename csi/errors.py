@@ -69,6 +69,12 @@ def snapshot_not_found(snapshot_id: str) -> CsiError:
     return _err(grpc.StatusCode.NOT_FOUND, f"snapshot {snapshot_id!r} does not exist")
 
 
+def node_not_found(node_id: str) -> CsiError:
+    return _err(grpc.StatusCode.NOT_FOUND,
+                f"node {node_id!r} does not exist: no node plugin registered with that id "
+                "(NodeGetInfo's node_id) in the default backend")
+
+
 def not_mounted_at(volume_id: str, path: str) -> CsiError:
     return _err(grpc.StatusCode.NOT_FOUND,
                 f"volume {volume_id!r} is not staged or published at {path!r}")

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -27,10 +28,11 @@ from chunkfs.config import parse_size
 from csi import validate
 from csi.backends import ServiceCache
 from csi.controller import ControllerServicer
-from csi.identity import DRIVER_NAME, IdentityServicer
+from csi.identity import DRIVER_NAME, IdentityServicer, vendor_version
 from csi.mounts import NodeMounts
 from csi.node import NodeServicer
 from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
+from csi.registry import EXPIRY_BEATS, HEARTBEAT_INTERVAL, NodeRegistry
 from csi.rpc import KeyLocks
 from csi.v1 import csi_pb2_grpc
 
@@ -54,6 +56,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="node: staging and target paths must be under it "
                    "(default: %(default)s)")
     p.add_argument("--max-volumes-per-node", type=int, default=64)
+    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL,
+                   help="node: seconds between two registrations in the default backend; "
+                   f"a node is forgotten after {EXPIRY_BEATS} missed ones "
+                   "(default: %(default)s)")
     p.add_argument("--recover-interval", type=float, default=10.0,
                    help="node: seconds between checks of the recorded mounts (0: only at "
                    "start)")
@@ -89,6 +95,8 @@ class Plugin:
                  registry: prometheus_client.CollectorRegistry | None = None) -> None:
         self.args = args
         self.services = ServiceCache()
+        self.registry = NodeRegistry(self.services, interval=args.heartbeat_interval)
+        self.started = time.time()
         self.server = grpc.aio.server(interceptors=[Observer(metrics)])
         self.mounts: NodeMounts | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -100,7 +108,7 @@ class Plugin:
             rules = validate.CapacityRules(default=_size(args.default_volume_size),
                                            maximum=_size(args.max_volume_size))
             csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerServicer(self.services, rules), self.server)
+                ControllerServicer(self.services, rules, self.registry), self.server)
         if args.role in ("node", "all"):
             locks = KeyLocks()
             self.mounts = NodeMounts(args.state_dir, args.cache_dir, locks=locks)
@@ -113,6 +121,8 @@ class Plugin:
                 registry.register(MountCollector(self.mounts))
 
     async def start(self) -> None:
+        if self.mounts is not None:
+            await self._register()
         path = socket_path(self.args.endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -125,6 +135,22 @@ class Plugin:
                                    "driver": self.args.driver_name}})
         if self.mounts is not None:
             self._tasks.append(asyncio.create_task(self._recover()))
+            if self.registry.available():
+                self._tasks.append(asyncio.create_task(self.registry.heartbeat_forever(
+                    *self._registration())))
+
+    def _registration(self) -> tuple[str, float, str, int]:
+        return (self.args.node_id, self.started, vendor_version(),
+                self.args.max_volumes_per_node)
+
+    async def _register(self) -> None:
+        """Register the node before serving, so that the controller knows it by the time
+        kubelet learns the node id from NodeGetInfo (bounded: Redis may be down)."""
+        if not self.registry.available():
+            log.info("no default backend: node %s is not registered; the controller cannot "
+                     "check node ids", self.args.node_id)
+            return
+        await self.registry.beat(*self._registration())
 
     async def _recover(self) -> None:
         assert self.mounts is not None

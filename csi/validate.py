@@ -25,11 +25,21 @@ SINGLE_WRITER_MODES = frozenset({
     Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER,
 })
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+# Modes whose volume may be published to one node at a time (ControllerPublishVolume).
+SINGLE_NODE_MODES = SINGLE_WRITER_MODES | {Mode.SINGLE_NODE_READER_ONLY}
 SUPPORTED_MODES = SINGLE_WRITER_MODES | READ_ONLY_MODES | {Mode.MULTI_NODE_MULTI_WRITER}
 # Modes whose volume may be published at one target per node only (spec, NodePublishVolume).
 ONE_TARGET_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER,
                               Mode.SINGLE_NODE_READER_ONLY})
 FS_TYPES = frozenset({"", "chunkfs", "fuse.chunkfs"})
+
+# What ValidateVolumeCapabilities says when it confirms MULTI_NODE_MULTI_WRITER (one line:
+# update it when the data path merges concurrent writers of one file; docs/dev/csi.md).
+MULTI_NODE_MULTI_WRITER_NOTE = (
+    "MULTI_NODE_MULTI_WRITER: safe when each file has one writing node at a time (nodes "
+    "may create, replace, rename and delete files concurrently; close-to-open consistency)"
+    "; NOT safe yet: several nodes writing one file at once (their writes are not merged: "
+    "the last commit of a block wins)")
 
 # Mount flags that apply to the publish bind mount; any other flag is a chunkfs mount
 # option, passed to `chunkfs mount -o` at NodeStageVolume.
@@ -50,6 +60,7 @@ _IGNORED_PREFIX = "csi.storage.k8s.io/"  # external-provisioner metadata, not ou
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ID = 128  # bytes; the spec's size limit for strings
+_NODE_ID_RE = re.compile(r"^[^\x00-\x20\x7f]{1,128}$")
 
 
 def access_mode(cap: csi_pb2.VolumeCapability) -> int:
@@ -102,6 +113,14 @@ def check_id(field: str, value: str) -> str:
         raise errors.invalid(
             field, f"{value!r} must be 1-{MAX_ID} characters of [A-Za-z0-9._-], "
             "starting with a letter or digit")
+    return value
+
+
+def check_node_id(field: str, value: str) -> str:
+    """Node ids are the CO's (Kubernetes node names): printable, no blanks, <= 128 bytes."""
+    if len(value.encode()) > MAX_ID or not _NODE_ID_RE.match(value):
+        raise errors.invalid(field, f"{value!r} must be 1-{MAX_ID} printable characters "
+                             "without blanks")
     return value
 
 

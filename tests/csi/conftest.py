@@ -4,6 +4,8 @@
     cluster         a factory of plugin processes: a controller and node plugins ("nodes"
                     with their own kubelet, cache and state dirs)
     kubelet         node-a's paths the way kubelet lays them out (staging, pod targets)
+    node_b          a second node plugin ("node-b", role node) next to ``plugin``
+    default_redis   a Redis client on the plugins' default backend database
 
 Every plugin runs as ``python -m csi.server`` with ``backend_env`` (CHUNKFS_META,
 CHUNKFS_STORAGE, AWS_*). At teardown the plugins get SIGTERM, then every chunkfs mount
@@ -43,6 +45,17 @@ def mount_cap(mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = (),
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
         access_mode=Mode(mode=mode))
+
+
+def backend_secrets(env: dict[str, str], **override: str) -> dict[str, str]:
+    """A complete backend as a StorageClass Secret holds it, from a backend environment
+    (``override`` replaces keys: ``storage=...``, ``meta_url=...``)."""
+    secrets = {"meta-url": env["CHUNKFS_META"], "storage": env["CHUNKFS_STORAGE"],
+               "endpoint": env["AWS_ENDPOINT_URL"], "region": env["AWS_REGION"],
+               "access-key-id": env["AWS_ACCESS_KEY_ID"],
+               "secret-access-key": env["AWS_SECRET_ACCESS_KEY"]}
+    secrets.update({k.replace("_", "-"): v for k, v in override.items()})
+    return secrets
 
 
 def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
@@ -270,3 +283,20 @@ def plugin(cluster: Cluster) -> PluginProcess:
 def kubelet(plugin: PluginProcess) -> Kubelet:
     assert plugin.kubelet is not None
     return plugin.kubelet
+
+
+@pytest.fixture
+def node_b(cluster: Cluster, plugin: PluginProcess) -> PluginProcess:
+    """A second node plugin, "node-b" (after ``plugin``, node-a)."""
+    return cluster.start("node-b", "node")
+
+
+@pytest.fixture
+def default_redis(local_services, backend_env: dict[str, str]):
+    """A Redis client on the plugins' default backend database (to look at records)."""
+    db = int(backend_env["CHUNKFS_META"].rsplit("/", 1)[1])
+    client = local_services.redis.client(db=db)
+    try:
+        yield client
+    finally:
+        client.close()
