@@ -59,6 +59,10 @@ def path_outside(field: str, path: str, root: str) -> CsiError:
     return _err(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {path!r} is not under {root}")
 
 
+def unsafe_path(field: str, path: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.INVALID_ARGUMENT, f"refusing {field} {path!r}: {why}")
+
+
 # --- NOT_FOUND ----------------------------------------------------------------------
 
 def volume_not_found(volume_id: str) -> CsiError:
@@ -75,9 +79,10 @@ def node_not_found(node_id: str) -> CsiError:
                 "(NodeGetInfo's node_id) in the default backend")
 
 
-def not_mounted_at(volume_id: str, path: str) -> CsiError:
+def not_mounted_at(volume_id: str, path: str, why: str = "") -> CsiError:
     return _err(grpc.StatusCode.NOT_FOUND,
-                f"volume {volume_id!r} is not staged or published at {path!r}")
+                f"volume {volume_id!r} is not staged or published at {path!r}"
+                + (f": {why}" if why else ""))
 
 
 # --- ALREADY_EXISTS: same name, different request -----------------------------------
@@ -132,6 +137,12 @@ def single_writer_published(volume_id: str, target: str) -> CsiError:
 def staged_read_only(volume_id: str) -> CsiError:
     return _err(grpc.StatusCode.FAILED_PRECONDITION,
                 f"volume {volume_id!r} is staged read-only; it cannot be published read-write")
+
+
+def mounted_by_other(field: str, path: str, what: str) -> CsiError:
+    return _err(grpc.StatusCode.FAILED_PRECONDITION,
+                f"{field} {path!r} is a mount point of {what}; refusing to mount over or "
+                "unmount what this plugin did not mount for the volume")
 
 
 def mount_unhealthy(message: str) -> CsiError:

@@ -51,7 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from csi import errors
+from csi import errors, mountcalls, mountinfo, paths
 from csi.backends import overlay_env
 
 log = logging.getLogger("chunkfs.csi.mounts")
@@ -199,30 +199,25 @@ def _fsync_dir(path: str) -> None:
 
 # --- the mount table ----------------------------------------------------------------
 
-def _unescape(field_: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field_):
-        code = field_[i + 1:i + 4]
-        if field_[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_table() -> dict[str, str]:
-    """Mount point -> filesystem type, from /proc/self/mountinfo (the top mount wins)."""
-    table: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if len(parts) >= 5 and right:
-                table[_unescape(parts[4])] = right.split()[0]
-    return table
+    """Mount point -> filesystem type (the top mount wins)."""
+    return {path: entry.fstype for path, entry in mountinfo.mounts().items()}
+
+
+def volume_source(volume_id: str) -> str:
+    """The mount source chunkfs gives a volume's FUSE mount (and so its bind mounts)."""
+    return f"chunkfs:{volume_id}"
+
+
+def owner_of(entry: mountinfo.MountEntry) -> str | None:
+    """The volume a mount table entry belongs to, or None when it is not a chunkfs mount."""
+    if entry.fstype == FSTYPE and entry.source.startswith("chunkfs:"):
+        return entry.source.removeprefix("chunkfs:")
+    return None
+
+
+def describe(entry: mountinfo.MountEntry) -> str:
+    return f"{entry.fstype} ({entry.source})"
 
 
 def is_mountpoint(path: str) -> bool:
@@ -355,7 +350,7 @@ class Mounter:
 
     async def mount_chunkfs(self, rec: StageRecord, cache_dir: str,
                             env: dict[str, str]) -> None:
-        await asyncio.to_thread(os.makedirs, rec.staging_path, exist_ok=True)
+        await asyncio.to_thread(paths.make_dir, rec.staging_path)
         await asyncio.to_thread(os.makedirs, cache_dir, mode=0o700, exist_ok=True)
         options = list(rec.options)
         if rec.epoch is not None:
@@ -389,10 +384,11 @@ class Mounter:
                 raise errors.mount_rejected(rec.volume_id, why)
             raise errors.mount_failed(rec.volume_id, why)
         health = await self.prober.health(rec.staging_path)
-        if health is not Health.ALIVE:
+        entry = mountinfo.mounts().get(rec.staging_path)
+        if health is not Health.ALIVE or entry is None or owner_of(entry) != rec.volume_id:
             raise errors.mount_failed(
                 rec.volume_id, f"chunkfs mount succeeded but {rec.staging_path} is "
-                f"{health.value}")
+                f"{health.value}" + (f" ({describe(entry)})" if entry else ""))
 
     async def unmount_chunkfs(self, path: str) -> None:
         """Flush and unmount a staging mount; a dead one is just detached."""
@@ -411,17 +407,35 @@ class Mounter:
 
     async def bind(self, source: str, target: str, readonly: bool,
                    flags: Iterable[str]) -> None:
-        flags = [f for f in flags if f not in ("ro", "rw")]
-        rc, err = await _run(["mount", "--bind", source, target])
-        if rc != 0:
-            raise errors.mount_failed(os.path.basename(source), f"bind mount: {err}")
-        if readonly or flags:
-            opts = ",".join(["remount", "bind", "ro" if readonly else "rw", *flags])
-            rc, err = await _run(["mount", "-o", opts, target])
-            if rc != 0:
-                await self.force_unmount(target)
-                raise errors.mount_failed(os.path.basename(source),
-                                          f"remount {opts}: {err}")
+        """Bind ``source`` onto ``target`` (created if missing, no symlink followed) with
+        ``nosuid,nodev`` always and the requested per-mount flags."""
+        try:
+            await asyncio.to_thread(_bind_at, source, target)
+        except paths.PathError as exc:
+            raise errors.unsafe_path("target_path", target, exc.reason) from None
+        except OSError as exc:
+            raise errors.mount_failed(os.path.basename(source),
+                                      f"bind mount onto {target}: {exc.strerror}") from None
+        await self.set_flags(source, target, readonly, flags)
+
+    async def set_flags(self, source: str, target: str, readonly: bool,
+                        flags: Iterable[str]) -> None:
+        """Remount the bind mount at ``target`` with exactly these per-mount flags (and
+        check the mount table); on failure the bind mount is detached."""
+        bits = mountcalls.publish_flags(readonly, flags)
+        try:
+            await asyncio.to_thread(_remount_at, target, bits)
+        except (OSError, paths.PathError) as exc:
+            await self.force_unmount(target)
+            why = exc.reason if isinstance(exc, paths.PathError) else exc.strerror
+            raise errors.mount_failed(os.path.basename(source), f"remount of {target} with "
+                                      f"{_flag_names(bits)}: {why}") from None
+        entry = mountinfo.mounts().get(target)
+        want = {"ro" if readonly else "rw", "nosuid", "nodev"}
+        if entry is None or not want <= entry.options:
+            await self.force_unmount(target)
+            raise errors.mount_failed(os.path.basename(source),
+                                      f"{target} is not mounted with {','.join(sorted(want))}")
 
     async def unmount(self, path: str) -> None:
         """Unmount a bind mount; detach it lazily if it is dead or busy."""
@@ -431,16 +445,36 @@ class Mounter:
         if health is not Health.ALIVE:
             await self.force_unmount(path)
             return
-        rc, err = await _run(["umount", path])
-        if rc != 0 and is_mountpoint(path):
-            log.warning("umount %s failed (%s); detaching it lazily", path, err)
-            await self.force_unmount(path)
+        try:
+            await asyncio.to_thread(mountcalls.umount, path)
+        except OSError as exc:
+            if is_mountpoint(path):
+                log.warning("umount %s failed (%s); detaching it lazily", path, exc.strerror)
+                await self.force_unmount(path)
 
     async def force_unmount(self, path: str) -> None:
         while is_mountpoint(path):
-            rc, err = await _run(["umount", "-l", path])
-            if rc != 0 and is_mountpoint(path):
-                raise errors.unmount_failed(path, err)
+            try:
+                await asyncio.to_thread(mountcalls.umount, path, lazy=True)
+            except OSError as exc:
+                if is_mountpoint(path):
+                    raise errors.unmount_failed(path, exc.strerror or str(exc)) from None
+
+
+def _bind_at(source: str, target: str) -> None:
+    with paths.opened(target, create=True) as fd:
+        mountcalls.bind(source, fd)
+
+
+def _remount_at(target: str, bits: int) -> None:
+    with paths.opened(target) as fd:  # now the root of the new bind mount
+        mountcalls.remount(fd, bits)
+
+
+def _flag_names(bits: int) -> str:
+    names = [("ro", mountcalls.MS_RDONLY), ("nosuid", mountcalls.MS_NOSUID),
+             ("nodev", mountcalls.MS_NODEV), ("noexec", mountcalls.MS_NOEXEC)]
+    return ",".join(n for n, b in names if bits & b) or "rw"
 
 
 def _open_log(path: str, argv: list[str]) -> tuple[Any, int]:
@@ -503,10 +537,20 @@ class NodeMounts:
 
     # -- stage --
 
+    def check_owned(self, volume_id: str, field: str, path: str) -> bool:
+        """Whether ``path`` is a mount point of ``volume_id``; FAILED_PRECONDITION when
+        something else is mounted there (never mount over it, never unmount it)."""
+        entry = mountinfo.mounts().get(path)
+        if entry is None:
+            return False
+        if owner_of(entry) != volume_id:
+            raise errors.mounted_by_other(field, path, describe(entry))
+        return True
+
     async def stage(self, rec: StageRecord) -> None:
-        if is_mountpoint(rec.staging_path):  # not ours (no record): start from scratch
-            log.warning("%s is mounted but not recorded; unmounting it first",
-                        rec.staging_path)
+        if self.check_owned(rec.volume_id, "staging_target_path", rec.staging_path):
+            log.warning("%s is a mount of %s that is not recorded; unmounting it first",
+                        rec.staging_path, rec.volume_id)
             await self.mounter.unmount_chunkfs(rec.staging_path)
         self.store.save_stage(rec)
         try:
@@ -522,6 +566,7 @@ class NodeMounts:
 
     async def ensure_staged(self, rec: StageRecord) -> Health:
         """Re-mount a recorded staging mount whose process died; return its health before."""
+        self.check_owned(rec.volume_id, "staging_target_path", rec.staging_path)
         health = await self.prober.health(rec.staging_path)
         if health is Health.DEAD:
             log.warning("volume %s: the chunkfs mount at %s is dead; mounting it again",
@@ -541,9 +586,19 @@ class NodeMounts:
     # -- publish --
 
     async def publish(self, rec: PublishRecord) -> None:
+        table = mountinfo.mounts()
+        entry, staging = table.get(rec.target_path), table.get(rec.staging_path)
+        if entry is not None and (staging is None or entry.device != staging.device):
+            raise errors.mounted_by_other("target_path", rec.target_path, describe(entry))
         self.store.save_publish(rec)
         try:
-            await self._bind(rec)
+            if entry is not None:  # a bind of this very staging mount, not recorded
+                log.warning("%s: adopting the unrecorded bind mount of %s", rec.target_path,
+                            rec.volume_id)
+                await self.mounter.set_flags(rec.staging_path, rec.target_path, rec.readonly,
+                                             rec.flags)
+            else:
+                await self._bind(rec)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.mounter.unmount(rec.target_path)
@@ -551,11 +606,11 @@ class NodeMounts:
             raise
 
     async def _bind(self, rec: PublishRecord) -> None:
-        await asyncio.to_thread(os.makedirs, rec.target_path, exist_ok=True)
         await self.mounter.bind(rec.staging_path, rec.target_path, rec.readonly, rec.flags)
 
     async def ensure_published(self, rec: PublishRecord) -> Health:
         """Re-make a recorded bind mount that is missing or points at a dead mount."""
+        self.check_owned(rec.volume_id, "target_path", rec.target_path)
         health = await self.prober.health(rec.target_path)
         parent = os.path.dirname(rec.target_path)
         if health is Health.ABSENT and not await asyncio.to_thread(os.path.isdir, parent):
@@ -573,13 +628,12 @@ class NodeMounts:
 
     async def unpublish(self, target: str) -> None:
         await self.mounter.unmount(target)
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                os.rmdir(target)  # the spec: remove what NodePublishVolume created
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
-                    raise
-                log.warning("not removing %s: %s", target, exc.strerror)
+        try:  # the spec: remove what NodePublishVolume created
+            await asyncio.to_thread(paths.remove_dir, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR, errno.EBUSY):
+                raise
+            log.warning("not removing %s: %s", target, exc.strerror)
         self.store.drop_publish(target)
 
     def prune_publishes(self, volume_id: str) -> list[PublishRecord]:

@@ -13,7 +13,7 @@ import logging
 import os
 
 from chunkfs import errors as cf
-from csi import errors, validate
+from csi import errors, mountinfo, paths, validate
 from csi.backends import ServiceCache, default_configured, overrides_from_secrets
 from csi.controller import EPOCH_KEY
 from csi.mounts import (
@@ -21,8 +21,10 @@ from csi.mounts import (
     NodeMounts,
     PublishRecord,
     StageRecord,
+    describe,
     is_dead_error,
     is_mountpoint,
+    owner_of,
 )
 from csi.rpc import KeyLocks, exclusive, require
 from csi.v1 import csi_pb2, csi_pb2_grpc
@@ -42,12 +44,19 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.services = services
         self.mounts = mounts
         self.node_id = node_id
-        self.kubelet_dir = kubelet_dir
+        self.kubelet = paths.KubeletDir(kubelet_dir)
         self.max_volumes = max_volumes
         self.locks = locks or KeyLocks()
 
-    def _path(self, field: str, path: str) -> str:
-        return validate.check_path(field, path, self.kubelet_dir)
+    async def _path(self, field: str, path: str) -> tuple[str, paths.Kind]:
+        """The canonical path and what is there, every component checked without
+        following symlinks (INVALID_ARGUMENT otherwise; ``csi/paths.py``)."""
+        canonical = self.kubelet.canonical(field, path)
+        try:
+            kind = await asyncio.to_thread(paths.inspect, canonical)
+        except paths.PathError as exc:
+            raise errors.unsafe_path(field, path, exc.reason) from None
+        return canonical, kind
 
     # --- stage ----------------------------------------------------------------------
 
@@ -55,9 +64,10 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeStageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging = self._path("staging_target_path", request.staging_target_path)
+        staging, _ = await self._path("staging_target_path", request.staging_target_path)
         cap = request.volume_capability
         validate.check_capabilities([cap])
+        self.mounts.check_owned(volume_id, "staging_target_path", staging)
         _, options = validate.split_mount_flags(cap.mount.mount_flags)
         ctx = request.volume_context
         mode = validate.access_mode(cap)
@@ -103,7 +113,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnstageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging = self._path("staging_target_path", request.staging_target_path)
+        staging, _ = await self._path("staging_target_path", request.staging_target_path)
+        self.mounts.check_owned(volume_id, "staging_target_path", staging)
         live = self.mounts.prune_publishes(volume_id)
         if live:
             raise errors.volume_in_use(
@@ -120,8 +131,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id = validate.check_id("volume_id", request.volume_id)
         if not request.staging_target_path:  # the spec's code for this case
             raise errors.not_staged(volume_id, "")
-        staging = self._path("staging_target_path", request.staging_target_path)
-        target = self._path("target_path", request.target_path)
+        staging, _ = await self._path("staging_target_path", request.staging_target_path)
+        target, _ = await self._path("target_path", request.target_path)
+        if target == staging or target.startswith(staging + "/"):
+            raise errors.invalid("target_path", f"{request.target_path!r} is (inside) the "
+                                 "staging path")
         cap = request.volume_capability
         validate.check_capabilities([cap])
         flags, _ = validate.split_mount_flags(cap.mount.mount_flags)
@@ -143,6 +157,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     volume_id, target, "another volume_capability or readonly flag")
             await self.mounts.ensure_published(existing)
             return csi_pb2.NodePublishVolumeResponse()
+        self.mounts.check_owned(volume_id, "target_path", target)
         others = [p for p in self.mounts.prune_publishes(volume_id) if p.target_path != target]
         if others and mode in validate.ONE_TARGET_MODES:
             raise errors.single_writer_published(volume_id, others[0].target_path)
@@ -153,7 +168,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnpublishVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        target = self._path("target_path", request.target_path)
+        target, _ = await self._path("target_path", request.target_path)
+        stage = self.mounts.staged(volume_id)
+        if stage is not None and stage.staging_path == target:
+            raise errors.invalid("target_path", f"{request.target_path!r} is the staging "
+                                 "path; use NodeUnstageVolume")
+        self.mounts.check_owned(volume_id, "target_path", target)
         await self._check_exists_if_unknown(volume_id, target)
         await self.mounts.unpublish(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
@@ -176,10 +196,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     # --- health and size ------------------------------------------------------------
 
-    async def _known_path(self, volume_id: str, path: str) -> str:
-        path = self._path("volume_path", path)
+    async def _known_path(self, volume_id: str, raw: str) -> str:
+        """``raw`` as the canonical path of a stage or publish of the volume on this node,
+        with the volume mounted there; NOT_FOUND for anything else (the spec's "volume
+        does not exist on the specified volume_path"), whatever the path looks like."""
+        try:
+            path = self.kubelet.canonical("volume_path", raw)
+        except errors.CsiError:
+            raise errors.not_mounted_at(volume_id, raw, "not a path under the kubelet "
+                                        "directory") from None
         if not self.mounts.knows(volume_id, path):
-            raise errors.not_mounted_at(volume_id, path)
+            raise errors.not_mounted_at(volume_id, raw)
+        try:
+            kind = await asyncio.to_thread(paths.inspect, path)
+        except paths.PathError as exc:
+            raise errors.not_mounted_at(volume_id, raw, exc.reason) from None
+        entry = mountinfo.mounts().get(path)
+        if kind is not paths.Kind.MOUNTPOINT or entry is None:
+            raise errors.not_mounted_at(volume_id, raw, "nothing is mounted there")
+        if owner_of(entry) != volume_id:
+            raise errors.not_mounted_at(volume_id, raw,
+                                        f"it is a mount point of {describe(entry)}")
         return path
 
     @require("volume_id", "volume_path")

@@ -1,14 +1,12 @@
 """Checks of request values shared by the servicers; each raises a ``CsiError``.
 
 What the driver supports, in one place: filesystem (mount) volumes only, the access
-modes below, the StorageClass parameters below, ids safe to use as file names,
-paths under the kubelet directory, and the capacity rules of CreateVolume and
-ControllerExpandVolume.
+modes below, the StorageClass parameters below, ids safe to use as file names, and the
+capacity rules of CreateVolume and ControllerExpandVolume. (Paths: ``csi/paths.py``.)
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -122,21 +120,6 @@ def check_node_id(field: str, value: str) -> str:
         raise errors.invalid(field, f"{value!r} must be 1-{MAX_ID} printable characters "
                              "without blanks")
     return value
-
-
-def check_path(field: str, path: str, root: str | None) -> str:
-    """An absolute, normalised path strictly under ``root`` (symlinks in parents resolved)."""
-    if not os.path.isabs(path) or "\0" in path:
-        raise errors.invalid(field, f"{path!r} is not an absolute path")
-    norm = os.path.normpath(path)
-    if root is None:
-        return norm
-    # Resolve the parent only: the path itself may be a (possibly dead) FUSE mount.
-    real = os.path.join(os.path.realpath(os.path.dirname(norm)), os.path.basename(norm))
-    root = os.path.realpath(root)
-    if os.path.commonpath([real, root]) != root or real == root:
-        raise errors.path_outside(field, path, root)
-    return real
 
 
 @dataclass(frozen=True)

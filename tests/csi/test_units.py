@@ -12,7 +12,8 @@ import pytest
 
 from chunkfs import errors as cf
 from csi import backends, errors, observe, validate
-from csi.mounts import PublishRecord, StageRecord, StateStore, _unescape
+from csi.mountinfo import parse_line, unescape
+from csi.mounts import PublishRecord, StageRecord, StateStore
 from csi.rpc import KeyLocks, exclusive, require
 from csi.v1 import csi_pb2
 
@@ -55,20 +56,6 @@ def test_check_id(value, ok) -> None:
     else:
         with pytest.raises(errors.CsiError):
             validate.check_id("volume_id", value)
-
-
-def test_check_path(tmp_path) -> None:
-    root = tmp_path / "kubelet"
-    (root / "pods").mkdir(parents=True)
-    (tmp_path / "elsewhere").mkdir()
-    os.symlink(tmp_path / "elsewhere", root / "escape")
-    ok = validate.check_path("target_path", f"{root}/pods/./x/../mount", str(root))
-    assert ok == f"{root}/pods/mount"
-    for bad in ("relative", f"{root}/../etc", str(root), f"{root}/escape/mount", "/etc/x"):
-        with pytest.raises(errors.CsiError) as err:
-            validate.check_path("target_path", bad, str(root))
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert validate.check_path("target_path", "/anywhere/x", None) == "/anywhere/x"
 
 
 def test_choose_capacity() -> None:
@@ -313,6 +300,17 @@ def test_records_compare_requests_not_secrets() -> None:
 
 
 def test_mountinfo_unescape() -> None:
-    assert _unescape(r"/var/lib/with\040space\011tab") == "/var/lib/with space\ttab"
-    assert _unescape("/plain") == "/plain"
-    assert _unescape("/ends\\04") == "/ends\\04"
+    assert unescape(r"/var/lib/with\040space\011tab") == "/var/lib/with space\ttab"
+    assert unescape("/plain") == "/plain"
+    assert unescape("/ends\\04") == "/ends\\04"
+
+
+def test_mountinfo_line() -> None:
+    line = ("36 35 0:52 / /k/pods/x/mount ro,nosuid,nodev,relatime shared:1 master:2 - "
+            "fuse.chunkfs chunkfs:pvc-1 rw,user_id=0,group_id=0,allow_other\n")
+    entry = parse_line(line)
+    assert entry is not None
+    assert (entry.mount_point, entry.device, entry.fstype, entry.source) == (
+        "/k/pods/x/mount", "0:52", "fuse.chunkfs", "chunkfs:pvc-1")
+    assert {"ro", "nosuid", "nodev"} <= entry.options
+    assert parse_line("garbage") is None
