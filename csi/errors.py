@@ -181,6 +181,11 @@ def unmount_failed(path: str, why: str) -> CsiError:
     return _err(grpc.StatusCode.INTERNAL, f"unmounting {path!r} failed: {why}")
 
 
+def backend_unresolvable(key: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.UNAVAILABLE,
+                f"the host named by secret {key!r} cannot be resolved ({why}); retry later")
+
+
 def timed_out(what: str) -> CsiError:
     return _err(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} timed out")
 

@@ -14,7 +14,7 @@ import os
 
 from chunkfs import errors as cf
 from csi import errors, mountinfo, paths, validate
-from csi.backends import ServiceCache, default_configured, overrides_from_secrets
+from csi.backends import ServiceCache, default_configured
 from csi.controller import EPOCH_KEY
 from csi.mounts import (
     Health,
@@ -100,12 +100,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec.epoch is None and mode in validate.SINGLE_WRITER_MODES:
             log.warning("volume %s: staged for writing without an epoch in publish_context "
                         "(no ControllerPublishVolume?): it is not fenced", volume_id)
-        svc = await self.services.for_secrets(request.secrets)
+        backend = await self.services.backend_for(request.secrets)
+        svc = await self.services.get(backend)
         try:
             await svc.get_volume(volume_id)
         except cf.VolumeNotFound:
             raise errors.volume_not_found(volume_id) from None
-        rec.env = overrides_from_secrets(request.secrets)
+        rec.env = dict(backend.overrides)
         await self.mounts.stage(rec)
         return csi_pb2.NodeStageVolumeResponse()
 

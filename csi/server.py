@@ -34,6 +34,7 @@ from csi.node import NodeServicer
 from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
 from csi.registry import EXPIRY_BEATS, HEARTBEAT_INTERVAL, NodeRegistry
 from csi.rpc import KeyLocks
+from csi.secret_backend import DEFAULT_DENY, AddressPolicy, parse_networks
 from csi.v1 import csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.server")
@@ -67,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="controller: size of a volume created without a capacity range")
     p.add_argument("--max-volume-size", default="1PiB")
     p.add_argument("--metrics-address", help="host:port to serve Prometheus metrics on")
+    p.add_argument("--secret-deny-networks", default=",".join(DEFAULT_DENY),
+                   help="comma-separated networks that hosts named by a Secret (meta-url, "
+                   "endpoint) must not resolve to; '' allows all (default: %(default)s)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight RPCs get at SIGTERM (default: %(default)s)")
     p.add_argument("--log-level", default=os.environ.get("CHUNKFS_CSI_LOG_LEVEL", "info"))
@@ -76,6 +80,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--role {args.role} needs --cache-dir and --state-dir")
     if not args.endpoint.startswith("unix://"):
         p.error("--endpoint must be unix:///path/to/csi.sock")
+    try:
+        parse_networks(args.secret_deny_networks.split(","))
+    except ValueError as exc:
+        p.error(f"--secret-deny-networks: {exc}")
     return args
 
 
@@ -94,7 +102,8 @@ class Plugin:
     def __init__(self, args: argparse.Namespace, metrics: RpcMetrics,
                  registry: prometheus_client.CollectorRegistry | None = None) -> None:
         self.args = args
-        self.services = ServiceCache()
+        self.services = ServiceCache(policy=AddressPolicy(parse_networks(
+            args.secret_deny_networks.split(","))))
         self.registry = NodeRegistry(self.services, interval=args.heartbeat_interval)
         self.started = time.time()
         self.server = grpc.aio.server(interceptors=[Observer(metrics)])

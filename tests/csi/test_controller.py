@@ -193,10 +193,41 @@ def test_clone_smaller_than_its_source_is_out_of_range(plugin) -> None:
 
 def test_create_volume_with_backend_from_secrets(plugin, cluster) -> None:
     """Secrets override the plugin's environment per request (here: another S3 prefix)."""
-    other = cluster.env["CHUNKFS_STORAGE"] + "-other"
-    secrets = {"storage": other, "secret-access-key": cluster.env["AWS_SECRET_ACCESS_KEY"],
-               "access-key-id": cluster.env["AWS_ACCESS_KEY_ID"]}
+    secrets = backend_secrets(cluster.env, storage=cluster.env["CHUNKFS_STORAGE"] + "-other")
     assert create(plugin, "pvc-1", secrets=secrets).volume_id == "pvc-1"
+
+
+def test_a_partial_secret_is_refused_and_changes_nothing(plugin, cluster, local_services) -> None:
+    """A Secret naming only a Redis must not get the plugin's default bucket and keys."""
+    db = int(cluster.env["CHUNKFS_META"].rsplit("/", 1)[1]) % 255 + 1
+    with local_services.redis.client(db=db) as client:
+        client.flushdb()
+    for secrets in ({"meta-url": local_services.redis.url_for_db(db)},
+                    {"endpoint": "http://127.0.0.1:1/"},
+                    {k: v for k, v in backend_secrets(cluster.env).items() if k != "endpoint"}):
+        with pytest.raises(grpc.RpcError) as err:
+            create(plugin, "pvc-1", secrets=secrets)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must name all of it: missing" in err.value.details()
+    with local_services.redis.client(db=db) as client:
+        assert client.dbsize() == 0
+    assert not plugin.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+
+
+@pytest.mark.parametrize("key, value", [
+    ("meta-url", "unix:///var/run/redis/redis-server.sock"),
+    ("meta-url", "rediss://127.0.0.1:6380/0"),
+    ("endpoint", "http://169.254.169.254/"),
+    ("endpoint", "unix:///run/containerd/containerd.sock"),
+])
+def test_secrets_naming_node_sockets_or_metadata_addresses_are_refused(plugin, cluster, key,
+                                                                      value) -> None:
+    secrets = backend_secrets(cluster.env, **{key.replace("-", "_"): value})
+    with pytest.raises(grpc.RpcError) as err:
+        create(plugin, "pvc-1", secrets=secrets)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.details()
+    assert cluster.env["AWS_SECRET_ACCESS_KEY"] not in err.value.details()
 
 
 def test_create_volume_bad_secret_url_is_invalid_argument_and_not_logged(plugin) -> None:

@@ -11,10 +11,11 @@ import grpc
 import pytest
 
 from chunkfs import errors as cf
-from csi import backends, errors, observe, validate
+from csi import backends, errors, observe, secret_backend, validate
 from csi.mountinfo import parse_line, unescape
 from csi.mounts import PublishRecord, StageRecord, StateStore
 from csi.rpc import KeyLocks, exclusive, require
+from csi.secret_backend import AddressPolicy, parse_networks
 from csi.v1 import csi_pb2
 
 from .conftest import Mode, block_cap, mount_cap
@@ -188,26 +189,119 @@ async def test_background_work_makes_rpcs_wait_not_abort() -> None:
 
 BASE = {"CHUNKFS_META": "redis://127.0.0.1:6379/0", "CHUNKFS_STORAGE": "s3://bucket/p",
         "AWS_ACCESS_KEY_ID": "env-ak", "AWS_SECRET_ACCESS_KEY": "env-sk",
-        "AWS_ENDPOINT_URL_S3": "http://env:8333"}
+        "AWS_ENDPOINT_URL_S3": "http://env:8333", "AWS_REGION": "eu-north-1",
+        "AWS_SESSION_TOKEN": "env-token", "AWS_PROFILE": "node-profile", "PATH": "/bin"}
+SECRET = {"meta-url": "redis://:pw-Zq81@r2:6380/1", "storage": "s3://other/x",
+          "endpoint": "http://s3:9000", "access-key-id": "AK-Zq81",
+          "secret-access-key": "SK-Zq81-very-secret"}
+LOCAL = {**SECRET, "meta-url": "redis://:pw-Zq81@127.0.0.1:6380/1",
+         "endpoint": "http://127.0.0.1:9000"}  # hosts that resolve here
 
 
 def test_backend_from_environment_and_secrets() -> None:
     default = backends.resolve({}, BASE)
-    assert default.meta_url == BASE["CHUNKFS_META"]
+    assert default.meta_url == BASE["CHUNKFS_META"] and not default.from_secrets
     assert default.storage.access_key == "env-ak"
     assert default.storage.endpoint == "http://env:8333"
-    other = backends.resolve({"meta-url": "redis://:pw@r2:6380/1", "storage": "s3://other/x",
-                              "endpoint": "http://s3:9000", "access-key-id": "AK",
-                              "secret-access-key": "SK", "unrelated": "ignored"}, BASE)
+    assert default.env(BASE) == BASE  # the default backend: the environment as it is
+    other = backends.resolve({**SECRET, "unrelated": "ignored"}, BASE)
     assert other.storage.bucket == "other" and other.storage.endpoint == "http://s3:9000"
-    assert (other.storage.access_key, other.storage.secret_key) == ("AK", "SK")
-    assert "pw" not in other.describe() and "SK" not in repr(other.storage)
+    assert (other.storage.access_key, other.storage.secret_key) == ("AK-Zq81",
+                                                                     "SK-Zq81-very-secret")
+    assert other.storage.region == "us-east-1"  # not the environment's eu-north-1
+    assert "pw-Zq81" not in other.describe() and "SK-Zq81" not in repr(other.storage)
     env = other.env(BASE)
-    assert env["CHUNKFS_META"] == "redis://:pw@r2:6380/1"
-    assert "AWS_ENDPOINT_URL_S3" not in env  # it would override the secret's endpoint
+    assert env["CHUNKFS_META"] == SECRET["meta-url"] and env["PATH"] == "/bin"
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["AWS_EC2_METADATA_DISABLED"] == "true"
+    for leaked in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        assert leaked not in env  # nothing of the node's backend mixes with the Secret's
     assert other != default and hash(other) != hash(default)
+    assert backends.resolve({**SECRET, "region": "ap-south-2"}, BASE).storage.region \
+        == "ap-south-2"
     with pytest.raises(cf.InvalidArgument):
         backends.resolve({}, {})
+
+
+@pytest.mark.parametrize("missing", secret_backend.REQUIRED)
+def test_a_partial_secret_is_refused_and_never_completed_from_the_environment(missing) -> None:
+    partial = {k: v for k, v in SECRET.items() if k != missing}
+    with pytest.raises(errors.CsiError) as err:
+        backends.resolve(partial, BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"missing {missing}" in err.value.message
+    _no_values(err.value.message)
+    with pytest.raises(errors.CsiError):  # an empty value is missing too
+        backends.resolve({**SECRET, missing: ""}, BASE)
+
+
+def test_a_single_backend_key_is_refused() -> None:
+    for key in secret_backend.KEYS:
+        with pytest.raises(errors.CsiError) as err:
+            backends.resolve({key: SECRET.get(key, "us-east-1")}, BASE)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, key
+
+
+def _no_values(message: str) -> None:
+    for value in ("pw-Zq81", "AK-Zq81", "SK-Zq81", "evil.example", "hunter2"):
+        assert value not in message, message
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("meta-url", "unix:///var/run/docker.sock", "unix://"),
+    ("meta-url", "unix://:hunter2@/run/redis.sock", "unix://"),
+    ("meta-url", "rediss://:hunter2@evil.example:6380/0", "rediss://"),
+    ("meta-url", "http://evil.example:6379/0", "redis://"),
+    ("meta-url", "redis://:hun/ter2@evil.example:6379/0", "percent-encode"),
+    ("meta-url", "redis://:hunter2@evil.example:6379/0?ssl=true", "query"),
+    ("meta-url", "redis://:hunter2@evil.example:99999/0", "port"),
+    ("meta-url", "redis://:hunter2@evil.example:6379/0\nx", "control"),
+    ("storage", "file:///etc/evil.example", "s3://"),
+    ("storage", "s3://hunter2@evil.example/p", "s3://"),
+    ("storage", "s3://A_B/p", "bucket"),
+    ("endpoint", "ftp://evil.example/", "http"),
+    ("endpoint", "file:///etc/passwd", "http"),
+    ("endpoint", "http://user:hunter2@evil.example/", "credentials"),
+    ("endpoint", "https://evil.example/?token=hunter2", "query"),
+    ("endpoint", "http:///nohost", "host"),
+    ("access-key-id", "AK with blanks", "printable"),
+    ("secret-access-key", "SK\nhunter2", "printable"),
+    ("region", "Evil Region", "region"),
+])
+def test_secret_backend_values_are_checked(key, value, why) -> None:
+    with pytest.raises(errors.CsiError) as err:
+        backends.resolve({**SECRET, key: value}, BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.message and why in err.value.message, err.value.message
+    _no_values(err.value.message)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("endpoint", "http://169.254.169.254/latest/meta-data/"),
+    ("endpoint", "http://[fd00:ec2::254]/"),
+    ("endpoint", "http://[fe80::1]:9000/"),
+    ("endpoint", "http://[::ffff:169.254.169.254]/"),
+    ("endpoint", "http://2852039166/"),          # 169.254.169.254 in decimal
+    ("endpoint", "http://0xa9.254.169.254/"),    # and in hex
+    ("meta-url", "redis://169.254.10.1:6379/0"),
+])
+async def test_link_local_and_metadata_addresses_are_refused(key, value) -> None:
+    with pytest.raises(errors.CsiError) as err:
+        await backends.resolve_checked({**LOCAL, key: value}, AddressPolicy(), BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.message and "resolves to an address in" in err.value.message
+    for allowed in (AddressPolicy(deny=()), AddressPolicy(parse_networks(["10.0.0.0/8"]))):
+        backend = await backends.resolve_checked({**LOCAL, key: value}, allowed, BASE)
+        assert backend.from_secrets
+
+
+async def test_public_and_loopback_hosts_are_allowed_by_default() -> None:
+    ok = {**LOCAL, "endpoint": "http://localhost:8333", "meta-url": "redis://[::1]:6379/2"}
+    assert (await backends.resolve_checked(ok, AddressPolicy(), BASE)).from_secrets
+    unresolvable = {**LOCAL, "endpoint": "http://no-such-host.invalid:9000"}
+    with pytest.raises(errors.CsiError) as err:
+        await backends.resolve_checked(unresolvable, AddressPolicy(), BASE)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_service_cache_opens_once_and_closes_the_oldest() -> None:
@@ -226,7 +320,8 @@ async def test_service_cache_opens_once_and_closes_the_oldest() -> None:
         return Svc(meta)
 
     cache = backends.ServiceCache(opener, size=2)
-    b1, b2, b3 = (backends.resolve({"meta-url": f"redis://h:1/{i}"}, BASE) for i in range(3))
+    b1, b2, b3 = (backends.resolve({**SECRET, "meta-url": f"redis://h:1/{i}"}, BASE)
+                  for i in range(3))
     got = await asyncio.gather(cache.get(b1), cache.get(b1))
     assert got[0] is got[1] and opened == ["redis://h:1/0"]
     await cache.get(b2)
