@@ -145,6 +145,13 @@ def mounted_by_other(field: str, path: str, what: str) -> CsiError:
                 "unmount what this plugin did not mount for the volume")
 
 
+def credentials_unavailable(volume_id: str) -> CsiError:
+    return _err(grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {volume_id!r} needs the credentials of its Secret to be mounted "
+                "again, and this node no longer has them (kept in memory only, see "
+                "--secrets-dir); the next NodeStageVolume brings them")
+
+
 def mount_unhealthy(message: str) -> CsiError:
     return _err(grpc.StatusCode.FAILED_PRECONDITION, message)
 

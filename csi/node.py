@@ -16,17 +16,9 @@ from chunkfs import errors as cf
 from csi import errors, mountinfo, paths, validate
 from csi.backends import ServiceCache, default_configured
 from csi.controller import EPOCH_KEY
-from csi.mounts import (
-    Health,
-    NodeMounts,
-    PublishRecord,
-    StageRecord,
-    describe,
-    is_dead_error,
-    is_mountpoint,
-    owner_of,
-)
+from csi.mounts import Health, NodeMounts, describe, is_dead_error, is_mountpoint, owner_of
 from csi.rpc import KeyLocks, exclusive, require
+from csi.state import PublishRecord, StageRecord, backend_identity
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.node")
@@ -69,23 +61,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         validate.check_capabilities([cap])
         self.mounts.check_owned(volume_id, "staging_target_path", staging)
         _, options = validate.split_mount_flags(cap.mount.mount_flags)
+        backend = await self.services.backend_for(request.secrets)  # a Secret: complete
+        env = dict(backend.overrides)
         ctx = request.volume_context
         mode = validate.access_mode(cap)
         rec = StageRecord(
             volume_id=volume_id, staging_path=staging, mode=mode,
             readonly=mode in validate.READ_ONLY_MODES, epoch=_epoch(request.publish_context),
-            options=options, cache_size=ctx.get("cache-size") or None)
+            options=options, cache_size=ctx.get("cache-size") or None,
+            backend=backend_identity(env))
 
         existing = self.mounts.staged(volume_id)
         if existing is not None:
             if existing.staging_path != staging:
                 raise errors.staged_elsewhere(volume_id, existing.staging_path)
             if existing.same_request(rec):
-                await self.mounts.ensure_staged(existing)
+                await self.mounts.restage(existing, env)
                 return csi_pb2.NodeStageVolumeResponse()
             if not _newer_lease(existing, rec):
                 raise errors.published_incompatible(
-                    volume_id, staging, "another volume_capability or publish_context")
+                    volume_id, staging,
+                    "another volume_capability, publish_context or Secret backend")
             # The lease came back to this node with a new epoch while the old, fenced mount
             # was never unstaged (a partition healed): replace it unless pods still use it.
             live = self.mounts.prune_publishes(volume_id)
@@ -100,14 +96,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec.epoch is None and mode in validate.SINGLE_WRITER_MODES:
             log.warning("volume %s: staged for writing without an epoch in publish_context "
                         "(no ControllerPublishVolume?): it is not fenced", volume_id)
-        backend = await self.services.backend_for(request.secrets)
         svc = await self.services.get(backend)
         try:
             await svc.get_volume(volume_id)
         except cf.VolumeNotFound:
             raise errors.volume_not_found(volume_id) from None
-        rec.env = dict(backend.overrides)
-        await self.mounts.stage(rec)
+        await self.mounts.stage(rec, env)
         return csi_pb2.NodeStageVolumeResponse()
 
     @require("volume_id", "staging_target_path")
@@ -226,8 +220,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         health = await self.mounts.prober.health(path)
         Condition = csi_pb2.VolumeCondition
         if health is not Health.ALIVE:
+            message = _condition_message(health, path)
+            if health is Health.DEAD and not self.mounts.can_remount(request.volume_id):
+                message = errors.credentials_unavailable(request.volume_id).message
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
-                abnormal=True, message=_condition_message(health, path)))
+                abnormal=True, message=message))
         try:
             st = await self.mounts.prober.statvfs(path)
             status = await self.mounts.prober.status(path)

@@ -35,6 +35,7 @@ from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
 from csi.registry import EXPIRY_BEATS, HEARTBEAT_INTERVAL, NodeRegistry
 from csi.rpc import KeyLocks
 from csi.secret_backend import DEFAULT_DENY, AddressPolicy, parse_networks
+from csi.secretstore import SecretStore
 from csi.v1 import csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.server")
@@ -53,6 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--driver-name", default=DRIVER_NAME, help="default: %(default)s")
     p.add_argument("--cache-dir", help="node: parent of each volume's block cache directory")
     p.add_argument("--state-dir", help="node: where staged/published mounts are recorded")
+    p.add_argument("--secrets-dir", default="/run/chunkfs-csi",
+                   help="node: where credentials of Secret backends are kept for re-mounts, "
+                   "used only if it is on tmpfs/ramfs (else: memory only) "
+                   "(default: %(default)s)")
     p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                    help="node: staging and target paths must be under it "
                    "(default: %(default)s)")
@@ -120,7 +125,8 @@ class Plugin:
                 ControllerServicer(self.services, rules, self.registry), self.server)
         if args.role in ("node", "all"):
             locks = KeyLocks()
-            self.mounts = NodeMounts(args.state_dir, args.cache_dir, locks=locks)
+            self.mounts = NodeMounts(args.state_dir, args.cache_dir, locks=locks,
+                                     secrets=SecretStore(args.secrets_dir))
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeServicer(self.services, self.mounts, node_id=args.node_id,
                              kubelet_dir=args.kubelet_dir,

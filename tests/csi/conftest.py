@@ -37,6 +37,7 @@ from csi.mounts import mount_table
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+SHM = Path("/dev/shm")  # tmpfs: node plugins' --secrets-dir lives under it
 Mode = csi_pb2.VolumeCapability.AccessMode
 
 
@@ -76,6 +77,7 @@ class PluginProcess:
     kubelet: Kubelet | None = None
     cache_dir: Path | None = None
     state_dir: Path | None = None
+    secrets_dir: Path | None = None
     proc: subprocess.Popen | None = None
     channel: grpc.Channel | None = None
     identity: csi_pb2_grpc.IdentityStub = field(init=False)
@@ -186,6 +188,7 @@ class Cluster:
         self.root = root
         self.env = env
         self.plugins: list[PluginProcess] = []
+        self.shm = SHM / root.name  # memory-backed: where node plugins keep credentials
 
     def start(self, name: str, role: str = "all", *, node_id: str | None = None,
               env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> PluginProcess:
@@ -203,8 +206,11 @@ class Cluster:
         if role in ("node", "all"):
             plugin.kubelet = Kubelet(node_dir / "kubelet")
             plugin.cache_dir, plugin.state_dir = node_dir / "cache", node_dir / "state"
+            plugin.secrets_dir = self.shm / name
             argv += ["--cache-dir", str(plugin.cache_dir), "--state-dir", str(plugin.state_dir),
                      "--kubelet-dir", str(plugin.kubelet.root)]
+            if not any(a == "--secrets-dir" for a in extra):
+                argv += ["--secrets-dir", str(plugin.secrets_dir)]
         self.plugins.append(plugin)
         return plugin.start()
 
@@ -215,6 +221,7 @@ class Cluster:
         for path in sorted(mount_table(), key=len, reverse=True):
             if path.startswith(str(self.root) + "/"):
                 subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+        shutil.rmtree(self.shm, ignore_errors=True)
 
 
 def mount_processes(under: str) -> list[int]:

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import grpc
 import pytest
@@ -13,9 +15,10 @@ import pytest
 from chunkfs import errors as cf
 from csi import backends, errors, observe, secret_backend, validate
 from csi.mountinfo import parse_line, unescape
-from csi.mounts import PublishRecord, StageRecord, StateStore
 from csi.rpc import KeyLocks, exclusive, require
 from csi.secret_backend import AddressPolicy, parse_networks
+from csi.secretstore import SecretStore, filesystem_of
+from csi.state import MAX_BAD, PublishRecord, StageRecord, StateStore, backend_identity
 from csi.v1 import csi_pb2
 
 from .conftest import Mode, block_cap, mount_cap
@@ -367,7 +370,7 @@ def test_status_numbers_are_flattened_for_metrics() -> None:
 def test_state_store_round_trip(tmp_path) -> None:
     store = StateStore(str(tmp_path / "state"))
     stage = StageRecord("pvc-1", "/k/staging", Mode.SINGLE_NODE_WRITER, False, 7,
-                        ["buffer-size=64MiB"], "1GiB", {"CHUNKFS_META": "redis://:pw@h/0"})
+                        ["buffer-size=64MiB"], "1GiB", "redis://h:6379/0 s3://b/p")
     pub = PublishRecord("pvc-1", "/k/pods/x/mount", "/k/staging", Mode.SINGLE_NODE_WRITER,
                         True, ["noexec"])
     store.save_stage(stage)
@@ -380,18 +383,109 @@ def test_state_store_round_trip(tmp_path) -> None:
     assert again.publishes_of("pvc-1") == [pub]
     assert not (tmp_path / "state/staged/.tmp-interrupted").exists()
     assert (tmp_path / "state/published/junk.json.bad").exists()
+    assert not (tmp_path / "state/published/junk.json").exists()
     mode = os.stat(tmp_path / "state/staged/pvc-1.json").st_mode & 0o777
-    assert mode == 0o600  # it holds backend overrides from the secrets
+    assert mode == 0o600
     again.drop_publish(pub.target_path)
     again.drop_stage("pvc-1")
     assert StateStore(str(tmp_path / "state")).staged == {}
 
 
+def _all_bytes(root) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+def test_version_1_records_lose_their_credentials_to_the_secret_store(tmp_path) -> None:
+    """Records written before this version held the Secret's values in `env`."""
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    env = {"CHUNKFS_META": "redis://:hunter2-v1@r:6379/3", "CHUNKFS_STORAGE": "s3://b/p",
+           "AWS_SECRET_ACCESS_KEY": "sk-v1-secret", "AWS_ACCESS_KEY_ID": "ak"}
+    (staged / "pvc-1.json").write_text(json.dumps({
+        "version": 1, "volume_id": "pvc-1", "staging_path": "/k/s", "mode": 1,
+        "readonly": False, "epoch": 3, "options": [], "cache_size": None, "env": env,
+        "created": 1.0}))
+    moved: dict[str, dict[str, str]] = {}
+    store = StateStore(str(tmp_path / "state"), migrate=lambda v, e: moved.update({v: e}))
+    assert moved == {"pvc-1": env}
+    rec = store.staged["pvc-1"]
+    assert rec.backend == "redis://r:6379/3 s3://b/p" and rec.epoch == 3
+    assert b"hunter2-v1" not in _all_bytes(tmp_path) and b"sk-v1" not in _all_bytes(tmp_path)
+    assert StateStore(str(tmp_path / "state")).staged == {"pvc-1": rec}  # v2 now
+
+
+def test_unreadable_records_are_quarantined_bounded_and_without_content(tmp_path) -> None:
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    for i in range(20):  # e.g. torn version 1 records, credentials included
+        (staged / f"pvc-{i}.json").write_text('{"version": 1, "env": {"AWS_SECRET_ACCESS_K'
+                                              'EY": "sk-torn-secret"')
+        os.utime(staged / f"pvc-{i}.json", (1000 + i, 1000 + i))
+    for i in range(3):
+        (staged / f"old-{i}.json.bad").write_text("sk-torn-secret")  # earlier versions'
+    StateStore(str(tmp_path / "state"))
+    bad = sorted(p.name for p in staged.iterdir())
+    assert len(bad) == MAX_BAD and all(n.endswith(".json.bad") for n in bad)
+    assert b"sk-torn-secret" not in _all_bytes(tmp_path)
+    note = json.loads((staged / bad[0]).read_text())
+    assert note["error"] == "JSONDecodeError" and note["size"] > 0
+    StateStore(str(tmp_path / "state"))  # and they do not pile up across restarts
+    assert len(list(staged.iterdir())) == MAX_BAD
+
+
+def test_quarantined_records_of_older_versions_lose_their_content(tmp_path) -> None:
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    (staged / "pvc-1.json.bad").write_text('{"env": {"AWS_SECRET_ACCESS_KEY": "sk-old"}}')
+    StateStore(str(tmp_path / "state"))
+    assert [p.name for p in staged.iterdir()] == ["pvc-1.json.bad"]
+    assert b"sk-old" not in _all_bytes(tmp_path)
+
+
 def test_records_compare_requests_not_secrets() -> None:
-    a = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "old"})
-    b = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "rotated"})
+    a = StageRecord("v", "/s", 1, False, 3, [], None, "redis://h:6379/0 s3://b/p")
+    b = StageRecord("v", "/s", 1, False, 3, [], None, "redis://h:6379/0 s3://b/p")
     assert a.same_request(b)
     assert not a.same_request(StageRecord("v", "/s", 1, False, 4))
+    assert not a.same_request(StageRecord("v", "/s", 1, False, 3, [], None, ""))
+
+
+def test_backend_identity_has_no_credentials() -> None:
+    rotated = [{"CHUNKFS_META": f"redis://user{i}:pw{i}@h:6380/2", "CHUNKFS_STORAGE": "s3://b/p",
+                "AWS_ENDPOINT_URL": "http://s3:9000", "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": f"ak{i}", "AWS_SECRET_ACCESS_KEY": f"sk{i}"}
+               for i in range(2)]
+    first, second = (backend_identity(e) for e in rotated)
+    assert first == second == "redis://h:6380/2 s3://b/p http://s3:9000 us-east-1"
+    assert backend_identity({}) == ""
+
+
+def test_secret_store_keeps_credentials_in_memory_off_memory_filesystems(tmp_path) -> None:
+    store = SecretStore(str(tmp_path / "secrets"))  # tmp_path is not a tmpfs here
+    assert not store.persistent or filesystem_of(str(tmp_path)) in ("tmpfs", "ramfs")
+    store.put("pvc-1", {"AWS_SECRET_ACCESS_KEY": "sk"})
+    assert store.get("pvc-1") == {"AWS_SECRET_ACCESS_KEY": "sk"}
+    if not store.persistent:
+        assert not (tmp_path / "secrets").exists()
+
+
+def test_secret_store_on_tmpfs_survives_a_restart_and_tracks_rotation() -> None:
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        store = SecretStore(directory + "/s")
+        assert store.persistent
+        store.put("pvc-1", {"K": "v1"})
+        store.mounted_with("pvc-1", {"K": "v1"})
+        assert store.mount_is_current("pvc-1")
+        store.put("pvc-1", {"K": "v2"})  # rotated: the running mount still has v1
+        again = SecretStore(directory + "/s")
+        assert again.get("pvc-1") == {"K": "v2"} and not again.mount_is_current("pvc-1")
+        assert os.stat(directory + "/s").st_mode & 0o777 == 0o700
+        assert os.stat(directory + "/s/pvc-1.json").st_mode & 0o777 == 0o600
+        again.drop("pvc-1")
+        assert os.listdir(directory + "/s") == [] and again.get("pvc-1") is None
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_mountinfo_unescape() -> None:
