@@ -40,11 +40,22 @@ MULTI_NODE_MULTI_WRITER_NOTE = (
     "the last commit of a block wins)")
 
 # Mount flags that apply to the publish bind mount; any other flag is a chunkfs mount
-# option, passed to `chunkfs mount -o` at NodeStageVolume.
+# option, passed to `chunkfs mount -o` at NodeStageVolume. Publish mounts are always
+# nosuid,nodev: "suid" and "dev" would let a pod run setuid binaries or open device
+# nodes found in a volume (which another tenant or pod may have written), so they are
+# refused, as is anything that changes the kind of mount.
 BIND_FLAGS = frozenset({
-    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+    "ro", "rw", "nosuid", "nodev", "noexec", "exec", "noatime", "atime",
     "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "nostrictatime",
 })
+_REFUSED_FLAGS = {
+    "suid": "publish mounts are always nosuid (setuid binaries in a volume must not run "
+            "with their owner's rights)",
+    "dev": "publish mounts are always nodev (device nodes in a volume must not open "
+           "devices of the node)",
+    "bind": "the driver makes the bind mount itself", "rbind": "the driver makes the bind "
+    "mount itself", "remount": "the driver makes the bind mount itself",
+}
 _RESERVED_OPTIONS = frozenset({"epoch"})  # set by the driver only: it is the fencing token
 _OPTION_RE = re.compile(r"^[A-Za-z0-9_.:/+-]+(=[A-Za-z0-9_.:/+-]*)?$")
 
@@ -101,6 +112,9 @@ def split_mount_flags(flags: Iterable[str]) -> tuple[list[str], list[str]]:
                 raise errors.invalid("mount_flags", f"{item!r} is not a mount option")
             if item.split("=", 1)[0] in _RESERVED_OPTIONS:
                 raise errors.invalid("mount_flags", f"{item!r} is set by the driver only")
+            if item in _REFUSED_FLAGS:
+                raise errors.invalid("mount_flags", f"{item!r} is refused: "
+                                     f"{_REFUSED_FLAGS[item]}")
             (bind if item in BIND_FLAGS else options).append(item)
     return bind, options
 

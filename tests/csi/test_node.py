@@ -584,3 +584,38 @@ def test_publish_onto_a_foreign_mount_or_the_staging_path_is_refused(plugin, kub
     assert code_of(unpublish, plugin, "pvc-1", other) == grpc.StatusCode.FAILED_PRECONDITION
     assert mount_table()[other] == "fuse.chunkfs" and mount_table()[staging] == "fuse.chunkfs"
     unstage(plugin, "pvc-2", other)
+
+
+# --- mount flags: publish mounts are always nosuid,nodev -----------------------------
+
+@pytest.mark.parametrize("flags, readonly", [((), False), (("exec", "noatime"), False),
+                                             (("nosuid",), True)])
+def test_publish_mounts_are_always_nosuid_and_nodev(plugin, kubelet, staged, flags,
+                                                    readonly) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target,
+            cap=mount_cap(Mode.SINGLE_NODE_MULTI_WRITER, flags=flags), readonly=readonly)
+    options = mount_options(target)  # the real mount table
+    assert {"nosuid", "nodev", "ro" if readonly else "rw"} <= options, options
+    assert "noexec" not in options
+    if "noatime" in flags:
+        assert "noatime" in options
+    unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("flag", ["suid", "dev", "bind", "remount"])
+def test_suid_dev_and_mount_kind_flags_are_invalid_argument(plugin, kubelet, staged,
+                                                            flag) -> None:
+    staging, ctx = staged
+    target = kubelet.target("pvc-1")
+    cap = mount_cap(flags=("noatime", flag))
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", staging, target, cap=cap)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert flag in err.value.details()
+    assert target not in mount_table()
+    assert code_of(stage, plugin, "pvc-2", kubelet.staging("pvc-2"), ctx, cap) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(plugin.controller.CreateVolume, csi_pb2.CreateVolumeRequest(
+        name="pvc-3", volume_capabilities=[cap])) == grpc.StatusCode.INVALID_ARGUMENT

@@ -44,7 +44,7 @@ def test_mount_flags_split_between_bind_and_chunkfs() -> None:
     bind, options = validate.split_mount_flags(["noexec,ro", "buffer-size=64MiB", " nosuid "])
     assert bind == ["noexec", "ro", "nosuid"]
     assert options == ["buffer-size=64MiB"]
-    for bad in ("epoch=3", "a b", "x;rm -rf /"):
+    for bad in ("epoch=3", "a b", "x;rm -rf /", "suid", "dev", "nosuid,dev", "bind"):
         with pytest.raises(errors.CsiError) as err:
             validate.split_mount_flags([bad])
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
