@@ -25,6 +25,7 @@ import grpc
 import prometheus_client
 
 from chunkfs.config import parse_size
+from chunkfs.errors import InvalidArgument
 from csi import validate
 from csi.backends import ServiceCache
 from csi.controller import ControllerServicer
@@ -39,6 +40,8 @@ from csi.secretstore import SecretStore
 from csi.v1 import csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.server")
+
+MAX_REQUEST_BYTES = 2 << 20  # a Kubernetes Secret is at most 1 MiB
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,7 +75,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-volume-size", default="1GiB",
                    help="controller: size of a volume created without a capacity range")
     p.add_argument("--max-volume-size", default="1PiB")
-    p.add_argument("--metrics-address", help="host:port to serve Prometheus metrics on")
+    p.add_argument("--metrics-address",
+                   help="[host]:port to serve Prometheus metrics on (no authentication); "
+                   "without a host, loopback only (127.0.0.1:port). Give the pod IP or "
+                   "0.0.0.0 explicitly to let a scraper on another host in")
+    p.add_argument("--max-request-bytes", type=_size, default=MAX_REQUEST_BYTES,
+                   help="largest gRPC request accepted (default: 2MiB: room for the "
+                   "largest Kubernetes Secret)")
     p.add_argument("--secret-deny-networks", default=",".join(DEFAULT_DENY),
                    help="comma-separated networks that hosts named by a Secret (meta-url, "
                    "endpoint) must not resolve to; '' allows all (default: %(default)s)")
@@ -89,6 +98,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parse_networks(args.secret_deny_networks.split(","))
     except ValueError as exc:
         p.error(f"--secret-deny-networks: {exc}")
+    if args.metrics_address:
+        try:
+            metrics_bind(args.metrics_address)
+        except ValueError:
+            p.error("--metrics-address must be [host]:port")
     return args
 
 
@@ -98,7 +112,10 @@ def socket_path(endpoint: str) -> str:
 
 
 def _size(text: str) -> int:
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class Plugin:
@@ -111,7 +128,9 @@ class Plugin:
             args.secret_deny_networks.split(","))))
         self.registry = NodeRegistry(self.services, interval=args.heartbeat_interval)
         self.started = time.time()
-        self.server = grpc.aio.server(interceptors=[Observer(metrics)])
+        self.server = grpc.aio.server(
+            interceptors=[Observer(metrics)],
+            options=[("grpc.max_receive_message_length", args.max_request_bytes)])
         self.mounts: NodeMounts | None = None
         self._tasks: list[asyncio.Task[None]] = []
         controller = args.role in ("controller", "all")
@@ -142,8 +161,13 @@ class Plugin:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a previous run
-        self.server.add_insecure_port("unix://" + path)
-        await self.server.start()
+        old = os.umask(0o177)  # the socket is created 0600, whatever the umask was
+        try:
+            self.server.add_insecure_port("unix://" + path)
+            await self.server.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)  # and explicitly so: only root (kubelet, sidecars) may call
         log.info("serving %s on %s", self.args.role, path,
                  extra={"fields": {"role": self.args.role, "endpoint": path,
                                    "node_id": self.args.node_id,
@@ -189,9 +213,17 @@ class Plugin:
         log.info("stopped; chunkfs mounts keep running")
 
 
-def _serve_metrics(address: str, registry: prometheus_client.CollectorRegistry) -> None:
+def metrics_bind(address: str) -> tuple[str, int]:
+    """(host, port) of ``--metrics-address``: ``:PORT`` means loopback, never every
+    interface (the endpoint has no authentication)."""
     host, _, port = address.rpartition(":")
-    prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _serve_metrics(address: str, registry: prometheus_client.CollectorRegistry) -> None:
+    host, port = metrics_bind(address)
+    prometheus_client.start_http_server(port, addr=host, registry=registry)
 
 
 async def serve(args: argparse.Namespace) -> None:
