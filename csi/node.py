@@ -40,15 +40,15 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.max_volumes = max_volumes
         self.locks = locks or KeyLocks()
 
-    async def _path(self, field: str, path: str) -> tuple[str, paths.Kind]:
-        """The canonical path and what is there, every component checked without
-        following symlinks (INVALID_ARGUMENT otherwise; ``csi/paths.py``)."""
+    async def _path(self, field: str, path: str) -> str:
+        """The canonical path, every component checked without following symlinks
+        (INVALID_ARGUMENT otherwise; ``csi/paths.py``)."""
         canonical = self.kubelet.canonical(field, path)
         try:
-            kind = await asyncio.to_thread(paths.inspect, canonical)
+            await asyncio.to_thread(paths.inspect, canonical)
         except paths.PathError as exc:
             raise errors.unsafe_path(field, path, exc.reason) from None
-        return canonical, kind
+        return canonical
 
     # --- stage ----------------------------------------------------------------------
 
@@ -56,7 +56,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeStageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging, _ = await self._path("staging_target_path", request.staging_target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
         cap = request.volume_capability
         validate.check_capabilities([cap])
         self.mounts.check_owned(volume_id, "staging_target_path", staging)
@@ -108,7 +108,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnstageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging, _ = await self._path("staging_target_path", request.staging_target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
         self.mounts.check_owned(volume_id, "staging_target_path", staging)
         live = self.mounts.prune_publishes(volume_id)
         if live:
@@ -126,8 +126,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id = validate.check_id("volume_id", request.volume_id)
         if not request.staging_target_path:  # the spec's code for this case
             raise errors.not_staged(volume_id, "")
-        staging, _ = await self._path("staging_target_path", request.staging_target_path)
-        target, _ = await self._path("target_path", request.target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
+        target = await self._path("target_path", request.target_path)
         if target == staging or target.startswith(staging + "/"):
             raise errors.invalid("target_path", f"{request.target_path!r} is (inside) the "
                                  "staging path")
@@ -163,7 +163,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnpublishVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        target, _ = await self._path("target_path", request.target_path)
+        target = await self._path("target_path", request.target_path)
         stage = self.mounts.staged(volume_id)
         if stage is not None and stage.staging_path == target:
             raise errors.invalid("target_path", f"{request.target_path!r} is the staging "
