@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from chunkfs.errors import InvalidArgument
 
@@ -48,16 +48,27 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+_SECRET_PARAM = re.compile(r"(?i)([?&](?:password|pass|pwd|secret|token)=)[^&#]*")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+    """The URL with any password replaced, for logs and error messages.
+
+    The user info is split off at the last ``@`` by hand: ``urlsplit`` ends the
+    authority at the first ``/``, ``?`` or ``#``, so a password holding one of them
+    (not percent-encoded) would stay in the "path". Everything between the first ``:``
+    of the user info and that ``@`` is hidden; a malformed URL may be over-redacted,
+    never leaked. A ``password=`` query parameter (redis-py takes one) is hidden too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{hostpart}" if colon else f"{userinfo}@{hostpart}"
+    rest = _SECRET_PARAM.sub(r"\1***", rest)
+    return f"{scheme}://{rest}" if sep else rest
 
 
 def check_meta_url(url: str) -> str:

@@ -4,13 +4,15 @@ The plugin's own environment (``CHUNKFS_META``, ``CHUNKFS_STORAGE``, ``AWS_*``, 
 same as the chunkfs CLI) is the default backend, so volumes need no StorageClass
 parameters at all. A StorageClass selects another backend by naming Kubernetes
 Secrets (``csi.storage.k8s.io/provisioner-secret-name`` and friends); their keys
-arrive in the CSI ``secrets`` fields of every RPC that needs them and override the
-environment per request:
+arrive in the CSI ``secrets`` fields of every RPC that needs them. A Secret that names
+any backend key replaces the default backend as a whole: it must be complete, and no
+backend setting or credential is taken from the plugin's environment
+(``csi/secret_backend.py`` lists the keys and what each may contain):
 
-    meta-url            redis://[:password@]host:port/db
+    meta-url            redis://[user:password@]host:port/db
     storage             s3://bucket/prefix
     endpoint            S3 endpoint URL
-    region              S3 region
+    region              S3 region (optional, us-east-1)
     access-key-id       S3 credentials
     secret-access-key
 
@@ -30,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from chunkfs.config import StorageConfig, backend_from_env, redact_url
+from csi import secret_backend
+from csi.secret_backend import AddressPolicy
 
 log = logging.getLogger("chunkfs.csi.backends")
 
@@ -49,10 +53,14 @@ BACKEND_ENV = (*SECRET_ENV.values(), "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"
 class Backend:
     meta_url: str
     storage: StorageConfig
-    overrides: tuple[tuple[str, str], ...] = ()   # env vars set from secrets
+    overrides: tuple[tuple[str, str], ...] = ()   # the whole backend env, from secrets
 
     def describe(self) -> str:
         return f"meta={redact_url(self.meta_url)} storage={self.storage.url}"
+
+    @property
+    def from_secrets(self) -> bool:
+        return bool(self.overrides)
 
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment a `chunkfs mount` child needs to reach this backend."""
@@ -61,27 +69,53 @@ class Backend:
 
 
 def overlay_env(env: dict[str, str], overrides: Mapping[str, str]) -> dict[str, str]:
-    if "AWS_ENDPOINT_URL" in overrides:
-        env.pop("AWS_ENDPOINT_URL_S3", None)  # it would win over the secret's endpoint
+    """``env`` with a backend from secrets laid over it: every AWS_* and CHUNKFS_* backend
+    variable of ``env`` is dropped first (profiles, session tokens, other endpoints must
+    not mix with the Secret's credentials). No overrides: ``env`` as it is."""
+    if overrides:
+        for key in [k for k in env if k.startswith("AWS_") or k in BACKEND_ENV]:
+            del env[key]
     env.update(overrides)
     return env
 
 
 def overrides_from_secrets(secrets: Mapping[str, str]) -> dict[str, str]:
-    """Environment overrides named by a CSI secrets map (unknown keys are ignored)."""
-    return {SECRET_ENV[k]: v for k, v in secrets.items() if k in SECRET_ENV and v}
+    """The complete backend environment named by a Secret ({} when it names none).
+
+    Raises INVALID_ARGUMENT for an incomplete or malformed backend (no values in the
+    message); addresses are checked separately (``check_addresses``, it resolves DNS).
+    """
+    if not secret_backend.names_backend(secrets):
+        return {}
+    keys = secret_backend.check(secrets)
+    env = {SECRET_ENV[k]: v for k, v in keys.items()}
+    env["AWS_DEFAULT_REGION"] = env["AWS_REGION"]
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # never the node's instance credentials
+    return env
 
 
 def resolve(secrets: Mapping[str, str], base: Mapping[str, str] | None = None) -> Backend:
-    """The backend for a request: the environment overridden by the request's secrets.
+    """The backend for a request: the Secret's when it names one, else the environment's.
 
-    Raises chunkfs ``InvalidArgument`` (-> INVALID_ARGUMENT) when nothing names a
-    metadata engine or object store, or a URL is malformed.
+    Raises ``CsiError`` / chunkfs ``InvalidArgument`` (-> INVALID_ARGUMENT) when nothing
+    names a metadata engine or object store, or a Secret's backend is incomplete or
+    malformed.
     """
     overrides = overrides_from_secrets(secrets)
-    env = overlay_env(dict(os.environ if base is None else base), overrides)
+    env = dict(overrides) if overrides else dict(os.environ if base is None else base)
     meta, storage = backend_from_env(None, None, env)
     return Backend(meta, storage, tuple(sorted(overrides.items())))
+
+
+async def resolve_checked(secrets: Mapping[str, str], policy: AddressPolicy,
+                          base: Mapping[str, str] | None = None) -> Backend:
+    """``resolve``, and for a Secret's backend the address policy on its hosts."""
+    backend = resolve(secrets, base)
+    if backend.from_secrets:
+        env = dict(backend.overrides)
+        await secret_backend.check_addresses(
+            {"meta-url": env["CHUNKFS_META"], "endpoint": env["AWS_ENDPOINT_URL"]}, policy)
+    return backend
 
 
 def default_configured(base: Mapping[str, str] | None = None) -> bool:
@@ -95,9 +129,11 @@ class ServiceCache:
     ``opener`` is ``VolumeService.open`` (tests may pass another factory).
     """
 
-    def __init__(self, opener: Any = None, size: int = 8) -> None:
+    def __init__(self, opener: Any = None, size: int = 8,
+                 policy: AddressPolicy | None = None) -> None:
         self._opener = opener
         self._size = size
+        self.policy = policy or AddressPolicy()
         self._services: OrderedDict[Backend, Any] = OrderedDict()
         self._opening: dict[Backend, asyncio.Future[Any]] = {}
 
@@ -139,8 +175,11 @@ class ServiceCache:
         with contextlib.suppress(Exception):
             await svc.close()
 
+    async def backend_for(self, secrets: Mapping[str, str]) -> Backend:
+        return await resolve_checked(secrets, self.policy)
+
     async def for_secrets(self, secrets: Mapping[str, str]) -> Any:
-        return await self.get(resolve(secrets))
+        return await self.get(await self.backend_for(secrets))
 
     async def close(self) -> None:
         services, self._services = list(self._services.values()), OrderedDict()

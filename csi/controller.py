@@ -4,11 +4,13 @@ Volume and snapshot ids are the names the CO chose (``pvc-...``, ``snapshot-...`
 chunkfs keys volumes by name, so CreateVolume is idempotent by name and every later
 RPC finds the volume from its id alone.
 
-ControllerPublishVolume is where single-writer volumes are fenced: it hands the node
-the writer lease (``VolumeService.acquire_writer``), whose new epoch travels to the
-node in ``publish_context["epoch"]`` and into ``chunkfs mount -o epoch=N``. Every
-metadata commit of that mount checks the epoch, so a node that lost the lease (its
-pod was rescheduled away while it was partitioned) can no longer commit anything.
+ControllerPublishVolume checks that the node exists (``csi/registry.py``), records
+where the volume is published (``csi/publications.py``) and is where single-writer
+volumes are fenced: it hands the node the writer lease (``VolumeService.acquire_writer``),
+whose new epoch travels to the node in ``publish_context["epoch"]`` and into
+``chunkfs mount -o epoch=N``. Every metadata commit of that mount checks the epoch, so a
+node that lost the lease (its pod was rescheduled away while it was partitioned) can no
+longer commit anything.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 from google.protobuf import timestamp_pb2, wrappers_pb2
 
 from chunkfs import errors as cf
-from csi import errors, validate
+from csi import errors, publications, validate
 from csi.backends import ServiceCache
+from csi.registry import NodeRegistry
 from csi.rpc import KeyLocks, exclusive, require
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
@@ -78,9 +81,11 @@ def to_snapshot(info: Any) -> csi_pb2.Snapshot:
 
 class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def __init__(self, services: ServiceCache,
-                 rules: validate.CapacityRules | None = None) -> None:
+                 rules: validate.CapacityRules | None = None,
+                 registry: NodeRegistry | None = None) -> None:
         self.services = services
         self.rules = rules or validate.CapacityRules()
+        self.registry = registry or NodeRegistry(services)
         self.locks = KeyLocks()
 
     # --- volumes --------------------------------------------------------------------
@@ -163,25 +168,46 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             if info.writer:
                 raise errors.volume_in_use(
                     request.volume_id, f"published for writing at node {info.writer!r}")
+            nodes = sorted(await publications.load(svc, info.id))
+            if nodes:
+                raise errors.volume_in_use(
+                    request.volume_id, "published at node " + ", ".join(map(repr, nodes)))
             await svc.delete_volume(request.volume_id)
         except cf.VolumeNotFound:
-            pass  # already gone: success (idempotent)
+            return csi_pb2.DeleteVolumeResponse()  # already gone: success (idempotent)
+        await publications.drop_all(svc, info.id)
         return csi_pb2.DeleteVolumeResponse()
 
     @require("volume_id", "node_id", "volume_capability")
     @exclusive("volume", lambda r: r.volume_id)
     async def ControllerPublishVolume(self, request, context):
         validate.check_capabilities([request.volume_capability])
+        node_id = validate.check_node_id("node_id", request.node_id)
         svc = await self.services.for_secrets(request.secrets)
-        await self._volume(svc, request.volume_id)  # NOT_FOUND for an unknown volume
-        mode = validate.access_mode(request.volume_capability)
-        if request.readonly or mode not in validate.SINGLE_WRITER_MODES:
-            return csi_pb2.ControllerPublishVolumeResponse()  # no lease: nothing to fence
-        try:  # a repeat keeps the epoch the node mounted with; another holder is refused
-            epoch = await svc.acquire_writer(request.volume_id, request.node_id, steal=False)
-        except cf.LeaseHeld as exc:
-            raise errors.published_elsewhere(request.volume_id, exc.holder) from None
-        return csi_pb2.ControllerPublishVolumeResponse(publish_context={EPOCH_KEY: str(epoch)})
+        info = await self._volume(svc, request.volume_id)  # NOT_FOUND for an unknown volume
+        if await self.registry.known(node_id) is False:
+            raise errors.node_not_found(node_id)
+        mode, readonly = validate.access_mode(request.volume_capability), request.readonly
+        pubs = await publications.load(svc, info.id)
+        mine = pubs.pop(node_id, None)
+        if mine is not None and not mine.compatible(mode, readonly):
+            raise errors.published_incompatible(
+                request.volume_id, f"node {node_id!r}", f"{_describe(mine.mode, mine.readonly)}"
+                f"; this request asks for {_describe(mode, readonly)}")
+        if mine is None and pubs and (mode in validate.SINGLE_NODE_MODES or any(
+                p.mode in validate.SINGLE_NODE_MODES for p in pubs.values())):
+            raise errors.published_elsewhere(request.volume_id, sorted(pubs)[0])
+        publish_context: dict[str, str] = {}
+        if not readonly and mode in validate.SINGLE_WRITER_MODES:
+            try:  # a repeat keeps the epoch the node mounted with; another holder is refused
+                epoch = await svc.acquire_writer(request.volume_id, node_id, steal=False)
+            except cf.LeaseHeld as exc:
+                raise errors.published_elsewhere(request.volume_id, exc.holder) from None
+            publish_context[EPOCH_KEY] = str(epoch)
+        if mine is None or mine.context != publish_context:
+            await publications.save(svc, info.id, publications.Publication(
+                node_id, mode, readonly, publish_context))
+        return csi_pb2.ControllerPublishVolumeResponse(publish_context=publish_context)
 
     @require("volume_id")
     @exclusive("volume", lambda r: r.volume_id)
@@ -191,9 +217,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             info = await svc.get_volume(request.volume_id)
         except cf.VolumeNotFound:
             return csi_pb2.ControllerUnpublishVolumeResponse()  # nothing to unpublish
-        node = request.node_id or info.writer  # no node_id: unpublish from every node
-        if node and info.writer == node:
-            await svc.release_writer(request.volume_id, node)
+        pubs = await publications.load(svc, info.id)
+        nodes = [request.node_id] if request.node_id else sorted(pubs)  # none: every node
+        if info.writer and (not request.node_id or info.writer == request.node_id):
+            await svc.release_writer(request.volume_id, info.writer)
+        await publications.drop(svc, info.id, [n for n in nodes if n in pubs])
         return csi_pb2.ControllerUnpublishVolumeResponse()
 
     @require("volume_id", "volume_capabilities")
@@ -210,11 +238,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         except errors.CsiError as exc:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=exc.message)
         Confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed
-        return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=Confirmed(
-            volume_context=request.volume_context,
-            volume_capabilities=request.volume_capabilities,
-            parameters=request.parameters,
-            mutable_parameters=request.mutable_parameters))
+        modes = {validate.access_mode(c) for c in request.volume_capabilities}
+        return csi_pb2.ValidateVolumeCapabilitiesResponse(
+            confirmed=Confirmed(
+                volume_context=request.volume_context,
+                volume_capabilities=request.volume_capabilities,
+                parameters=request.parameters,
+                mutable_parameters=request.mutable_parameters),
+            message=(validate.MULTI_NODE_MULTI_WRITER_NOTE
+                     if validate.Mode.MULTI_NODE_MULTI_WRITER in modes else ""))
 
     async def ListVolumes(self, request, context):
         svc = await self.services.for_secrets({})
@@ -265,10 +297,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     async def ControllerGetVolume(self, request, context):
         svc = await self.services.for_secrets({})
         info = await self._volume(svc, request.volume_id)
+        nodes = set(await publications.load(svc, info.id)) | ({info.writer} - {None})
         Status = csi_pb2.ControllerGetVolumeResponse.VolumeStatus
         return csi_pb2.ControllerGetVolumeResponse(
-            volume=to_volume(info),
-            status=Status(published_node_ids=[info.writer] if info.writer else []))
+            volume=to_volume(info), status=Status(published_node_ids=sorted(nodes)))
 
     @staticmethod
     async def _volume(svc, volume_id: str):
@@ -341,6 +373,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         except cf.SnapshotNotFound:
             raise errors.snapshot_not_found(request.snapshot_id) from None
         return csi_pb2.GetSnapshotResponse(snapshot=to_snapshot(info))
+
+
+def _describe(mode: int, readonly: bool) -> str:
+    return f"access mode {validate.Mode.Mode.Name(mode)}, " + (
+        "readonly" if readonly else "read-write")
 
 
 def _int64(value: int) -> wrappers_pb2.Int64Value:

@@ -59,6 +59,10 @@ def path_outside(field: str, path: str, root: str) -> CsiError:
     return _err(grpc.StatusCode.INVALID_ARGUMENT, f"{field} {path!r} is not under {root}")
 
 
+def unsafe_path(field: str, path: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.INVALID_ARGUMENT, f"refusing {field} {path!r}: {why}")
+
+
 # --- NOT_FOUND ----------------------------------------------------------------------
 
 def volume_not_found(volume_id: str) -> CsiError:
@@ -69,9 +73,16 @@ def snapshot_not_found(snapshot_id: str) -> CsiError:
     return _err(grpc.StatusCode.NOT_FOUND, f"snapshot {snapshot_id!r} does not exist")
 
 
-def not_mounted_at(volume_id: str, path: str) -> CsiError:
+def node_not_found(node_id: str) -> CsiError:
     return _err(grpc.StatusCode.NOT_FOUND,
-                f"volume {volume_id!r} is not staged or published at {path!r}")
+                f"node {node_id!r} does not exist: no node plugin registered with that id "
+                "(NodeGetInfo's node_id) in the default backend")
+
+
+def not_mounted_at(volume_id: str, path: str, why: str = "") -> CsiError:
+    return _err(grpc.StatusCode.NOT_FOUND,
+                f"volume {volume_id!r} is not staged or published at {path!r}"
+                + (f": {why}" if why else ""))
 
 
 # --- ALREADY_EXISTS: same name, different request -----------------------------------
@@ -128,6 +139,19 @@ def staged_read_only(volume_id: str) -> CsiError:
                 f"volume {volume_id!r} is staged read-only; it cannot be published read-write")
 
 
+def mounted_by_other(field: str, path: str, what: str) -> CsiError:
+    return _err(grpc.StatusCode.FAILED_PRECONDITION,
+                f"{field} {path!r} is a mount point of {what}; refusing to mount over or "
+                "unmount what this plugin did not mount for the volume")
+
+
+def credentials_unavailable(volume_id: str) -> CsiError:
+    return _err(grpc.StatusCode.FAILED_PRECONDITION,
+                f"volume {volume_id!r} needs the credentials of its Secret to be mounted "
+                "again, and this node no longer has them (kept in memory only, see "
+                "--secrets-dir); the next NodeStageVolume brings them")
+
+
 def mount_unhealthy(message: str) -> CsiError:
     return _err(grpc.StatusCode.FAILED_PRECONDITION, message)
 
@@ -168,6 +192,11 @@ def mounter_unavailable(socket_path: str, why: str) -> CsiError:
     return _err(grpc.StatusCode.UNAVAILABLE,
                 f"the chunkfs mounter at {socket_path} is not reachable ({why}); is its pod "
                 "running on this node?")
+
+
+def backend_unresolvable(key: str, why: str) -> CsiError:
+    return _err(grpc.StatusCode.UNAVAILABLE,
+                f"the host named by secret {key!r} cannot be resolved ({why}); retry later")
 
 
 def timed_out(what: str) -> CsiError:

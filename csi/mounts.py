@@ -6,13 +6,14 @@ Protocol (what survives what)
   -o epoch=N[,ro]``. The mount process detaches into its own session, so it outlives
   the plugin process; a plugin upgrade or crash does not touch running pods.
 * NodePublishVolume bind-mounts STAGING onto the pod's target (then remounts the bind
-  read-only / with the requested flags).
+  nosuid,nodev and read-only / with the requested flags).
 * Before acting, every stage and publish is recorded as a JSON file under
-  ``--state-dir`` (``staged/<volume>.json``, ``published/<sha256(target)>.json``;
-  written tmp + fsync + rename, mode 0600 because a stage record holds the backend
-  overrides from the CSI secrets that a re-mount needs). The record is removed only
-  after the undo succeeded. So after any crash the records are a superset of what is
-  mounted, and recovery converges by re-doing what is recorded.
+  ``--state-dir`` (``csi/state.py``: written tmp + fsync + rename, mode 0600, never
+  holding credentials). The record is removed only after the undo succeeded. So after
+  any crash the records are a superset of what is mounted, and recovery converges by
+  re-doing what is recorded. The credentials of a Secret's backend, which a re-mount
+  needs, are kept in memory and on a memory filesystem only (``csi/secretstore.py``);
+  without them a dead mount waits for the next NodeStageVolume.
 * ``NodeMounts.recover`` (at start and then periodically) checks every recorded mount:
   a staging mount whose process died (statfs fails with ENOTCONN) is lazily unmounted
   and mounted again with the recorded epoch and options; each bind mount of it, now
@@ -38,30 +39,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import enum
 import errno
-import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-from csi import errors
+from csi import errors, mountcalls, mountinfo, paths
 from csi.backends import overlay_env
 from csi.launcher import ChildLauncher, Launcher, MountSpec
+from csi.secretstore import SecretStore
+from csi.state import PublishRecord, StageRecord, StateStore
 
 log = logging.getLogger("chunkfs.csi.mounts")
 
-STATE_VERSION = 1
 MOUNT_TIMEOUT = 120.0    # chunkfs mount: connect, load the root, be ready
 UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
 PROBE_TIMEOUT = 5.0      # a statfs that takes longer marks the mount as hung
@@ -77,156 +74,27 @@ class Health(enum.Enum):
     ABSENT = "absent"    # not a mount point
 
 
-# --- records ------------------------------------------------------------------------
-
-@dataclass
-class StageRecord:
-    volume_id: str
-    staging_path: str
-    mode: int                         # VolumeCapability.AccessMode.Mode
-    readonly: bool
-    epoch: int | None                 # writer epoch from ControllerPublishVolume
-    options: list[str] = field(default_factory=list)   # extra `chunkfs mount -o` options
-    cache_size: str | None = None
-    env: dict[str, str] = field(default_factory=dict)  # backend overrides (from secrets)
-    created: float = field(default_factory=time.time)
-
-    def same_request(self, other: StageRecord) -> bool:
-        keys = ("volume_id", "staging_path", "mode", "readonly", "epoch", "options",
-                "cache_size")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-@dataclass
-class PublishRecord:
-    volume_id: str
-    target_path: str
-    staging_path: str
-    mode: int
-    readonly: bool
-    flags: list[str] = field(default_factory=list)     # bind mount flags
-    created: float = field(default_factory=time.time)
-
-    def same_request(self, other: PublishRecord) -> bool:
-        keys = ("volume_id", "target_path", "staging_path", "mode", "readonly", "flags")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-class StateStore:
-    """The JSON records under ``--state-dir``, loaded once and kept in memory."""
-
-    def __init__(self, state_dir: str) -> None:
-        self.dir = state_dir
-        self._staged_dir = os.path.join(state_dir, "staged")
-        self._published_dir = os.path.join(state_dir, "published")
-        for d in (state_dir, self._staged_dir, self._published_dir):
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            os.chmod(d, 0o700)
-        self.staged: dict[str, StageRecord] = {
-            r.volume_id: r for r in self._load(self._staged_dir, StageRecord)}
-        self.published: dict[str, PublishRecord] = {
-            r.target_path: r for r in self._load(self._published_dir, PublishRecord)}
-
-    @staticmethod
-    def _load(directory: str, kind: type) -> list[Any]:
-        records = []
-        names = {f.name for f in dataclasses.fields(kind)}
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if not name.endswith(".json"):
-                if name.startswith(".tmp-"):
-                    os.unlink(path)  # an interrupted write: the old record (if any) stands
-                continue
-            try:
-                with open(path, encoding="utf-8") as f:
-                    doc = json.load(f)
-                if doc.pop("version", None) != STATE_VERSION:
-                    raise ValueError("unknown state version")
-                records.append(kind(**{k: v for k, v in doc.items() if k in names}))
-            except (OSError, ValueError, TypeError) as exc:
-                log.error("ignoring unreadable state file %s: %s", path, exc)
-                os.replace(path, path + ".bad")
-        return records
-
-    def _write(self, path: str, record: Any) -> None:
-        doc = {"version": STATE_VERSION, **dataclasses.asdict(record)}
-        directory = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(doc, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
-
-    def _unlink(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            _fsync_dir(os.path.dirname(path))
-
-    def _publish_file(self, target: str) -> str:
-        digest = hashlib.sha256(target.encode()).hexdigest()[:40]
-        return os.path.join(self._published_dir, digest + ".json")
-
-    def save_stage(self, rec: StageRecord) -> None:
-        self._write(os.path.join(self._staged_dir, rec.volume_id + ".json"), rec)
-        self.staged[rec.volume_id] = rec
-
-    def drop_stage(self, volume_id: str) -> None:
-        self._unlink(os.path.join(self._staged_dir, volume_id + ".json"))
-        self.staged.pop(volume_id, None)
-
-    def save_publish(self, rec: PublishRecord) -> None:
-        self._write(self._publish_file(rec.target_path), rec)
-        self.published[rec.target_path] = rec
-
-    def drop_publish(self, target: str) -> None:
-        self._unlink(self._publish_file(target))
-        self.published.pop(target, None)
-
-    def publishes_of(self, volume_id: str) -> list[PublishRecord]:
-        return [p for p in self.published.values() if p.volume_id == volume_id]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- the mount table ----------------------------------------------------------------
 
-def _unescape(field_: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field_):
-        code = field_[i + 1:i + 4]
-        if field_[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field_[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_table() -> dict[str, str]:
-    """Mount point -> filesystem type, from /proc/self/mountinfo (the top mount wins)."""
-    table: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            parts = left.split()
-            if len(parts) >= 5 and right:
-                table[_unescape(parts[4])] = right.split()[0]
-    return table
+    """Mount point -> filesystem type (the top mount wins)."""
+    return {path: entry.fstype for path, entry in mountinfo.mounts().items()}
+
+
+def volume_source(volume_id: str) -> str:
+    """The mount source chunkfs gives a volume's FUSE mount (and so its bind mounts)."""
+    return f"chunkfs:{volume_id}"
+
+
+def owner_of(entry: mountinfo.MountEntry) -> str | None:
+    """The volume a mount table entry belongs to, or None when it is not a chunkfs mount."""
+    if entry.fstype == FSTYPE and entry.source.startswith("chunkfs:"):
+        return entry.source.removeprefix("chunkfs:")
+    return None
+
+
+def describe(entry: mountinfo.MountEntry) -> str:
+    return f"{entry.fstype} ({entry.source})"
 
 
 def is_mountpoint(path: str) -> bool:
@@ -367,7 +235,7 @@ class Mounter:
 
     async def mount_chunkfs(self, rec: StageRecord, cache_dir: str,
                             env: dict[str, str]) -> None:
-        await asyncio.to_thread(os.makedirs, rec.staging_path, exist_ok=True)
+        await asyncio.to_thread(paths.make_dir, rec.staging_path)
         options = list(rec.options)
         if rec.epoch is not None:
             options.insert(0, f"epoch={rec.epoch}")
@@ -385,10 +253,11 @@ class Mounter:
                 raise errors.mount_rejected(rec.volume_id, outcome.message)
             raise errors.mount_failed(rec.volume_id, outcome.message)
         health = await self.prober.health(rec.staging_path)
-        if health is not Health.ALIVE:
+        entry = mountinfo.mounts().get(rec.staging_path)
+        if health is not Health.ALIVE or entry is None or owner_of(entry) != rec.volume_id:
             raise errors.mount_failed(
                 rec.volume_id, f"chunkfs mount succeeded but {rec.staging_path} is "
-                f"{health.value}")
+                f"{health.value}" + (f" ({describe(entry)})" if entry else ""))
 
     async def unmount_chunkfs(self, path: str) -> None:
         """Flush and unmount a staging mount; a dead one is just detached."""
@@ -410,17 +279,35 @@ class Mounter:
 
     async def bind(self, source: str, target: str, readonly: bool,
                    flags: Iterable[str]) -> None:
-        flags = [f for f in flags if f not in ("ro", "rw")]
-        rc, err = await _run(["mount", "--bind", source, target])
-        if rc != 0:
-            raise errors.mount_failed(os.path.basename(source), f"bind mount: {err}")
-        if readonly or flags:
-            opts = ",".join(["remount", "bind", "ro" if readonly else "rw", *flags])
-            rc, err = await _run(["mount", "-o", opts, target])
-            if rc != 0:
-                await self.force_unmount(target)
-                raise errors.mount_failed(os.path.basename(source),
-                                          f"remount {opts}: {err}")
+        """Bind ``source`` onto ``target`` (created if missing, no symlink followed) with
+        ``nosuid,nodev`` always and the requested per-mount flags."""
+        try:
+            await asyncio.to_thread(_bind_at, source, target)
+        except paths.PathError as exc:
+            raise errors.unsafe_path("target_path", target, exc.reason) from None
+        except OSError as exc:
+            raise errors.mount_failed(os.path.basename(source),
+                                      f"bind mount onto {target}: {exc.strerror}") from None
+        await self.set_flags(source, target, readonly, flags)
+
+    async def set_flags(self, source: str, target: str, readonly: bool,
+                        flags: Iterable[str]) -> None:
+        """Remount the bind mount at ``target`` with exactly these per-mount flags (and
+        check the mount table); on failure the bind mount is detached."""
+        bits = mountcalls.publish_flags(readonly, flags)
+        try:
+            await asyncio.to_thread(_remount_at, target, bits)
+        except (OSError, paths.PathError) as exc:
+            await self.force_unmount(target)
+            why = exc.reason if isinstance(exc, paths.PathError) else exc.strerror
+            raise errors.mount_failed(os.path.basename(source), f"remount of {target} with "
+                                      f"{_flag_names(bits)}: {why}") from None
+        entry = mountinfo.mounts().get(target)
+        want = {"ro" if readonly else "rw", "nosuid", "nodev"}
+        if entry is None or not want <= entry.options:
+            await self.force_unmount(target)
+            raise errors.mount_failed(os.path.basename(source),
+                                      f"{target} is not mounted with {','.join(sorted(want))}")
 
     async def unmount(self, path: str) -> None:
         """Unmount a bind mount and the dead ones a recovery stacked it over; detach
@@ -430,17 +317,37 @@ class Mounter:
             if health is not Health.ALIVE:
                 await self.force_unmount(path)
                 return
-            rc, err = await _run(["umount", path])
-            if rc != 0 and is_mountpoint(path):
-                log.warning("umount %s failed (%s); detaching it lazily", path, err)
-                await self.force_unmount(path)
-                return
+            try:
+                await asyncio.to_thread(mountcalls.umount, path)
+            except OSError as exc:
+                if is_mountpoint(path):
+                    log.warning("umount %s failed (%s); detaching it lazily", path, exc.strerror)
+                    await self.force_unmount(path)
+                    return
 
     async def force_unmount(self, path: str) -> None:
         while is_mountpoint(path):
-            rc, err = await _run(["umount", "-l", path])
-            if rc != 0 and is_mountpoint(path):
-                raise errors.unmount_failed(path, err)
+            try:
+                await asyncio.to_thread(mountcalls.umount, path, lazy=True)
+            except OSError as exc:
+                if is_mountpoint(path):
+                    raise errors.unmount_failed(path, exc.strerror or str(exc)) from None
+
+
+def _bind_at(source: str, target: str) -> None:
+    with paths.opened(target, create=True) as fd:
+        mountcalls.bind(source, fd)
+
+
+def _remount_at(target: str, bits: int) -> None:
+    with paths.opened(target) as fd:  # now the root of the new bind mount
+        mountcalls.remount(fd, bits)
+
+
+def _flag_names(bits: int) -> str:
+    names = [("ro", mountcalls.MS_RDONLY), ("nosuid", mountcalls.MS_NOSUID),
+             ("nodev", mountcalls.MS_NODEV), ("noexec", mountcalls.MS_NOEXEC)]
+    return ",".join(n for n, b in names if bits & b) or "rw"
 
 
 # --- the node's mounts --------------------------------------------------------------
@@ -449,8 +356,9 @@ class NodeMounts:
     """Stage / publish / recover, keeping the records and the mount table in step."""
 
     def __init__(self, state_dir: str, cache_dir: str, mounter: Mounter | None = None,
-                 locks: Any = None) -> None:
-        self.store = StateStore(state_dir)
+                 locks: Any = None, secrets: SecretStore | None = None) -> None:
+        self.secrets = secrets or SecretStore(None)
+        self.store = StateStore(state_dir, migrate=self.secrets.put)
         self.cache_dir = cache_dir
         self.mounter = mounter or Mounter(os.path.join(state_dir, "logs"))
         self.locks = locks
@@ -480,26 +388,79 @@ class NodeMounts:
 
     # -- stage --
 
-    async def stage(self, rec: StageRecord) -> None:
-        if is_mountpoint(rec.staging_path):  # not ours (no record): start from scratch
-            log.warning("%s is mounted but not recorded; unmounting it first",
-                        rec.staging_path)
+    def check_owned(self, volume_id: str, field: str, path: str) -> bool:
+        """Whether ``path`` is a mount point of ``volume_id``; FAILED_PRECONDITION when
+        something else is mounted there (never mount over it, never unmount it)."""
+        entry = mountinfo.mounts().get(path)
+        if entry is None:
+            return False
+        if owner_of(entry) != volume_id:
+            raise errors.mounted_by_other(field, path, describe(entry))
+        return True
+
+    async def stage(self, rec: StageRecord, env: dict[str, str]) -> None:
+        """Record and mount a new stage; ``env`` is its Secret's backend ({}: default)."""
+        if self.check_owned(rec.volume_id, "staging_target_path", rec.staging_path):
+            log.warning("%s is a mount of %s that is not recorded; unmounting it first",
+                        rec.staging_path, rec.volume_id)
             await self.mounter.unmount_chunkfs(rec.staging_path)
+        if rec.backend:
+            self.secrets.put(rec.volume_id, env)
         self.store.save_stage(rec)
         try:
             await self._mount(rec)
         except BaseException:
             self.store.drop_stage(rec.volume_id)
+            self.secrets.drop(rec.volume_id)
             raise
         self.health[rec.volume_id] = "alive"
 
+    async def restage(self, rec: StageRecord, env: dict[str, str]) -> None:
+        """A repeated NodeStageVolume: keep the (possibly rotated) credentials, re-mount a
+        dead mount, and bring a running mount onto rotated credentials when no pod uses
+        it (a mount cannot change credentials while running; a published one keeps the
+        old ones until it is next re-mounted)."""
+        if rec.backend:
+            self.secrets.put(rec.volume_id, env)
+        await self.ensure_staged(rec)
+        if self.secrets.mount_is_current(rec.volume_id):
+            return
+        live = self.prune_publishes(rec.volume_id)
+        if live:
+            log.warning("volume %s: credentials rotated; the running mount keeps the previous "
+                        "ones until it is re-mounted (published at %s)", rec.volume_id,
+                        ", ".join(p.target_path for p in live))
+            return
+        log.info("volume %s: credentials rotated; re-mounting (no pod uses it)",
+                 rec.volume_id)
+        await self.mounter.unmount_chunkfs(rec.staging_path)
+        await self._mount(rec)
+
+    def can_remount(self, volume_id: str) -> bool:
+        rec = self.staged(volume_id)
+        return rec is None or not rec.backend or self.secrets.get(volume_id) is not None
+
+    def _env_of(self, rec: StageRecord) -> dict[str, str]:
+        if not rec.backend:
+            return {}
+        env = self.secrets.get(rec.volume_id)
+        if env is None:
+            raise errors.credentials_unavailable(rec.volume_id)
+        return env
+
     async def _mount(self, rec: StageRecord) -> None:
-        env = overlay_env(dict(os.environ), rec.env)
-        await self.mounter.mount_chunkfs(rec, self.cache_dir_of(rec.volume_id), env)
+        env = self._env_of(rec)
+        await self.mounter.mount_chunkfs(rec, self.cache_dir_of(rec.volume_id),
+                                         overlay_env(dict(os.environ), env))
+        if rec.backend:
+            self.secrets.mounted_with(rec.volume_id, env)
 
     async def ensure_staged(self, rec: StageRecord) -> Health:
         """Re-mount a recorded staging mount whose process died; return its health before."""
+        self.check_owned(rec.volume_id, "staging_target_path", rec.staging_path)
         health = await self.prober.health(rec.staging_path)
+        if health in (Health.DEAD, Health.ABSENT):
+            self._env_of(rec)  # without its credentials, leave the dead mount as it is
         if health is Health.DEAD:
             log.warning("volume %s: the chunkfs mount at %s is dead; mounting it again",
                         rec.volume_id, rec.staging_path)
@@ -513,14 +474,25 @@ class NodeMounts:
         await self.mounter.unmount_chunkfs(staging_path)
         if rec is not None and rec.staging_path == staging_path:
             self.store.drop_stage(volume_id)
+            self.secrets.drop(volume_id)
             self.health.pop(volume_id, None)
 
     # -- publish --
 
     async def publish(self, rec: PublishRecord) -> None:
+        table = mountinfo.mounts()
+        entry, staging = table.get(rec.target_path), table.get(rec.staging_path)
+        if entry is not None and (staging is None or entry.device != staging.device):
+            raise errors.mounted_by_other("target_path", rec.target_path, describe(entry))
         self.store.save_publish(rec)
         try:
-            await self._bind(rec)
+            if entry is not None:  # a bind of this very staging mount, not recorded
+                log.warning("%s: adopting the unrecorded bind mount of %s", rec.target_path,
+                            rec.volume_id)
+                await self.mounter.set_flags(rec.staging_path, rec.target_path, rec.readonly,
+                                             rec.flags)
+            else:
+                await self._bind(rec)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.mounter.unmount(rec.target_path)
@@ -528,11 +500,11 @@ class NodeMounts:
             raise
 
     async def _bind(self, rec: PublishRecord) -> None:
-        await asyncio.to_thread(os.makedirs, rec.target_path, exist_ok=True)
         await self.mounter.bind(rec.staging_path, rec.target_path, rec.readonly, rec.flags)
 
     async def ensure_published(self, rec: PublishRecord) -> Health:
         """Re-make a recorded bind mount that is missing or points at a dead mount."""
+        self.check_owned(rec.volume_id, "target_path", rec.target_path)
         health = await self.prober.health(rec.target_path)
         parent = os.path.dirname(rec.target_path)
         if health is Health.ABSENT and not await asyncio.to_thread(os.path.isdir, parent):
@@ -557,13 +529,12 @@ class NodeMounts:
 
     async def unpublish(self, target: str) -> None:
         await self.mounter.unmount(target)
-        with contextlib.suppress(FileNotFoundError):
-            try:
-                os.rmdir(target)  # the spec: remove what NodePublishVolume created
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR):
-                    raise
-                log.warning("not removing %s: %s", target, exc.strerror)
+        try:  # the spec: remove what NodePublishVolume created
+            await asyncio.to_thread(paths.remove_dir, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOTDIR, errno.EBUSY):
+                raise
+            log.warning("not removing %s: %s", target, exc.strerror)
         self.store.drop_publish(target)
 
     def prune_publishes(self, volume_id: str) -> list[PublishRecord]:
@@ -627,8 +598,10 @@ class NodeMounts:
                 if await self.ensure_published(pub) is not Health.ALIVE:
                     remade += 1
         except Exception as exc:  # noqa: BLE001 - logged, retried at the next round
-            log.error("volume %s: recovery failed: %s", volume_id, exc)
-            return f"failed: {exc}"
+            outcome = f"failed: {exc}"
+            if self.health.get(volume_id) != outcome:  # once per new outcome, not per round
+                log.error("volume %s: recovery failed: %s", volume_id, exc)
+            return outcome
         if before is Health.ALIVE and not remade:
             return "alive"
         log.info("volume %s: recovered (staging was %s, %d bind mounts re-made)",

@@ -13,18 +13,12 @@ import logging
 import os
 
 from chunkfs import errors as cf
-from csi import errors, validate
-from csi.backends import ServiceCache, default_configured, overrides_from_secrets
+from csi import errors, mountinfo, paths, validate
+from csi.backends import ServiceCache, default_configured
 from csi.controller import EPOCH_KEY
-from csi.mounts import (
-    Health,
-    NodeMounts,
-    PublishRecord,
-    StageRecord,
-    is_dead_error,
-    is_mountpoint,
-)
+from csi.mounts import Health, NodeMounts, describe, is_dead_error, is_mountpoint, owner_of
 from csi.rpc import KeyLocks, exclusive, require
+from csi.state import PublishRecord, StageRecord, backend_identity
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.node")
@@ -42,12 +36,19 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.services = services
         self.mounts = mounts
         self.node_id = node_id
-        self.kubelet_dir = kubelet_dir
+        self.kubelet = paths.KubeletDir(kubelet_dir)
         self.max_volumes = max_volumes
         self.locks = locks or KeyLocks()
 
-    def _path(self, field: str, path: str) -> str:
-        return validate.check_path(field, path, self.kubelet_dir)
+    async def _path(self, field: str, path: str) -> str:
+        """The canonical path, every component checked without following symlinks
+        (INVALID_ARGUMENT otherwise; ``csi/paths.py``)."""
+        canonical = self.kubelet.canonical(field, path)
+        try:
+            await asyncio.to_thread(paths.inspect, canonical)
+        except paths.PathError as exc:
+            raise errors.unsafe_path(field, path, exc.reason) from None
+        return canonical
 
     # --- stage ----------------------------------------------------------------------
 
@@ -55,27 +56,32 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeStageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging = self._path("staging_target_path", request.staging_target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
         cap = request.volume_capability
         validate.check_capabilities([cap])
+        self.mounts.check_owned(volume_id, "staging_target_path", staging)
         _, options = validate.split_mount_flags(cap.mount.mount_flags)
+        backend = await self.services.backend_for(request.secrets)  # a Secret: complete
+        env = dict(backend.overrides)
         ctx = request.volume_context
         mode = validate.access_mode(cap)
         rec = StageRecord(
             volume_id=volume_id, staging_path=staging, mode=mode,
             readonly=mode in validate.READ_ONLY_MODES, epoch=_epoch(request.publish_context),
-            options=options, cache_size=ctx.get("cache-size") or None)
+            options=options, cache_size=ctx.get("cache-size") or None,
+            backend=backend_identity(env))
 
         existing = self.mounts.staged(volume_id)
         if existing is not None:
             if existing.staging_path != staging:
                 raise errors.staged_elsewhere(volume_id, existing.staging_path)
             if existing.same_request(rec):
-                await self.mounts.ensure_staged(existing)
+                await self.mounts.restage(existing, env)
                 return csi_pb2.NodeStageVolumeResponse()
             if not _newer_lease(existing, rec):
                 raise errors.published_incompatible(
-                    volume_id, staging, "another volume_capability or publish_context")
+                    volume_id, staging,
+                    "another volume_capability, publish_context or Secret backend")
             # The lease came back to this node with a new epoch while the old, fenced mount
             # was never unstaged (a partition healed): replace it unless pods still use it.
             live = self.mounts.prune_publishes(volume_id)
@@ -90,20 +96,20 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         if rec.epoch is None and mode in validate.SINGLE_WRITER_MODES:
             log.warning("volume %s: staged for writing without an epoch in publish_context "
                         "(no ControllerPublishVolume?): it is not fenced", volume_id)
-        svc = await self.services.for_secrets(request.secrets)
+        svc = await self.services.get(backend)
         try:
             await svc.get_volume(volume_id)
         except cf.VolumeNotFound:
             raise errors.volume_not_found(volume_id) from None
-        rec.env = overrides_from_secrets(request.secrets)
-        await self.mounts.stage(rec)
+        await self.mounts.stage(rec, env)
         return csi_pb2.NodeStageVolumeResponse()
 
     @require("volume_id", "staging_target_path")
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnstageVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        staging = self._path("staging_target_path", request.staging_target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
+        self.mounts.check_owned(volume_id, "staging_target_path", staging)
         live = self.mounts.prune_publishes(volume_id)
         if live:
             raise errors.volume_in_use(
@@ -120,8 +126,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         volume_id = validate.check_id("volume_id", request.volume_id)
         if not request.staging_target_path:  # the spec's code for this case
             raise errors.not_staged(volume_id, "")
-        staging = self._path("staging_target_path", request.staging_target_path)
-        target = self._path("target_path", request.target_path)
+        staging = await self._path("staging_target_path", request.staging_target_path)
+        target = await self._path("target_path", request.target_path)
+        if target == staging or target.startswith(staging + "/"):
+            raise errors.invalid("target_path", f"{request.target_path!r} is (inside) the "
+                                 "staging path")
         cap = request.volume_capability
         validate.check_capabilities([cap])
         flags, _ = validate.split_mount_flags(cap.mount.mount_flags)
@@ -143,6 +152,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     volume_id, target, "another volume_capability or readonly flag")
             await self.mounts.ensure_published(existing)
             return csi_pb2.NodePublishVolumeResponse()
+        self.mounts.check_owned(volume_id, "target_path", target)
         others = [p for p in self.mounts.prune_publishes(volume_id) if p.target_path != target]
         if others and mode in validate.ONE_TARGET_MODES:
             raise errors.single_writer_published(volume_id, others[0].target_path)
@@ -153,7 +163,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @exclusive("volume", lambda r: r.volume_id)
     async def NodeUnpublishVolume(self, request, context):
         volume_id = validate.check_id("volume_id", request.volume_id)
-        target = self._path("target_path", request.target_path)
+        target = await self._path("target_path", request.target_path)
+        stage = self.mounts.staged(volume_id)
+        if stage is not None and stage.staging_path == target:
+            raise errors.invalid("target_path", f"{request.target_path!r} is the staging "
+                                 "path; use NodeUnstageVolume")
+        self.mounts.check_owned(volume_id, "target_path", target)
         await self._check_exists_if_unknown(volume_id, target)
         await self.mounts.unpublish(target)
         return csi_pb2.NodeUnpublishVolumeResponse()
@@ -176,10 +191,27 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     # --- health and size ------------------------------------------------------------
 
-    async def _known_path(self, volume_id: str, path: str) -> str:
-        path = self._path("volume_path", path)
+    async def _known_path(self, volume_id: str, raw: str) -> str:
+        """``raw`` as the canonical path of a stage or publish of the volume on this node,
+        with the volume mounted there; NOT_FOUND for anything else (the spec's "volume
+        does not exist on the specified volume_path"), whatever the path looks like."""
+        try:
+            path = self.kubelet.canonical("volume_path", raw)
+        except errors.CsiError:
+            raise errors.not_mounted_at(volume_id, raw, "not a path under the kubelet "
+                                        "directory") from None
         if not self.mounts.knows(volume_id, path):
-            raise errors.not_mounted_at(volume_id, path)
+            raise errors.not_mounted_at(volume_id, raw)
+        try:
+            kind = await asyncio.to_thread(paths.inspect, path)
+        except paths.PathError as exc:
+            raise errors.not_mounted_at(volume_id, raw, exc.reason) from None
+        entry = mountinfo.mounts().get(path)
+        if kind is not paths.Kind.MOUNTPOINT or entry is None:
+            raise errors.not_mounted_at(volume_id, raw, "nothing is mounted there")
+        if owner_of(entry) != volume_id:
+            raise errors.not_mounted_at(volume_id, raw,
+                                        f"it is a mount point of {describe(entry)}")
         return path
 
     @require("volume_id", "volume_path")
@@ -188,8 +220,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         health = await self.mounts.prober.health(path)
         Condition = csi_pb2.VolumeCondition
         if health is not Health.ALIVE:
+            message = _condition_message(health, path)
+            if health is Health.DEAD and not self.mounts.can_remount(request.volume_id):
+                message = errors.credentials_unavailable(request.volume_id).message
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
-                abnormal=True, message=_condition_message(health, path)))
+                abnormal=True, message=message))
         try:
             st = await self.mounts.prober.statvfs(path)
             status = await self.mounts.prober.status(path)

@@ -20,24 +20,31 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
 import prometheus_client
 
 from chunkfs.config import parse_size
+from chunkfs.errors import InvalidArgument
 from csi import validate
 from csi.backends import ServiceCache
 from csi.controller import ControllerServicer
-from csi.identity import DRIVER_NAME, IdentityServicer
+from csi.identity import DRIVER_NAME, IdentityServicer, vendor_version
 from csi.launcher import MounterClient
 from csi.mounts import Mounter, NodeMounts
 from csi.node import NodeServicer
 from csi.observe import MountCollector, Observer, RpcMetrics, setup_logging
+from csi.registry import EXPIRY_BEATS, HEARTBEAT_INTERVAL, NodeRegistry
 from csi.rpc import KeyLocks
+from csi.secret_backend import DEFAULT_DENY, AddressPolicy, parse_networks
+from csi.secretstore import SecretStore
 from csi.v1 import csi_pb2_grpc
 
 log = logging.getLogger("chunkfs.csi.server")
+
+MAX_REQUEST_BYTES = 2 << 20  # a Kubernetes Secret is at most 1 MiB
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,6 +60,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--driver-name", default=DRIVER_NAME, help="default: %(default)s")
     p.add_argument("--cache-dir", help="node: parent of each volume's block cache directory")
     p.add_argument("--state-dir", help="node: where staged/published mounts are recorded")
+    p.add_argument("--secrets-dir", default="/run/chunkfs-csi",
+                   help="node: where credentials of Secret backends are kept for re-mounts, "
+                   "used only if it is on tmpfs/ramfs (else: memory only) "
+                   "(default: %(default)s)")
     p.add_argument("--kubelet-dir", default="/var/lib/kubelet",
                    help="node: staging and target paths must be under it "
                    "(default: %(default)s)")
@@ -64,13 +75,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="node: cache bound of each volume's mount unless its StorageClass "
                    "sets cache-size (default: chunkfs's, 10GiB)")
     p.add_argument("--max-volumes-per-node", type=int, default=64)
+    p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL,
+                   help="node: seconds between two registrations in the default backend; "
+                   f"a node is forgotten after {EXPIRY_BEATS} missed ones "
+                   "(default: %(default)s)")
     p.add_argument("--recover-interval", type=float, default=10.0,
                    help="node: seconds between checks of the recorded mounts (0: only at "
                    "start)")
     p.add_argument("--default-volume-size", default="1GiB",
                    help="controller: size of a volume created without a capacity range")
     p.add_argument("--max-volume-size", default="1PiB")
-    p.add_argument("--metrics-address", help="host:port to serve Prometheus metrics on")
+    p.add_argument("--metrics-address",
+                   help="[host]:port to serve Prometheus metrics on (no authentication); "
+                   "without a host, loopback only (127.0.0.1:port). Give the pod IP or "
+                   "0.0.0.0 explicitly to let a scraper on another host in")
+    p.add_argument("--max-request-bytes", type=_size, default=MAX_REQUEST_BYTES,
+                   help="largest gRPC request accepted (default: 2MiB: room for the "
+                   "largest Kubernetes Secret)")
+    p.add_argument("--secret-deny-networks", default=",".join(DEFAULT_DENY),
+                   help="comma-separated networks that hosts named by a Secret (meta-url, "
+                   "endpoint) must not resolve to; '' allows all (default: %(default)s)")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds in-flight RPCs get at SIGTERM (default: %(default)s)")
     p.add_argument("--log-level", default=os.environ.get("CHUNKFS_CSI_LOG_LEVEL", "info"))
@@ -82,6 +106,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--role mounter needs --mounter-socket")
     if not args.endpoint.startswith("unix://"):
         p.error("--endpoint must be unix:///path/to/csi.sock")
+    try:
+        parse_networks(args.secret_deny_networks.split(","))
+    except ValueError as exc:
+        p.error(f"--secret-deny-networks: {exc}")
+    if args.metrics_address:
+        try:
+            metrics_bind(args.metrics_address)
+        except ValueError:
+            p.error("--metrics-address must be [host]:port")
     return args
 
 
@@ -91,7 +124,10 @@ def socket_path(endpoint: str) -> str:
 
 
 def _size(text: str) -> int:
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _size_arg(text: str) -> str:
@@ -109,8 +145,13 @@ class Plugin:
     def __init__(self, args: argparse.Namespace, metrics: RpcMetrics,
                  registry: prometheus_client.CollectorRegistry | None = None) -> None:
         self.args = args
-        self.services = ServiceCache()
-        self.server = grpc.aio.server(interceptors=[Observer(metrics)])
+        self.services = ServiceCache(policy=AddressPolicy(parse_networks(
+            args.secret_deny_networks.split(","))))
+        self.registry = NodeRegistry(self.services, interval=args.heartbeat_interval)
+        self.started = time.time()
+        self.server = grpc.aio.server(
+            interceptors=[Observer(metrics)],
+            options=[("grpc.max_receive_message_length", args.max_request_bytes)])
         self.mounts: NodeMounts | None = None
         self._tasks: list[asyncio.Task[None]] = []
         controller = args.role in ("controller", "all")
@@ -121,14 +162,14 @@ class Plugin:
             rules = validate.CapacityRules(default=_size(args.default_volume_size),
                                            maximum=_size(args.max_volume_size))
             csi_pb2_grpc.add_ControllerServicer_to_server(
-                ControllerServicer(self.services, rules), self.server)
+                ControllerServicer(self.services, rules, self.registry), self.server)
         if args.role in ("node", "all"):
             locks = KeyLocks()
             launcher = MounterClient(args.mounter_socket) if args.mounter_socket else None
             mounter = Mounter(os.path.join(args.state_dir, "logs"), launcher=launcher,
                               default_cache_size=args.cache_size)
             self.mounts = NodeMounts(args.state_dir, args.cache_dir, mounter=mounter,
-                                     locks=locks)
+                                     locks=locks, secrets=SecretStore(args.secrets_dir))
             csi_pb2_grpc.add_NodeServicer_to_server(
                 NodeServicer(self.services, self.mounts, node_id=args.node_id,
                              kubelet_dir=args.kubelet_dir,
@@ -138,13 +179,19 @@ class Plugin:
                 registry.register(MountCollector(self.mounts))
 
     async def start(self) -> None:
+        if self.mounts is not None:
+            await self._register()
         path = socket_path(self.args.endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a stale socket of a previous run
-        self.server.add_insecure_port("unix://" + path)
-        await self.server.start()
-        os.chmod(path, 0o600)  # whatever the umask: only this uid (and root) may call
+        old = os.umask(0o177)  # the socket is created 0600, whatever the umask was
+        try:
+            self.server.add_insecure_port("unix://" + path)
+            await self.server.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)  # and explicitly so: only root (kubelet, sidecars) may call
         if self.mounts is not None:
             log.info("chunkfs mounts run as %s", self.mounts.mounter.launcher.describe())
         log.info("serving %s on %s", self.args.role, path,
@@ -153,6 +200,22 @@ class Plugin:
                                    "driver": self.args.driver_name}})
         if self.mounts is not None:
             self._tasks.append(asyncio.create_task(self._recover()))
+            if self.registry.available():
+                self._tasks.append(asyncio.create_task(self.registry.heartbeat_forever(
+                    *self._registration())))
+
+    def _registration(self) -> tuple[str, float, str, int]:
+        return (self.args.node_id, self.started, vendor_version(),
+                self.args.max_volumes_per_node)
+
+    async def _register(self) -> None:
+        """Register the node before serving, so that the controller knows it by the time
+        kubelet learns the node id from NodeGetInfo (bounded: Redis may be down)."""
+        if not self.registry.available():
+            log.info("no default backend: node %s is not registered; the controller cannot "
+                     "check node ids", self.args.node_id)
+            return
+        await self.registry.beat(*self._registration())
 
     async def _recover(self) -> None:
         assert self.mounts is not None
@@ -176,9 +239,17 @@ class Plugin:
         log.info("stopped; chunkfs mounts keep running")
 
 
-def _serve_metrics(address: str, registry: prometheus_client.CollectorRegistry) -> None:
+def metrics_bind(address: str) -> tuple[str, int]:
+    """(host, port) of ``--metrics-address``: ``:PORT`` means loopback, never every
+    interface (the endpoint has no authentication)."""
     host, _, port = address.rpartition(":")
-    prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def _serve_metrics(address: str, registry: prometheus_client.CollectorRegistry) -> None:
+    host, port = metrics_bind(address)
+    prometheus_client.start_http_server(port, addr=host, registry=registry)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -1,14 +1,12 @@
 """Checks of request values shared by the servicers; each raises a ``CsiError``.
 
 What the driver supports, in one place: filesystem (mount) volumes only, the access
-modes below, the StorageClass parameters below, ids safe to use as file names,
-paths under the kubelet directory, and the capacity rules of CreateVolume and
-ControllerExpandVolume.
+modes below, the StorageClass parameters below, ids safe to use as file names, and the
+capacity rules of CreateVolume and ControllerExpandVolume. (Paths: ``csi/paths.py``.)
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,18 +23,39 @@ SINGLE_WRITER_MODES = frozenset({
     Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER,
 })
 READ_ONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+# Modes whose volume may be published to one node at a time (ControllerPublishVolume).
+SINGLE_NODE_MODES = SINGLE_WRITER_MODES | {Mode.SINGLE_NODE_READER_ONLY}
 SUPPORTED_MODES = SINGLE_WRITER_MODES | READ_ONLY_MODES | {Mode.MULTI_NODE_MULTI_WRITER}
 # Modes whose volume may be published at one target per node only (spec, NodePublishVolume).
 ONE_TARGET_MODES = frozenset({Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER,
                               Mode.SINGLE_NODE_READER_ONLY})
 FS_TYPES = frozenset({"", "chunkfs", "fuse.chunkfs"})
 
+# What ValidateVolumeCapabilities says when it confirms MULTI_NODE_MULTI_WRITER (one line:
+# update it when the data path merges concurrent writers of one file; docs/dev/csi.md).
+MULTI_NODE_MULTI_WRITER_NOTE = (
+    "MULTI_NODE_MULTI_WRITER: safe when each file has one writing node at a time (nodes "
+    "may create, replace, rename and delete files concurrently; close-to-open consistency)"
+    "; NOT safe yet: several nodes writing one file at once (their writes are not merged: "
+    "the last commit of a block wins)")
+
 # Mount flags that apply to the publish bind mount; any other flag is a chunkfs mount
-# option, passed to `chunkfs mount -o` at NodeStageVolume.
+# option, passed to `chunkfs mount -o` at NodeStageVolume. Publish mounts are always
+# nosuid,nodev: "suid" and "dev" would let a pod run setuid binaries or open device
+# nodes found in a volume (which another tenant or pod may have written), so they are
+# refused, as is anything that changes the kind of mount.
 BIND_FLAGS = frozenset({
-    "ro", "rw", "nosuid", "suid", "nodev", "dev", "noexec", "exec", "noatime", "atime",
+    "ro", "rw", "nosuid", "nodev", "noexec", "exec", "noatime", "atime",
     "nodiratime", "diratime", "relatime", "norelatime", "strictatime", "nostrictatime",
 })
+_REFUSED_FLAGS = {
+    "suid": "publish mounts are always nosuid (setuid binaries in a volume must not run "
+            "with their owner's rights)",
+    "dev": "publish mounts are always nodev (device nodes in a volume must not open "
+           "devices of the node)",
+    "bind": "the driver makes the bind mount itself", "rbind": "the driver makes the bind "
+    "mount itself", "remount": "the driver makes the bind mount itself",
+}
 _RESERVED_OPTIONS = frozenset({"epoch"})  # set by the driver only: it is the fencing token
 _OPTION_RE = re.compile(r"^[A-Za-z0-9_.:/+-]+(=[A-Za-z0-9_.:/+-]*)?$")
 
@@ -50,6 +69,7 @@ _IGNORED_PREFIX = "csi.storage.k8s.io/"  # external-provisioner metadata, not ou
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_ID = 128  # bytes; the spec's size limit for strings
+_NODE_ID_RE = re.compile(r"^[^\x00-\x20\x7f]{1,128}$")
 
 
 def access_mode(cap: csi_pb2.VolumeCapability) -> int:
@@ -92,6 +112,9 @@ def split_mount_flags(flags: Iterable[str]) -> tuple[list[str], list[str]]:
                 raise errors.invalid("mount_flags", f"{item!r} is not a mount option")
             if item.split("=", 1)[0] in _RESERVED_OPTIONS:
                 raise errors.invalid("mount_flags", f"{item!r} is set by the driver only")
+            if item in _REFUSED_FLAGS:
+                raise errors.invalid("mount_flags", f"{item!r} is refused: "
+                                     f"{_REFUSED_FLAGS[item]}")
             (bind if item in BIND_FLAGS else options).append(item)
     return bind, options
 
@@ -105,19 +128,12 @@ def check_id(field: str, value: str) -> str:
     return value
 
 
-def check_path(field: str, path: str, root: str | None) -> str:
-    """An absolute, normalised path strictly under ``root`` (symlinks in parents resolved)."""
-    if not os.path.isabs(path) or "\0" in path:
-        raise errors.invalid(field, f"{path!r} is not an absolute path")
-    norm = os.path.normpath(path)
-    if root is None:
-        return norm
-    # Resolve the parent only: the path itself may be a (possibly dead) FUSE mount.
-    real = os.path.join(os.path.realpath(os.path.dirname(norm)), os.path.basename(norm))
-    root = os.path.realpath(root)
-    if os.path.commonpath([real, root]) != root or real == root:
-        raise errors.path_outside(field, path, root)
-    return real
+def check_node_id(field: str, value: str) -> str:
+    """Node ids are the CO's (Kubernetes node names): printable, no blanks, <= 128 bytes."""
+    if len(value.encode()) > MAX_ID or not _NODE_ID_RE.match(value):
+        raise errors.invalid(field, f"{value!r} must be 1-{MAX_ID} printable characters "
+                             "without blanks")
+    return value
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ Global keys (one of each per Redis database):
     cfs:snapshots          HASH  snapshot name -> namespace id
     cfs:engine             STRING this metadata engine's identity (random hex); the storage
                                  prefix records the one engine it belongs to (chunkfs/claim.py)
+    cfs:node:<node id>     HASH  a CSI node plugin's registration: started, heartbeat (unix s),
+                                 version, max_volumes; renewed by every heartbeat with an
+                                 EXPIRE, so a node that stopped beating disappears
 
 Garbage collection (one hash-tag slot of their own; the protocol is docs/dev/gc.md):
 
@@ -45,6 +48,9 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  block i covers [i*block_size, (i+1)*block_size); bytes past the
                                  valid length, and missing indexes (holes), read as zeros
     cfs{ID}:x<ino>         HASH  xattr name -> value
+    cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
+                                 (access mode, readonly, publish_context); volumes only, written
+                                 and removed by the CSI controller, never copied into clones
 
 Objects (in the bucket, under the storage prefix):
 
@@ -74,10 +80,16 @@ def inode_limit(capacity: int, max_inodes: int | None = None) -> int:
 ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
 
 
+def node_key(node_id: str) -> str:
+    """A CSI node plugin's registration (see the schema above)."""
+    return f"cfs:node:{node_id}"
+
+
 class Keys:
     """Key builders for one namespace."""
 
-    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled")
+    __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled",
+                 "publications")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -88,6 +100,7 @@ class Keys:
         self.sessions = self.prefix + "sessions"
         self.pending = self.prefix + "pending"
         self.settled = self.prefix + "settled"
+        self.publications = self.prefix + "pub"
 
     def reply(self, request: str) -> str:
         return f"{self.prefix}r:{request}"

@@ -4,6 +4,8 @@
     cluster         a factory of plugin processes: a controller and node plugins ("nodes"
                     with their own kubelet, cache and state dirs)
     kubelet         node-a's paths the way kubelet lays them out (staging, pod targets)
+    node_b          a second node plugin ("node-b", role node) next to ``plugin``
+    default_redis   a Redis client on the plugins' default backend database
 
 Every plugin runs as ``python -m csi.server`` with ``backend_env`` (CHUNKFS_META,
 CHUNKFS_STORAGE, AWS_*). At teardown the plugins get SIGTERM, then every chunkfs mount
@@ -35,6 +37,7 @@ from csi.mounts import mount_table
 from csi.v1 import csi_pb2, csi_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
+SHM = Path("/dev/shm")  # tmpfs: node plugins' --secrets-dir lives under it
 Mode = csi_pb2.VolumeCapability.AccessMode
 
 
@@ -43,6 +46,17 @@ def mount_cap(mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = (),
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type, mount_flags=list(flags)),
         access_mode=Mode(mode=mode))
+
+
+def backend_secrets(env: dict[str, str], **override: str) -> dict[str, str]:
+    """A complete backend as a StorageClass Secret holds it, from a backend environment
+    (``override`` replaces keys: ``storage=...``, ``meta_url=...``)."""
+    secrets = {"meta-url": env["CHUNKFS_META"], "storage": env["CHUNKFS_STORAGE"],
+               "endpoint": env["AWS_ENDPOINT_URL"], "region": env["AWS_REGION"],
+               "access-key-id": env["AWS_ACCESS_KEY_ID"],
+               "secret-access-key": env["AWS_SECRET_ACCESS_KEY"]}
+    secrets.update({k.replace("_", "-"): v for k, v in override.items()})
+    return secrets
 
 
 def block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
@@ -63,6 +77,7 @@ class PluginProcess:
     kubelet: Kubelet | None = None
     cache_dir: Path | None = None
     state_dir: Path | None = None
+    secrets_dir: Path | None = None
     proc: subprocess.Popen | None = None
     channel: grpc.Channel | None = None
     identity: csi_pb2_grpc.IdentityStub = field(init=False)
@@ -173,6 +188,7 @@ class Cluster:
         self.root = root
         self.env = env
         self.plugins: list[PluginProcess] = []
+        self.shm = SHM / root.name  # memory-backed: where node plugins keep credentials
 
     def start(self, name: str, role: str = "all", *, node_id: str | None = None,
               env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> PluginProcess:
@@ -190,8 +206,11 @@ class Cluster:
         if role in ("node", "all"):
             plugin.kubelet = Kubelet(node_dir / "kubelet")
             plugin.cache_dir, plugin.state_dir = node_dir / "cache", node_dir / "state"
+            plugin.secrets_dir = self.shm / name
             argv += ["--cache-dir", str(plugin.cache_dir), "--state-dir", str(plugin.state_dir),
                      "--kubelet-dir", str(plugin.kubelet.root)]
+            if not any(a == "--secrets-dir" for a in extra):
+                argv += ["--secrets-dir", str(plugin.secrets_dir)]
         self.plugins.append(plugin)
         return plugin.start()
 
@@ -202,6 +221,7 @@ class Cluster:
         for path in sorted(mount_table(), key=len, reverse=True):
             if path.startswith(str(self.root) + "/"):
                 subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+        shutil.rmtree(self.shm, ignore_errors=True)
 
 
 def mount_processes(under: str) -> list[int]:
@@ -270,3 +290,20 @@ def plugin(cluster: Cluster) -> PluginProcess:
 def kubelet(plugin: PluginProcess) -> Kubelet:
     assert plugin.kubelet is not None
     return plugin.kubelet
+
+
+@pytest.fixture
+def node_b(cluster: Cluster, plugin: PluginProcess) -> PluginProcess:
+    """A second node plugin, "node-b" (after ``plugin``, node-a)."""
+    return cluster.start("node-b", "node")
+
+
+@pytest.fixture
+def default_redis(local_services, backend_env: dict[str, str]):
+    """A Redis client on the plugins' default backend database (to look at records)."""
+    db = int(backend_env["CHUNKFS_META"].rsplit("/", 1)[1])
+    client = local_services.redis.client(db=db)
+    try:
+        yield client
+    finally:
+        client.close()

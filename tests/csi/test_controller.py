@@ -13,8 +13,9 @@ import grpc
 import pytest
 
 from csi.v1 import csi_pb2
+from csi.validate import MULTI_NODE_MULTI_WRITER_NOTE
 
-from .conftest import Mode, block_cap, mount_cap
+from .conftest import Mode, backend_secrets, block_cap, mount_cap
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -192,10 +193,41 @@ def test_clone_smaller_than_its_source_is_out_of_range(plugin) -> None:
 
 def test_create_volume_with_backend_from_secrets(plugin, cluster) -> None:
     """Secrets override the plugin's environment per request (here: another S3 prefix)."""
-    other = cluster.env["CHUNKFS_STORAGE"] + "-other"
-    secrets = {"storage": other, "secret-access-key": cluster.env["AWS_SECRET_ACCESS_KEY"],
-               "access-key-id": cluster.env["AWS_ACCESS_KEY_ID"]}
+    secrets = backend_secrets(cluster.env, storage=cluster.env["CHUNKFS_STORAGE"] + "-other")
     assert create(plugin, "pvc-1", secrets=secrets).volume_id == "pvc-1"
+
+
+def test_a_partial_secret_is_refused_and_changes_nothing(plugin, cluster, local_services) -> None:
+    """A Secret naming only a Redis must not get the plugin's default bucket and keys."""
+    db = int(cluster.env["CHUNKFS_META"].rsplit("/", 1)[1]) % 255 + 1
+    with local_services.redis.client(db=db) as client:
+        client.flushdb()
+    for secrets in ({"meta-url": local_services.redis.url_for_db(db)},
+                    {"endpoint": "http://127.0.0.1:1/"},
+                    {k: v for k, v in backend_secrets(cluster.env).items() if k != "endpoint"}):
+        with pytest.raises(grpc.RpcError) as err:
+            create(plugin, "pvc-1", secrets=secrets)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must name all of it: missing" in err.value.details()
+    with local_services.redis.client(db=db) as client:
+        assert client.dbsize() == 0
+    assert not plugin.controller.ListVolumes(csi_pb2.ListVolumesRequest()).entries
+
+
+@pytest.mark.parametrize("key, value", [
+    ("meta-url", "unix:///var/run/redis/redis-server.sock"),
+    ("meta-url", "rediss://127.0.0.1:6380/0"),
+    ("endpoint", "http://169.254.169.254/"),
+    ("endpoint", "unix:///run/containerd/containerd.sock"),
+])
+def test_secrets_naming_node_sockets_or_metadata_addresses_are_refused(plugin, cluster, key,
+                                                                      value) -> None:
+    secrets = backend_secrets(cluster.env, **{key.replace("-", "_"): value})
+    with pytest.raises(grpc.RpcError) as err:
+        create(plugin, "pvc-1", secrets=secrets)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.details()
+    assert cluster.env["AWS_SECRET_ACCESS_KEY"] not in err.value.details()
 
 
 def test_create_volume_bad_secret_url_is_invalid_argument_and_not_logged(plugin) -> None:
@@ -251,7 +283,7 @@ def unpublish(plugin, volume_id: str, node_id: str = "") -> None:
 
 @pytest.mark.parametrize("mode", [Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER,
                                   Mode.SINGLE_NODE_MULTI_WRITER])
-def test_publish_single_writer_hands_out_a_new_epoch(plugin, mode) -> None:
+def test_publish_single_writer_hands_out_a_new_epoch(plugin, node_b, mode) -> None:
     create(plugin, "pvc-1")
     first = publish(plugin, "pvc-1", "node-a", mode)
     assert int(first["epoch"]) > 0
@@ -278,13 +310,154 @@ def test_publish_is_visible_in_controller_get_volume(plugin) -> None:
     assert not resp.status.published_node_ids
 
 
-@pytest.mark.parametrize("mode, readonly", [(Mode.MULTI_NODE_MULTI_WRITER, False),
-                                            (Mode.MULTI_NODE_READER_ONLY, False),
-                                            (Mode.SINGLE_NODE_WRITER, True)])
-def test_publish_without_single_writer_takes_no_lease(plugin, mode, readonly) -> None:
+@pytest.mark.parametrize("mode", [Mode.MULTI_NODE_MULTI_WRITER, Mode.MULTI_NODE_READER_ONLY])
+def test_multi_node_publish_takes_no_lease_and_records_every_node(plugin, node_b, mode) -> None:
+    create(plugin, "pvc-1", caps=[mount_cap(mode)])
+    assert publish(plugin, "pvc-1", "node-a", mode) == {}
+    assert publish(plugin, "pvc-1", "node-b", mode) == {}
+    assert published_nodes(plugin, "pvc-1") == ["node-a", "node-b"]
+    assert code_of(plugin.controller.DeleteVolume, csi_pb2.DeleteVolumeRequest(
+        volume_id="pvc-1")) == grpc.StatusCode.FAILED_PRECONDITION
+    unpublish(plugin, "pvc-1", "node-a")
+    assert published_nodes(plugin, "pvc-1") == ["node-b"]
+    unpublish(plugin, "pvc-1")  # no node_id: from every node
+    assert published_nodes(plugin, "pvc-1") == []
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="pvc-1"))
+
+
+@pytest.mark.parametrize("mode, readonly", [(Mode.SINGLE_NODE_WRITER, True),
+                                            (Mode.SINGLE_NODE_READER_ONLY, False)])
+def test_single_node_read_only_publish_to_a_second_node_is_failed_precondition(
+        plugin, node_b, mode, readonly) -> None:
+    """No writer lease is taken, but a single-node mode is still one node at a time."""
     create(plugin, "pvc-1", caps=[mount_cap(mode)])
     assert publish(plugin, "pvc-1", "node-a", mode, readonly) == {}
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", "node-b", mode, readonly)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "node-a" in err.value.details()
+    unpublish(plugin, "pvc-1", "node-a")
     assert publish(plugin, "pvc-1", "node-b", mode, readonly) == {}
+
+
+def published_nodes(plugin, volume_id: str) -> list[str]:
+    return list(plugin.controller.ControllerGetVolume(csi_pb2.ControllerGetVolumeRequest(
+        volume_id=volume_id)).status.published_node_ids)
+
+
+@pytest.mark.parametrize("mode, readonly, why", [
+    (Mode.SINGLE_NODE_WRITER, True, "readonly"),                # csi-sanity's case
+    (Mode.SINGLE_NODE_MULTI_WRITER, False, "SINGLE_NODE_MULTI_WRITER"),
+    (Mode.SINGLE_NODE_READER_ONLY, False, "SINGLE_NODE_READER_ONLY"),
+])
+def test_publish_again_with_another_capability_is_already_exists(plugin, mode, readonly,
+                                                                 why) -> None:
+    create(plugin, "pvc-1")
+    first = publish(plugin, "pvc-1", "node-a")
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", "node-a", mode, readonly)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "node-a" in err.value.details() and why in err.value.details()
+    assert publish(plugin, "pvc-1", "node-a") == first  # the compatible repeat still works
+    unpublish(plugin, "pvc-1", "node-a")
+    assert publish(plugin, "pvc-1", "node-a", mode, readonly) is not None  # now it may
+
+
+def test_publications_are_durable_across_a_controller_restart(cluster, plugin) -> None:
+    """The records live in Redis, not in the controller: a restarted (or another)
+    controller answers repeats the same way."""
+    ctrl = cluster.start("ctrl", "controller")
+    create(ctrl, "pvc-1")
+    first = publish(ctrl, "pvc-1", "node-a")
+    ctrl.restart()
+    assert publish(ctrl, "pvc-1", "node-a") == first
+    assert code_of(publish, ctrl, "pvc-1", "node-a", readonly=True) \
+        == grpc.StatusCode.ALREADY_EXISTS
+    assert published_nodes(ctrl, "pvc-1") == ["node-a"]
+
+
+def test_delete_volume_removes_its_publication_records(plugin, default_redis) -> None:
+    create(plugin, "pvc-1", caps=[mount_cap(Mode.MULTI_NODE_READER_ONLY)])
+    publish(plugin, "pvc-1", "node-a", Mode.MULTI_NODE_READER_ONLY)
+    ns = default_redis.hget("cfs:volumes", "pvc-1").decode()
+    assert default_redis.hkeys(f"cfs{{{ns}}}:pub") == [b"node-a"]
+    unpublish(plugin, "pvc-1", "node-a")
+    plugin.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id="pvc-1"))
+    assert not default_redis.exists(f"cfs{{{ns}}}:pub")
+    create(plugin, "pvc-1")  # the same name again starts with no publications
+    assert published_nodes(plugin, "pvc-1") == []
+
+
+# --- the node registry: which nodes exist --------------------------------------------
+
+def test_publish_to_a_node_that_does_not_exist_is_not_found(plugin) -> None:
+    create(plugin, "pvc-1")
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", "fake-node-id-1")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "fake-node-id-1" in err.value.details()
+    assert published_nodes(plugin, "pvc-1") == []  # no lease, no record
+    assert code_of(publish, plugin, "pvc-nope", "fake-node-id-1") == grpc.StatusCode.NOT_FOUND
+    assert code_of(publish, plugin, "pvc-1", "bad node\n") == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_node_plugins_register_and_renew_their_record(cluster, default_redis) -> None:
+    cluster.start("node-b", "node", extra=("--heartbeat-interval", "0.3"))
+    record = default_redis.hgetall("cfs:node:node-b")
+    assert record[b"version"] and int(record[b"max_volumes"]) == 64
+    assert float(record[b"started"]) <= float(record[b"heartbeat"])
+    assert 0 < default_redis.pttl("cfs:node:node-b") <= 3000  # ten intervals
+    beat = float(record[b"heartbeat"])
+    deadline = time.monotonic() + 10
+    while float(default_redis.hget("cfs:node:node-b", "heartbeat")) == beat:
+        assert time.monotonic() < deadline, "the heartbeat was not renewed"
+        time.sleep(0.05)
+
+
+def test_a_restarting_node_stays_known_and_a_dead_one_is_forgotten(cluster,
+                                                                   default_redis) -> None:
+    ctrl = cluster.start("ctrl", "controller")
+    node = cluster.start("node-b", "node", extra=("--heartbeat-interval", "0.3"))
+    for name in ("pvc-1", "pvc-2", "pvc-3"):
+        create(ctrl, name)
+    publish(ctrl, "pvc-1", "node-b")
+    node.kill()  # dead or restarting: its record outlives a few missed heartbeats
+    publish(ctrl, "pvc-2", "node-b")
+    deadline = time.monotonic() + 15
+    while default_redis.exists("cfs:node:node-b"):
+        assert time.monotonic() < deadline, "the dead node's record never expired"
+        time.sleep(0.1)
+    assert code_of(publish, ctrl, "pvc-3", "node-b") == grpc.StatusCode.NOT_FOUND
+    unpublish(ctrl, "pvc-1", "node-b")  # unpublishing from a forgotten node is fine
+    node.start()
+    publish(ctrl, "pvc-3", "node-b")
+
+
+def test_secrets_naming_another_backend_check_nodes_in_the_default_one(plugin,
+                                                                        cluster) -> None:
+    secrets = backend_secrets(cluster.env, storage=cluster.env["CHUNKFS_STORAGE"] + "-other")
+    create(plugin, "pvc-1", secrets=secrets)
+
+    def publish_with_secrets(node_id: str) -> None:
+        plugin.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+            volume_id="pvc-1", node_id=node_id, volume_capability=mount_cap(),
+            secrets=secrets))
+
+    assert code_of(publish_with_secrets, "fake-node-id-2") == grpc.StatusCode.NOT_FOUND
+    publish_with_secrets("node-a")
+
+
+def test_without_a_default_backend_node_ids_are_not_checked(cluster) -> None:
+    """Documented: a controller whose backends all come from secrets has no registry to
+    ask, so it lets the publish proceed (the writer lease still fences)."""
+    env = {k: v for k, v in cluster.env.items() if k not in ("CHUNKFS_META", "CHUNKFS_STORAGE")}
+    ctrl = cluster.start("ctrl", "controller", env=env)
+    secrets = backend_secrets(cluster.env)
+    create(ctrl, "pvc-1", secrets=secrets)
+    resp = ctrl.controller.ControllerPublishVolume(csi_pb2.ControllerPublishVolumeRequest(
+        volume_id="pvc-1", node_id="fake-node-id-3", volume_capability=mount_cap(),
+        secrets=secrets))
+    assert resp.publish_context["epoch"]
 
 
 @pytest.mark.parametrize("field", ["volume_id", "node_id", "volume_capability"])
@@ -319,6 +492,13 @@ def test_validate_volume_capabilities(plugin) -> None:
             volume_id="pvc-1", volume_capabilities=[mount_cap(), mount_cap(
                 Mode.MULTI_NODE_MULTI_WRITER)]))
     assert len(ok.confirmed.volume_capabilities) == 2
+    # confirmed, with what is and is not safe yet (docs/dev/csi.md, "Access modes")
+    assert ok.message == MULTI_NODE_MULTI_WRITER_NOTE
+    assert "NOT safe" in ok.message and "one writing node at a time" in ok.message
+    single = plugin.controller.ValidateVolumeCapabilities(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id="pvc-1",
+                                                  volume_capabilities=[mount_cap()]))
+    assert single.HasField("confirmed") and not single.message
     bad = plugin.controller.ValidateVolumeCapabilities(
         csi_pb2.ValidateVolumeCapabilitiesRequest(
             volume_id="pvc-1", volume_capabilities=[mount_cap(), block_cap()]))

@@ -25,7 +25,7 @@ import pytest
 from csi.mounts import mount_pids
 from csi.v1 import csi_pb2
 
-from .conftest import Mode, mount_cap
+from .conftest import Mode, backend_secrets, mount_cap
 
 MiB = 1 << 20
 CAP = mount_cap(Mode.SINGLE_NODE_WRITER)
@@ -384,9 +384,8 @@ def test_backend_from_secrets_end_to_end(cluster, local_services, s3_client) -> 
     with redis.client(db=other_db) as client:
         client.flushdb()
     prefix = cluster.env["CHUNKFS_STORAGE"].removeprefix(f"s3://{BUCKET}/") + "-secret"
-    secrets = {"meta-url": redis.url_for_db(other_db), "storage": f"s3://{BUCKET}/{prefix}",
-               "access-key-id": cluster.env["AWS_ACCESS_KEY_ID"],
-               "secret-access-key": cluster.env["AWS_SECRET_ACCESS_KEY"]}
+    secrets = backend_secrets(cluster.env, meta_url=redis.url_for_db(other_db),
+                              storage=f"s3://{BUCKET}/{prefix}")
     ctrl = cluster.start("ctrl", "controller")
     node = cluster.start("node-a", "node")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 import time
 
 import grpc
@@ -402,3 +403,219 @@ def test_unstage_and_unpublish_of_an_unknown_volume_are_not_found(plugin, kubele
     make_volume(plugin)  # exists, but not staged or published here: nothing to undo, OK
     unpublish(plugin, "pvc-1", kubelet.target("pvc-1"))
     unstage(plugin, "pvc-1", kubelet.staging("pvc-1"))
+
+
+# --- NodeGetVolumeStats / NodeExpandVolume: NOT_FOUND unless the volume is mounted there --
+
+def expand(plugin, volume_id: str, path: str) -> csi_pb2.NodeExpandVolumeResponse:
+    return plugin.node.NodeExpandVolume(csi_pb2.NodeExpandVolumeRequest(
+        volume_id=volume_id, volume_path=path))
+
+
+@pytest.mark.parametrize("call", [stats, expand], ids=["stats", "expand"])
+def test_stats_and_expand_of_an_unknown_volume_or_path_are_not_found(plugin, kubelet, staged,
+                                                                      call) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    for volume_id, path in [
+        ("pvc-nope", "some/path"),            # csi-sanity: unknown volume, relative path
+        ("pvc-nope", target),                 # unknown volume at a real publish
+        ("pvc-1", "some/path"),               # csi-sanity: known volume, not that path
+        ("pvc-1", "/etc"),                    # outside the kubelet dir
+        ("pvc-1", kubelet.target("pvc-1")),   # under the kubelet dir, never published
+        ("pvc-1", target + "/.."),            # not a path this plugin mounted
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(plugin, volume_id, path)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, (volume_id, path)
+    assert call(plugin, "pvc-1", target)  # and the real publish answers
+    unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("call", [stats, expand], ids=["stats", "expand"])
+def test_stats_and_expand_where_the_volume_is_no_longer_mounted_are_not_found(cluster,
+                                                                              call) -> None:
+    plugin = cluster.start("node-a", "all", extra=("--recover-interval", "0"))
+    ctx = make_volume(plugin)
+    staging, target = plugin.kubelet.staging("pvc-1"), plugin.kubelet.target("pvc-1")
+    stage(plugin, "pvc-1", staging, ctx)
+    publish(plugin, "pvc-1", staging, target)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", staging], check=True)  # over the volume
+    with pytest.raises(grpc.RpcError) as err:
+        call(plugin, "pvc-1", staging)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "tmpfs" in err.value.details()
+    subprocess.run(["umount", staging], check=True)
+    subprocess.run(["umount", target], check=True)  # behind the plugin's back
+    with pytest.raises(grpc.RpcError) as err:
+        call(plugin, "pvc-1", target)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nothing is mounted" in err.value.details()
+    assert call(plugin, "pvc-1", staging)
+
+
+# --- paths: symlinks are never followed, foreign mounts never touched ---------------
+
+@pytest.fixture
+def victim(csi_root):
+    """A directory outside the kubelet dir that a symlink may point at (think /etc)."""
+    path = csi_root / "victim"
+    path.mkdir()
+    (path / "passwd").write_text("root:x:0:0\n")
+    return path
+
+
+def _untouched(victim) -> None:
+    assert str(victim) not in mount_table()
+    assert (victim / "passwd").read_text() == "root:x:0:0\n"
+
+
+def test_stage_at_a_symlink_is_refused(plugin, kubelet, victim) -> None:
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    os.rmdir(staging)
+    os.symlink(victim, staging)
+    with pytest.raises(grpc.RpcError) as err:
+        stage(plugin, "pvc-1", staging, ctx)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "symlink" in err.value.details()
+    _untouched(victim)
+    assert code_of(unstage, plugin, "pvc-1", staging) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stage_below_a_symlinked_directory_is_refused(plugin, kubelet) -> None:
+    """Even a symlink that stays inside the kubelet dir: nothing is resolved twice."""
+    ctx = make_volume(plugin)
+    real = kubelet.root / "real-dir"
+    real.mkdir()
+    os.symlink(real, kubelet.root / "linked")
+    with pytest.raises(grpc.RpcError) as err:
+        stage(plugin, "pvc-1", str(kubelet.root / "linked" / "globalmount"), ctx)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "linked is a symlink" in err.value.details()
+    assert not os.listdir(real)
+
+
+@pytest.mark.parametrize("where", ["target", "parent"])
+def test_publish_at_a_symlink_is_refused(plugin, kubelet, staged, victim, where) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    if where == "target":
+        os.symlink(victim, target)
+    else:
+        parent = os.path.dirname(target)
+        os.rmdir(parent)
+        os.symlink(victim, parent)
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", staging, target)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "symlink" in err.value.details()
+    _untouched(victim)
+    assert not os.path.exists(victim / "mount")
+    assert code_of(unpublish, plugin, "pvc-1", target) == grpc.StatusCode.INVALID_ARGUMENT
+    link = target if where == "target" else os.path.dirname(target)
+    assert os.path.islink(link) and (victim / "passwd").exists()
+
+
+def test_unpublish_of_a_symlink_to_a_mount_does_not_unmount_it(plugin, kubelet, staged) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target)
+    link = kubelet.target("pvc-1")
+    os.symlink(target, link)  # a path that leads to the live publish
+    assert code_of(unpublish, plugin, "pvc-1", link) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stats, plugin, "pvc-1", link) == grpc.StatusCode.NOT_FOUND
+    assert target in mount_table()
+    unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("path", ["KUBELET/pods/../plugins/x", "KUBELET/./pods/../../x"])
+def test_paths_with_dot_dot_are_refused(plugin, kubelet, path) -> None:
+    ctx = make_volume(plugin)
+    with pytest.raises(grpc.RpcError) as err:
+        stage(plugin, "pvc-1", path.replace("KUBELET", str(kubelet.root)), ctx)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and ".." in err.value.details()
+
+
+@pytest.fixture
+def tmpfs_at():
+    mounted: list[str] = []
+
+    def mount(path: str) -> str:
+        os.makedirs(path, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "chunkfs-test-tmpfs", path],
+                       check=True)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", path], check=False, capture_output=True)
+
+
+def test_foreign_mounts_are_never_mounted_over_or_unmounted(plugin, kubelet, tmpfs_at) -> None:
+    ctx = make_volume(plugin)
+    staging = tmpfs_at(kubelet.staging("pvc-1"))
+    assert code_of(stage, plugin, "pvc-1", staging, ctx) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(unstage, plugin, "pvc-1", staging) == grpc.StatusCode.FAILED_PRECONDITION
+    assert mount_table()[staging] == "tmpfs"
+    target = tmpfs_at(kubelet.target("pvc-1"))
+    assert code_of(unpublish, plugin, "pvc-1", target) == grpc.StatusCode.FAILED_PRECONDITION
+    assert mount_table()[target] == "tmpfs"
+
+
+def test_publish_onto_a_foreign_mount_or_the_staging_path_is_refused(plugin, kubelet, staged,
+                                                                     tmpfs_at) -> None:
+    staging, ctx = staged
+    target = tmpfs_at(kubelet.target("pvc-1"))
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", staging, target)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "tmpfs" in err.value.details()
+    assert mount_table()[target] == "tmpfs"
+    assert code_of(publish, plugin, "pvc-1", staging, staging) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(unpublish, plugin, "pvc-1", staging) == grpc.StatusCode.INVALID_ARGUMENT
+    make_volume(plugin, "pvc-2")  # another volume's staging mount is foreign too
+    other = kubelet.staging("pvc-2")
+    stage(plugin, "pvc-2", other, {})
+    assert code_of(publish, plugin, "pvc-1", staging, other) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(unpublish, plugin, "pvc-1", other) == grpc.StatusCode.FAILED_PRECONDITION
+    assert mount_table()[other] == "fuse.chunkfs" and mount_table()[staging] == "fuse.chunkfs"
+    unstage(plugin, "pvc-2", other)
+
+
+# --- mount flags: publish mounts are always nosuid,nodev -----------------------------
+
+@pytest.mark.parametrize("flags, readonly", [((), False), (("exec", "noatime"), False),
+                                             (("nosuid",), True)])
+def test_publish_mounts_are_always_nosuid_and_nodev(plugin, kubelet, staged, flags,
+                                                    readonly) -> None:
+    staging, _ = staged
+    target = kubelet.target("pvc-1")
+    publish(plugin, "pvc-1", staging, target,
+            cap=mount_cap(Mode.SINGLE_NODE_MULTI_WRITER, flags=flags), readonly=readonly)
+    options = mount_options(target)  # the real mount table
+    assert {"nosuid", "nodev", "ro" if readonly else "rw"} <= options, options
+    assert "noexec" not in options
+    if "noatime" in flags:
+        assert "noatime" in options
+    unpublish(plugin, "pvc-1", target)
+
+
+@pytest.mark.parametrize("flag", ["suid", "dev", "bind", "remount"])
+def test_suid_dev_and_mount_kind_flags_are_invalid_argument(plugin, kubelet, staged,
+                                                            flag) -> None:
+    staging, ctx = staged
+    target = kubelet.target("pvc-1")
+    cap = mount_cap(flags=("noatime", flag))
+    with pytest.raises(grpc.RpcError) as err:
+        publish(plugin, "pvc-1", staging, target, cap=cap)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert flag in err.value.details()
+    assert target not in mount_table()
+    assert code_of(stage, plugin, "pvc-2", kubelet.staging("pvc-2"), ctx, cap) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(plugin.controller.CreateVolume, csi_pb2.CreateVolumeRequest(
+        name="pvc-3", volume_capabilities=[cap])) == grpc.StatusCode.INVALID_ARGUMENT

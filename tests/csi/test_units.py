@@ -6,14 +6,19 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import tempfile
 
 import grpc
 import pytest
 
 from chunkfs import errors as cf
-from csi import backends, errors, observe, validate
-from csi.mounts import PublishRecord, StageRecord, StateStore, _unescape
+from csi import backends, errors, observe, secret_backend, validate
+from csi.mountinfo import parse_line, unescape
 from csi.rpc import KeyLocks, exclusive, require
+from csi.secret_backend import AddressPolicy, parse_networks
+from csi.secretstore import SecretStore, filesystem_of
+from csi.state import MAX_BAD, PublishRecord, StageRecord, StateStore, backend_identity
 from csi.v1 import csi_pb2
 
 from .conftest import Mode, block_cap, mount_cap
@@ -39,7 +44,7 @@ def test_mount_flags_split_between_bind_and_chunkfs() -> None:
     bind, options = validate.split_mount_flags(["noexec,ro", "buffer-size=64MiB", " nosuid "])
     assert bind == ["noexec", "ro", "nosuid"]
     assert options == ["buffer-size=64MiB"]
-    for bad in ("epoch=3", "a b", "x;rm -rf /"):
+    for bad in ("epoch=3", "a b", "x;rm -rf /", "suid", "dev", "nosuid,dev", "bind"):
         with pytest.raises(errors.CsiError) as err:
             validate.split_mount_flags([bad])
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -55,20 +60,6 @@ def test_check_id(value, ok) -> None:
     else:
         with pytest.raises(errors.CsiError):
             validate.check_id("volume_id", value)
-
-
-def test_check_path(tmp_path) -> None:
-    root = tmp_path / "kubelet"
-    (root / "pods").mkdir(parents=True)
-    (tmp_path / "elsewhere").mkdir()
-    os.symlink(tmp_path / "elsewhere", root / "escape")
-    ok = validate.check_path("target_path", f"{root}/pods/./x/../mount", str(root))
-    assert ok == f"{root}/pods/mount"
-    for bad in ("relative", f"{root}/../etc", str(root), f"{root}/escape/mount", "/etc/x"):
-        with pytest.raises(errors.CsiError) as err:
-            validate.check_path("target_path", bad, str(root))
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert validate.check_path("target_path", "/anywhere/x", None) == "/anywhere/x"
 
 
 def test_choose_capacity() -> None:
@@ -201,26 +192,119 @@ async def test_background_work_makes_rpcs_wait_not_abort() -> None:
 
 BASE = {"CHUNKFS_META": "redis://127.0.0.1:6379/0", "CHUNKFS_STORAGE": "s3://bucket/p",
         "AWS_ACCESS_KEY_ID": "env-ak", "AWS_SECRET_ACCESS_KEY": "env-sk",
-        "AWS_ENDPOINT_URL_S3": "http://env:8333"}
+        "AWS_ENDPOINT_URL_S3": "http://env:8333", "AWS_REGION": "eu-north-1",
+        "AWS_SESSION_TOKEN": "env-token", "AWS_PROFILE": "node-profile", "PATH": "/bin"}
+SECRET = {"meta-url": "redis://:pw-Zq81@r2:6380/1", "storage": "s3://other/x",
+          "endpoint": "http://s3:9000", "access-key-id": "AK-Zq81",
+          "secret-access-key": "SK-Zq81-very-secret"}
+LOCAL = {**SECRET, "meta-url": "redis://:pw-Zq81@127.0.0.1:6380/1",
+         "endpoint": "http://127.0.0.1:9000"}  # hosts that resolve here
 
 
 def test_backend_from_environment_and_secrets() -> None:
     default = backends.resolve({}, BASE)
-    assert default.meta_url == BASE["CHUNKFS_META"]
+    assert default.meta_url == BASE["CHUNKFS_META"] and not default.from_secrets
     assert default.storage.access_key == "env-ak"
     assert default.storage.endpoint == "http://env:8333"
-    other = backends.resolve({"meta-url": "redis://:pw@r2:6380/1", "storage": "s3://other/x",
-                              "endpoint": "http://s3:9000", "access-key-id": "AK",
-                              "secret-access-key": "SK", "unrelated": "ignored"}, BASE)
+    assert default.env(BASE) == BASE  # the default backend: the environment as it is
+    other = backends.resolve({**SECRET, "unrelated": "ignored"}, BASE)
     assert other.storage.bucket == "other" and other.storage.endpoint == "http://s3:9000"
-    assert (other.storage.access_key, other.storage.secret_key) == ("AK", "SK")
-    assert "pw" not in other.describe() and "SK" not in repr(other.storage)
+    assert (other.storage.access_key, other.storage.secret_key) == ("AK-Zq81",
+                                                                     "SK-Zq81-very-secret")
+    assert other.storage.region == "us-east-1"  # not the environment's eu-north-1
+    assert "pw-Zq81" not in other.describe() and "SK-Zq81" not in repr(other.storage)
     env = other.env(BASE)
-    assert env["CHUNKFS_META"] == "redis://:pw@r2:6380/1"
-    assert "AWS_ENDPOINT_URL_S3" not in env  # it would override the secret's endpoint
+    assert env["CHUNKFS_META"] == SECRET["meta-url"] and env["PATH"] == "/bin"
+    assert env["AWS_REGION"] == env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["AWS_EC2_METADATA_DISABLED"] == "true"
+    for leaked in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        assert leaked not in env  # nothing of the node's backend mixes with the Secret's
     assert other != default and hash(other) != hash(default)
+    assert backends.resolve({**SECRET, "region": "ap-south-2"}, BASE).storage.region \
+        == "ap-south-2"
     with pytest.raises(cf.InvalidArgument):
         backends.resolve({}, {})
+
+
+@pytest.mark.parametrize("missing", secret_backend.REQUIRED)
+def test_a_partial_secret_is_refused_and_never_completed_from_the_environment(missing) -> None:
+    partial = {k: v for k, v in SECRET.items() if k != missing}
+    with pytest.raises(errors.CsiError) as err:
+        backends.resolve(partial, BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"missing {missing}" in err.value.message
+    _no_values(err.value.message)
+    with pytest.raises(errors.CsiError):  # an empty value is missing too
+        backends.resolve({**SECRET, missing: ""}, BASE)
+
+
+def test_a_single_backend_key_is_refused() -> None:
+    for key in secret_backend.KEYS:
+        with pytest.raises(errors.CsiError) as err:
+            backends.resolve({key: SECRET.get(key, "us-east-1")}, BASE)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, key
+
+
+def _no_values(message: str) -> None:
+    for value in ("pw-Zq81", "AK-Zq81", "SK-Zq81", "evil.example", "hunter2"):
+        assert value not in message, message
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("meta-url", "unix:///var/run/docker.sock", "unix://"),
+    ("meta-url", "unix://:hunter2@/run/redis.sock", "unix://"),
+    ("meta-url", "rediss://:hunter2@evil.example:6380/0", "rediss://"),
+    ("meta-url", "http://evil.example:6379/0", "redis://"),
+    ("meta-url", "redis://:hun/ter2@evil.example:6379/0", "percent-encode"),
+    ("meta-url", "redis://:hunter2@evil.example:6379/0?ssl=true", "query"),
+    ("meta-url", "redis://:hunter2@evil.example:99999/0", "port"),
+    ("meta-url", "redis://:hunter2@evil.example:6379/0\nx", "control"),
+    ("storage", "file:///etc/evil.example", "s3://"),
+    ("storage", "s3://hunter2@evil.example/p", "s3://"),
+    ("storage", "s3://A_B/p", "bucket"),
+    ("endpoint", "ftp://evil.example/", "http"),
+    ("endpoint", "file:///etc/passwd", "http"),
+    ("endpoint", "http://user:hunter2@evil.example/", "credentials"),
+    ("endpoint", "https://evil.example/?token=hunter2", "query"),
+    ("endpoint", "http:///nohost", "host"),
+    ("access-key-id", "AK with blanks", "printable"),
+    ("secret-access-key", "SK\nhunter2", "printable"),
+    ("region", "Evil Region", "region"),
+])
+def test_secret_backend_values_are_checked(key, value, why) -> None:
+    with pytest.raises(errors.CsiError) as err:
+        backends.resolve({**SECRET, key: value}, BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.message and why in err.value.message, err.value.message
+    _no_values(err.value.message)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("endpoint", "http://169.254.169.254/latest/meta-data/"),
+    ("endpoint", "http://[fd00:ec2::254]/"),
+    ("endpoint", "http://[fe80::1]:9000/"),
+    ("endpoint", "http://[::ffff:169.254.169.254]/"),
+    ("endpoint", "http://2852039166/"),          # 169.254.169.254 in decimal
+    ("endpoint", "http://0xa9.254.169.254/"),    # and in hex
+    ("meta-url", "redis://169.254.10.1:6379/0"),
+])
+async def test_link_local_and_metadata_addresses_are_refused(key, value) -> None:
+    with pytest.raises(errors.CsiError) as err:
+        await backends.resolve_checked({**LOCAL, key: value}, AddressPolicy(), BASE)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert key in err.value.message and "resolves to an address in" in err.value.message
+    for allowed in (AddressPolicy(deny=()), AddressPolicy(parse_networks(["10.0.0.0/8"]))):
+        backend = await backends.resolve_checked({**LOCAL, key: value}, allowed, BASE)
+        assert backend.from_secrets
+
+
+async def test_public_and_loopback_hosts_are_allowed_by_default() -> None:
+    ok = {**LOCAL, "endpoint": "http://localhost:8333", "meta-url": "redis://[::1]:6379/2"}
+    assert (await backends.resolve_checked(ok, AddressPolicy(), BASE)).from_secrets
+    unresolvable = {**LOCAL, "endpoint": "http://no-such-host.invalid:9000"}
+    with pytest.raises(errors.CsiError) as err:
+        await backends.resolve_checked(unresolvable, AddressPolicy(), BASE)
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_service_cache_opens_once_and_closes_the_oldest() -> None:
@@ -239,7 +323,8 @@ async def test_service_cache_opens_once_and_closes_the_oldest() -> None:
         return Svc(meta)
 
     cache = backends.ServiceCache(opener, size=2)
-    b1, b2, b3 = (backends.resolve({"meta-url": f"redis://h:1/{i}"}, BASE) for i in range(3))
+    b1, b2, b3 = (backends.resolve({**SECRET, "meta-url": f"redis://h:1/{i}"}, BASE)
+                  for i in range(3))
     got = await asyncio.gather(cache.get(b1), cache.get(b1))
     assert got[0] is got[1] and opened == ["redis://h:1/0"]
     await cache.get(b2)
@@ -285,7 +370,7 @@ def test_status_numbers_are_flattened_for_metrics() -> None:
 def test_state_store_round_trip(tmp_path) -> None:
     store = StateStore(str(tmp_path / "state"))
     stage = StageRecord("pvc-1", "/k/staging", Mode.SINGLE_NODE_WRITER, False, 7,
-                        ["buffer-size=64MiB"], "1GiB", {"CHUNKFS_META": "redis://:pw@h/0"})
+                        ["buffer-size=64MiB"], "1GiB", "redis://h:6379/0 s3://b/p")
     pub = PublishRecord("pvc-1", "/k/pods/x/mount", "/k/staging", Mode.SINGLE_NODE_WRITER,
                         True, ["noexec"])
     store.save_stage(stage)
@@ -298,21 +383,123 @@ def test_state_store_round_trip(tmp_path) -> None:
     assert again.publishes_of("pvc-1") == [pub]
     assert not (tmp_path / "state/staged/.tmp-interrupted").exists()
     assert (tmp_path / "state/published/junk.json.bad").exists()
+    assert not (tmp_path / "state/published/junk.json").exists()
     mode = os.stat(tmp_path / "state/staged/pvc-1.json").st_mode & 0o777
-    assert mode == 0o600  # it holds backend overrides from the secrets
+    assert mode == 0o600
     again.drop_publish(pub.target_path)
     again.drop_stage("pvc-1")
     assert StateStore(str(tmp_path / "state")).staged == {}
 
 
+def _all_bytes(root) -> bytes:
+    return b"".join(p.read_bytes() for p in root.rglob("*") if p.is_file())
+
+
+def test_version_1_records_lose_their_credentials_to_the_secret_store(tmp_path) -> None:
+    """Records written before this version held the Secret's values in `env`."""
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    env = {"CHUNKFS_META": "redis://:hunter2-v1@r:6379/3", "CHUNKFS_STORAGE": "s3://b/p",
+           "AWS_SECRET_ACCESS_KEY": "sk-v1-secret", "AWS_ACCESS_KEY_ID": "ak"}
+    (staged / "pvc-1.json").write_text(json.dumps({
+        "version": 1, "volume_id": "pvc-1", "staging_path": "/k/s", "mode": 1,
+        "readonly": False, "epoch": 3, "options": [], "cache_size": None, "env": env,
+        "created": 1.0}))
+    moved: dict[str, dict[str, str]] = {}
+    store = StateStore(str(tmp_path / "state"), migrate=lambda v, e: moved.update({v: e}))
+    assert moved == {"pvc-1": env}
+    rec = store.staged["pvc-1"]
+    assert rec.backend == "redis://r:6379/3 s3://b/p" and rec.epoch == 3
+    assert b"hunter2-v1" not in _all_bytes(tmp_path) and b"sk-v1" not in _all_bytes(tmp_path)
+    assert StateStore(str(tmp_path / "state")).staged == {"pvc-1": rec}  # v2 now
+
+
+def test_unreadable_records_are_quarantined_bounded_and_without_content(tmp_path) -> None:
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    for i in range(20):  # e.g. torn version 1 records, credentials included
+        (staged / f"pvc-{i}.json").write_text('{"version": 1, "env": {"AWS_SECRET_ACCESS_K'
+                                              'EY": "sk-torn-secret"')
+        os.utime(staged / f"pvc-{i}.json", (1000 + i, 1000 + i))
+    for i in range(3):
+        (staged / f"old-{i}.json.bad").write_text("sk-torn-secret")  # earlier versions'
+    StateStore(str(tmp_path / "state"))
+    bad = sorted(p.name for p in staged.iterdir())
+    assert len(bad) == MAX_BAD and all(n.endswith(".json.bad") for n in bad)
+    assert b"sk-torn-secret" not in _all_bytes(tmp_path)
+    note = json.loads((staged / bad[0]).read_text())
+    assert note["error"] == "JSONDecodeError" and note["size"] > 0
+    StateStore(str(tmp_path / "state"))  # and they do not pile up across restarts
+    assert len(list(staged.iterdir())) == MAX_BAD
+
+
+def test_quarantined_records_of_older_versions_lose_their_content(tmp_path) -> None:
+    staged = tmp_path / "state/staged"
+    staged.mkdir(parents=True)
+    (staged / "pvc-1.json.bad").write_text('{"env": {"AWS_SECRET_ACCESS_KEY": "sk-old"}}')
+    StateStore(str(tmp_path / "state"))
+    assert [p.name for p in staged.iterdir()] == ["pvc-1.json.bad"]
+    assert b"sk-old" not in _all_bytes(tmp_path)
+
+
 def test_records_compare_requests_not_secrets() -> None:
-    a = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "old"})
-    b = StageRecord("v", "/s", 1, False, 3, [], None, {"AWS_SECRET_ACCESS_KEY": "rotated"})
+    a = StageRecord("v", "/s", 1, False, 3, [], None, "redis://h:6379/0 s3://b/p")
+    b = StageRecord("v", "/s", 1, False, 3, [], None, "redis://h:6379/0 s3://b/p")
     assert a.same_request(b)
     assert not a.same_request(StageRecord("v", "/s", 1, False, 4))
+    assert not a.same_request(StageRecord("v", "/s", 1, False, 3, [], None, ""))
+
+
+def test_backend_identity_has_no_credentials() -> None:
+    rotated = [{"CHUNKFS_META": f"redis://user{i}:pw{i}@h:6380/2", "CHUNKFS_STORAGE": "s3://b/p",
+                "AWS_ENDPOINT_URL": "http://s3:9000", "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": f"ak{i}", "AWS_SECRET_ACCESS_KEY": f"sk{i}"}
+               for i in range(2)]
+    first, second = (backend_identity(e) for e in rotated)
+    assert first == second == "redis://h:6380/2 s3://b/p http://s3:9000 us-east-1"
+    assert backend_identity({}) == ""
+
+
+def test_secret_store_keeps_credentials_in_memory_off_memory_filesystems(tmp_path) -> None:
+    store = SecretStore(str(tmp_path / "secrets"))  # tmp_path is not a tmpfs here
+    assert not store.persistent or filesystem_of(str(tmp_path)) in ("tmpfs", "ramfs")
+    store.put("pvc-1", {"AWS_SECRET_ACCESS_KEY": "sk"})
+    assert store.get("pvc-1") == {"AWS_SECRET_ACCESS_KEY": "sk"}
+    if not store.persistent:
+        assert not (tmp_path / "secrets").exists()
+
+
+def test_secret_store_on_tmpfs_survives_a_restart_and_tracks_rotation() -> None:
+    directory = tempfile.mkdtemp(dir="/dev/shm")
+    try:
+        store = SecretStore(directory + "/s")
+        assert store.persistent
+        store.put("pvc-1", {"K": "v1"})
+        store.mounted_with("pvc-1", {"K": "v1"})
+        assert store.mount_is_current("pvc-1")
+        store.put("pvc-1", {"K": "v2"})  # rotated: the running mount still has v1
+        again = SecretStore(directory + "/s")
+        assert again.get("pvc-1") == {"K": "v2"} and not again.mount_is_current("pvc-1")
+        assert os.stat(directory + "/s").st_mode & 0o777 == 0o700
+        assert os.stat(directory + "/s/pvc-1.json").st_mode & 0o777 == 0o600
+        again.drop("pvc-1")
+        assert os.listdir(directory + "/s") == [] and again.get("pvc-1") is None
+    finally:
+        shutil.rmtree(directory)
 
 
 def test_mountinfo_unescape() -> None:
-    assert _unescape(r"/var/lib/with\040space\011tab") == "/var/lib/with space\ttab"
-    assert _unescape("/plain") == "/plain"
-    assert _unescape("/ends\\04") == "/ends\\04"
+    assert unescape(r"/var/lib/with\040space\011tab") == "/var/lib/with space\ttab"
+    assert unescape("/plain") == "/plain"
+    assert unescape("/ends\\04") == "/ends\\04"
+
+
+def test_mountinfo_line() -> None:
+    line = ("36 35 0:52 / /k/pods/x/mount ro,nosuid,nodev,relatime shared:1 master:2 - "
+            "fuse.chunkfs chunkfs:pvc-1 rw,user_id=0,group_id=0,allow_other\n")
+    entry = parse_line(line)
+    assert entry is not None
+    assert (entry.mount_point, entry.device, entry.fstype, entry.source) == (
+        "/k/pods/x/mount", "0:52", "fuse.chunkfs", "chunkfs:pvc-1")
+    assert {"ro", "nosuid", "nodev"} <= entry.options
+    assert parse_line("garbage") is None

@@ -26,6 +26,35 @@ def test_redact_url_hides_the_password() -> None:
     assert redact_url("redis://:hunter2@host:6379/1") == "redis://:***@host:6379/1"
     assert "hunter2" not in redact_url("redis://user:hunter2@h:1/0")
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+    assert redact_url("redis://user:pw@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact_url("unix://:pw@/run/redis.sock") == "unix://:***@/run/redis.sock"
+    assert redact_url("s3://bucket/prefix") == "s3://bucket/prefix"
+
+
+# every character a user may put, unencoded, into a user name or a password
+_ANY = [chr(c) for c in range(0x20, 0x7f)] + ["\t", "é", "密"]
+
+
+@pytest.mark.parametrize("c", _ANY)
+def test_redact_url_hides_a_password_containing_any_character(c: str) -> None:
+    password = f"pa{c}ss{c}word"
+    for url in (f"redis://:{password}@host:6379/0", f"redis://user:{password}@host:6379/0",
+                f"redis://:{password}@host", f"rediss://:{password}@10.0.0.1:6380/2?x=1",
+                f"unix://:{password}@/run/redis.sock"):
+        shown = redact_url(url)
+        assert password not in shown and "ss" + c + "word" not in shown, (url, shown)
+
+
+@pytest.mark.parametrize("c", _ANY)
+def test_redact_url_hides_the_password_whatever_the_user_name(c: str) -> None:
+    for user in (f"us{c}er", f"{c}", f"a{c}{c}b"):
+        shown = redact_url(f"redis://{user}:hunter2@host:6379/0")
+        assert "hunter2" not in shown and "unter" not in shown, (user, shown)
+
+
+def test_redact_url_hides_a_password_query_parameter() -> None:
+    shown = redact_url("redis://host:6379/0?password=hunter2&db=1")
+    assert "hunter2" not in shown and "db=1" in shown
 
 
 def test_storage_config_from_url_and_env() -> None:
