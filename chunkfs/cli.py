@@ -13,7 +13,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any, NoReturn
 
 from chunkfs import logs
 from chunkfs.config import backend_from_env, format_size, parse_size
+from chunkfs.control import Connection, ControlError, query_status
 from chunkfs.errors import (
     ChunkfsError,
     InvalidArgument,
@@ -224,7 +224,7 @@ def _mount_config(args: argparse.Namespace) -> Any:
         entry_timeout=option("entry-timeout", "1", float),
         readahead_blocks=option("readahead", "4", int),
         inline_limit=option("inline", "16KiB", parse_size),
-        allow_other="noallow_other" not in opts,
+        allow_other="noallow_other" not in opts, run_dir=args.run_dir,
         kernel_readahead_kb=option("kernel-readahead", "4MiB", parse_size) // 1024)
     if min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0:
         raise InvalidArgument("mount option values must not be negative")
@@ -347,37 +347,49 @@ def _without_backend_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def _read_status(mountpoint: str) -> dict[str, Any]:
-    path = os.path.join(mountpoint, STATUS_FILE)
+def _read_status(mountpoint: str, run_dir: str | None) -> dict[str, Any]:
+    """The mount's state from its control socket (never from the volume: see
+    chunkfs.control); a caller who may not use the socket reads the virtual file."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return query_status(mountpoint, run_dir=run_dir)
+    except ControlError as exc:
+        if os.geteuid() == 0:
+            raise _not_a_mount(mountpoint, exc) from None
+    return _read_status_file(mountpoint)
+
+
+def _not_a_mount(mountpoint: str, exc: ControlError) -> CliError:
+    if not os.path.ismount(mountpoint):
+        return CliError(f"{mountpoint} is not a chunkfs mount", EXIT_USAGE)
+    try:
+        os.statvfs(mountpoint)
+    except OSError as err:
+        if err.errno == errno.ENOTCONN:
+            return CliError(f"{mountpoint}: the chunkfs process is gone (stale mount)")
+    return CliError(str(exc))
+
+
+def _read_status_file(mountpoint: str) -> dict[str, Any]:
+    """For unprivileged users: what the mount shows everyone (bounded, no symlinks)."""
+    try:
+        fd = os.open(os.path.join(mountpoint, STATUS_FILE), os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         raise CliError(f"{mountpoint} is not a chunkfs mount", EXIT_USAGE) from None
     except OSError as exc:
         if exc.errno == errno.ENOTCONN:
             raise CliError(f"{mountpoint}: the chunkfs process is gone (stale mount)") from None
         raise CliError(f"{mountpoint}: {exc.strerror}") from None
-
-
-def _mount_process_of(mountpoint: str) -> int | None:
-    """The chunkfs process serving ``mountpoint``, from /proc/mounts and command lines."""
-    with open("/proc/mounts") as f:
-        if not any(line.split()[1] == mountpoint and line.split()[2] == "fuse.chunkfs"
-                   for line in f):
-            return None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-        except OSError:
-            continue
-        if "mount" in argv and mountpoint in argv and any("chunkfs" in a for a in argv):
-            if int(entry) != os.getpid():
-                return int(entry)
-    return None
+    try:
+        data = os.read(fd, 256 * 1024)
+    finally:
+        os.close(fd)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        raise CliError(f"{mountpoint}: unreadable status") from None
+    if not isinstance(doc, dict):
+        raise CliError(f"{mountpoint}: unreadable status")
+    return doc
 
 
 def _pid_alive(pid: int) -> bool:
@@ -389,32 +401,39 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Ask the mount process to flush, unmount and exit, and wait until it has. Its pid
+    comes from the kernel (the control socket's peer), never from the volume."""
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        pid = int(_read_status(mountpoint)["pid"])
-    except CliError as exc:
-        if "stale mount" in str(exc):
+        with Connection(mountpoint, run_dir=args.run_dir, timeout=10) as conn:
+            conn.send("unmount")
+            conn.receive()
+            try:
+                final = conn.receive(timeout=args.timeout)
+            except ControlError as exc:  # gone without a word: its exit status tells
+                if "closed the connection" not in str(exc):
+                    raise CliError(f"mount process {conn.peer_pid} did not exit within "
+                                   f"{args.timeout:.0f}s (data still uploading?)") from None
+                final = {"clean": not os.path.ismount(mountpoint)}
+            pid = conn.peer_pid
+    except ControlError as exc:
+        err = _not_a_mount(mountpoint, exc)
+        if "stale mount" in str(err):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False)
             print(f"cleared stale mount {mountpoint}")
             return EXIT_OK
-        # the status file is unreachable when the volume itself is gone: find the process
-        found = _mount_process_of(mountpoint)
-        if found is None:
-            raise
-        pid = found
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + args.timeout
-    while _pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise CliError(f"mount process {pid} did not exit within {args.timeout:.0f}s "
-                           "(data still uploading?)")
-        time.sleep(0.05)
+        raise err from None
+    deadline = time.monotonic() + 30
+    while pid and _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not final.get("clean", False):
+        raise CliError(f"unmounted {mountpoint}, but flushing its data failed (see its log)")
     print(f"unmounted {mountpoint}")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _read_status(os.path.abspath(args.mountpoint))
+    status = _read_status(os.path.abspath(args.mountpoint), args.run_dir)
     if args.json:
         print(json.dumps(status, indent=2))
         return EXIT_OK
@@ -529,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_snapshot_delete)
 
     p = sub.add_parser("mount", parents=[backend], help="mount a volume")
+    p.add_argument("--run-dir", default=None,
+                   help="root-only directory of the mounts' control sockets (default: "
+                        "$CHUNKFS_RUN_DIR, else /run/chunkfs)")
     p.add_argument("name")
     p.add_argument("mountpoint")
     p.add_argument("--cache-dir", required=True, help="local block cache directory (node NVMe)")
@@ -543,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_mount)
 
     p = sub.add_parser("umount", help="flush, unmount, and wait for the mount process to exit")
+    p.add_argument("--run-dir", default=None,
+                   help="root-only directory of the mounts' control sockets (default: "
+                        "$CHUNKFS_RUN_DIR, else /run/chunkfs)")
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(run=cmd_umount)
@@ -564,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_fsck)
 
     p = sub.add_parser("status", help="show a mount's state")
+    p.add_argument("--run-dir", default=None,
+                   help="root-only directory of the mounts' control sockets (default: "
+                        "$CHUNKFS_RUN_DIR, else /run/chunkfs)")
     p.add_argument("mountpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_status)

@@ -73,7 +73,11 @@ def redact_url(url: str) -> str:
 
 def check_meta_url(url: str) -> str:
     parts = urlsplit(url or "")
-    if parts.scheme not in ("redis", "rediss", "unix") or (
+    if parts.scheme == "rediss":
+        # the mount's hot-path client speaks plain TCP: a TLS URL must not silently lose TLS
+        raise InvalidArgument(f"metadata URL {redact_url(url)!r}: rediss:// (Redis over TLS) is "
+                              "not supported yet; use redis:// on a trusted network")
+    if parts.scheme not in ("redis", "unix") or (
         parts.scheme != "unix" and not parts.hostname
     ):
         raise InvalidArgument(

@@ -186,6 +186,18 @@ class ChunkFS(pyfuse3.Operations):
         self._next_fh += 1
         return self._next_fh
 
+    @staticmethod
+    def _not_reserved(parent: int, name: bytes, err: int = errno.EPERM) -> None:
+        """The status file's name at the root belongs to the mount in every operation: a
+        pod renaming, linking or creating its own file there would shadow it."""
+        if parent == ROOT_INODE and name == STATUS_NAME:
+            raise FsError(err)
+
+    @staticmethod
+    def _not_status(inode: int) -> None:
+        if inode == STATUS_INO:
+            raise FsError(errno.EPERM)
+
     def _check_writable(self) -> None:
         if self.fenced:
             raise Fenced("writer lease revoked: this node may no longer write the volume")
@@ -299,6 +311,7 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._not_status(inode)
         self._check_writable()
         now = time.time_ns()
         changes: dict[str, int] = {}
@@ -338,8 +351,7 @@ class ChunkFS(pyfuse3.Operations):
         self._check_writable()
         if len(name) > 255:
             raise FsError(errno.ENAMETOOLONG)
-        if parent == ROOT_INODE and name == STATUS_NAME:
-            raise FsError(errno.EEXIST)
+        self._not_reserved(parent, name, errno.EEXIST)
         return await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
                                       target=target, inline=stat.S_ISREG(mode))
 
@@ -371,6 +383,8 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
+        self._not_status(inode)
+        self._not_reserved(new_parent_inode, new_name, errno.EEXIST)
         self._check_writable()
         await self.meta.link(inode, new_parent_inode, new_name)
         return self._known(self._entry(await self.meta.getattr(inode)))
@@ -384,18 +398,22 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._not_reserved(parent_inode, name)
         self._check_writable()
         ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
         await self._after_unlink(ino, left)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._not_reserved(parent_inode, name, errno.ENOTDIR)
         self._check_writable()
         await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
+        self._not_reserved(parent_inode_old, name_old)
+        self._not_reserved(parent_inode_new, name_new)
         self._check_writable()
         if flags not in _RENAME_FLAGS:
             raise FsError(errno.EINVAL)
@@ -572,6 +590,7 @@ class ChunkFS(pyfuse3.Operations):
     # ---- xattrs ----------------------------------------------------------------------
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._not_status(inode)
         self._check_writable()
         if len(name) > 255 or len(value) > 65536:
             raise FsError(errno.ERANGE)
@@ -590,6 +609,7 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._not_status(inode)
         self._check_writable()
         try:
             await self.meta.removexattr(inode, name)

@@ -27,6 +27,7 @@ from chunkfs.blocks.store import BlockStore
 from chunkfs.cache import BlockCache
 from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig
+from chunkfs.control import ControlError, ControlServer, socket_path
 from chunkfs.errors import (
     InvalidArgument,
     MetaUnavailable,
@@ -61,6 +62,7 @@ class MountConfig:
     inline_limit: int = 16 * 1024
     allow_other: bool = True
     kernel_readahead_kb: int = 4096
+    run_dir: str | None = None  # where the control socket lives (chunkfs.control)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -155,6 +157,14 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
         tune_kernel_readahead(cfg.mountpoint, cfg.kernel_readahead_kb)
+        control = ControlServer(socket_path(cfg.mountpoint, cfg.run_dir), fs.status_document,
+                                pyfuse3.terminate)
+        try:
+            await control.start()
+        except (OSError, ControlError) as exc:
+            pyfuse3.close(unmount=True)
+            on_ready(f"cannot open the control socket in {os.path.dirname(control.path)}: {exc}")
+            return 1
         refresher = asyncio.create_task(_refresh_volume(fs, meta))
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
                                    "epoch": epoch, "session": session})
@@ -174,6 +184,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                 clean = False
             pyfuse3.close(unmount=True)
             log.info("unmounted", extra={"mountpoint": cfg.mountpoint})
+            await control.close(clean=clean)
         return 0 if clean else 1
 
 

@@ -86,11 +86,18 @@ def backend_env(env: Mapping[str, str]) -> dict[str, str]:
 class ChildLauncher:
     """``chunkfs mount`` / ``chunkfs umount`` as child processes of this process."""
 
-    def __init__(self, chunkfs: list[str]) -> None:
+    def __init__(self, chunkfs: list[str], run_dir: str | None = None) -> None:
         self.chunkfs = chunkfs
+        self.run_dir = run_dir  # the mounts' control sockets (chunkfs.control)
 
     def describe(self) -> str:
         return "child processes of the plugin"
+
+    def _env(self, env: Mapping[str, str]) -> dict[str, str]:
+        env = dict(env)
+        if self.run_dir:
+            env["CHUNKFS_RUN_DIR"] = self.run_dir
+        return env
 
     async def mount(self, spec: MountSpec, env: Mapping[str, str], seconds: float) -> Outcome:
         await asyncio.to_thread(os.makedirs, spec.cache_dir, mode=0o700, exist_ok=True)
@@ -102,7 +109,7 @@ class ChildLauncher:
             # own session: the mount must not die with the plugin's process group
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                env=dict(env), start_new_session=True)
+                env=self._env(env), start_new_session=True)
         try:
             rc = await asyncio.wait_for(proc.wait(), seconds)
         except TimeoutError:
@@ -115,7 +122,8 @@ class ChildLauncher:
     async def umount(self, path: str, seconds: float) -> Outcome:
         proc = await asyncio.create_subprocess_exec(
             *self.chunkfs, "umount", path, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env=self._env(os.environ))
         try:
             _, err = await asyncio.wait_for(proc.communicate(), seconds)
         except TimeoutError:

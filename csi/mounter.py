@@ -74,7 +74,8 @@ class MounterServer:
         self.kubelet_dir = kubelet_dir
         self.cache_dir = cache_dir
         self.state_dir = state_dir
-        self.launcher = launcher or ChildLauncher(chunkfs_command())
+        self.launcher = launcher or ChildLauncher(chunkfs_command(),
+                                                  run_dir=os.path.join(state_dir, "control"))
         self.mounted: set[str] = set()
         self._server: asyncio.base_events.Server | None = None
         self._base_env = {k: v for k, v in os.environ.items()

@@ -41,7 +41,7 @@ import concurrent.futures
 import contextlib
 import enum
 import errno
-import json
+import functools
 import logging
 import os
 import shutil
@@ -51,6 +51,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from chunkfs.control import query_status
 from csi import errors, mountcalls, mountinfo, paths
 from csi.backends import overlay_env
 from csi.launcher import ChildLauncher, Launcher, MountSpec
@@ -64,7 +65,6 @@ UNMOUNT_TIMEOUT = 300.0  # chunkfs umount flushes dirty data to S3 first
 PROBE_TIMEOUT = 5.0      # a statfs that takes longer marks the mount as hung
 CHUNKFS_EXIT_USAGE = 2            # the chunkfs CLI's exit status for bad input
 FSTYPE = "fuse.chunkfs"          # in /proc/self/mountinfo, also for the bind mounts
-STATUS_FILE = ".chunkfs.status"  # a chunkfs mount's virtual status file (chunkfs status)
 
 
 class Health(enum.Enum):
@@ -129,7 +129,8 @@ class Prober:
     waiting.
     """
 
-    def __init__(self, workers: int = 8) -> None:
+    def __init__(self, workers: int = 8, run_dir: str | None = None) -> None:
+        self.run_dir = run_dir  # where the mounts' control sockets are (chunkfs.control)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="mount-probe")
         self._pending: dict[tuple[str, str], concurrent.futures.Future[Any]] = {}
         self._lock = threading.Lock()  # the metrics thread probes too
@@ -172,7 +173,8 @@ class Prober:
 
     async def status(self, path: str, seconds: float = PROBE_TIMEOUT) -> dict[str, Any]:
         """The mount's own report (``chunkfs status --json``): dirty bytes, fenced, ..."""
-        return await self._run("status", path, read_status, seconds)
+        return await self._run("status", path,
+                               functools.partial(read_status, run_dir=self.run_dir), seconds)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -183,9 +185,10 @@ def is_dead_error(exc: OSError) -> bool:
     return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV, errno.EIO)
 
 
-def read_status(mountpoint: str) -> dict[str, Any]:
-    with open(os.path.join(mountpoint, STATUS_FILE), "rb") as f:
-        return json.loads(f.read())
+def read_status(mountpoint: str, run_dir: str | None = None) -> dict[str, Any]:
+    """A staging mount's own report, from its control socket in the root-only run dir
+    (``chunkfs.control``): never from a file inside the volume, which pods can write."""
+    return query_status(mountpoint, run_dir=run_dir)
 
 
 # --- running mount commands ---------------------------------------------------------
@@ -361,6 +364,13 @@ class NodeMounts:
         self.store = StateStore(state_dir, migrate=self.secrets.put)
         self.cache_dir = cache_dir
         self.mounter = mounter or Mounter(os.path.join(state_dir, "logs"))
+        # the mounts' control sockets: root-only, under the state dir that the node plugin
+        # and the mounter share at the same path
+        self.run_dir = os.path.join(state_dir, "control")
+        self.mounter.prober.run_dir = self.run_dir
+        launcher = self.mounter.launcher
+        if isinstance(launcher, ChildLauncher) and launcher.run_dir is None:
+            launcher.run_dir = self.run_dir  # (the mounter derives the same from its state dir)
         self.locks = locks
         self.health: dict[str, str] = {}  # volume -> outcome of its last check (metrics)
 

@@ -13,6 +13,7 @@ import logging
 import os
 
 from chunkfs import errors as cf
+from chunkfs.control import ControlError
 from csi import errors, mountinfo, paths, validate
 from csi.backends import ServiceCache, default_configured
 from csi.controller import EPOCH_KEY
@@ -225,12 +226,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                 message = errors.credentials_unavailable(request.volume_id).message
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
                 abnormal=True, message=message))
+        stage = self.mounts.staged(request.volume_id)
         try:
             st = await self.mounts.prober.statvfs(path)
-            status = await self.mounts.prober.status(path)
+            status = (await self.mounts.prober.status(stage.staging_path)) if stage else {}
         except TimeoutError:
             return csi_pb2.NodeGetVolumeStatsResponse(volume_condition=Condition(
                 abnormal=True, message=_condition_message(Health.HUNG, path)))
+        except ControlError as exc:
+            return csi_pb2.NodeGetVolumeStatsResponse(
+                volume_condition=Condition(abnormal=True, message=str(exc)))
         except (OSError, ValueError) as exc:
             message = (_condition_message(Health.DEAD, path)
                        if isinstance(exc, OSError) and is_dead_error(exc)

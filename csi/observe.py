@@ -13,6 +13,7 @@ For every unary RPC it
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from google.protobuf.message import Message
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from chunkfs.control import ControlError
 from chunkfs.logs import JsonFormatter
 from csi.errors import to_status
 from csi.v1 import csi_pb2
@@ -152,9 +154,10 @@ class MountCollector:
         from csi.mounts import read_status
 
         try:
-            doc = self.mounts.prober.run_blocking("status", path, read_status,
-                                                  self.status_timeout)
-        except (OSError, TimeoutError, ValueError):
+            doc = self.mounts.prober.run_blocking(
+                "status", path, functools.partial(read_status, run_dir=self.mounts.run_dir),
+                self.status_timeout)
+        except (OSError, TimeoutError, ValueError, ControlError):
             return []
         doc.pop("pid", None)
         return list(_numbers("chunkfs_mount", doc))

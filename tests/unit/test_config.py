@@ -82,3 +82,14 @@ def test_backend_from_env_requires_both_and_checks_meta() -> None:
     meta, storage = backend_from_env(None, None, {"CHUNKFS_META": "redis://h:1/0",
                                                   "CHUNKFS_STORAGE": "s3://b-1/p"})
     assert meta == "redis://h:1/0" and storage.bucket == "b-1"
+
+
+@pytest.mark.parametrize("url", ["rediss://:pw@host:6380/0", "http://host/0", "redis://", "",
+                                 "redis://host:notaport/0"])
+def test_metadata_urls_that_chunkfs_cannot_honour_are_refused(url: str) -> None:
+    """rediss:// would silently lose its TLS in the hot-path client: refused like garbage."""
+    from chunkfs.config import check_meta_url
+
+    with pytest.raises(InvalidArgument) as err:
+        check_meta_url(url)
+    assert "pw" not in str(err.value)
