@@ -42,7 +42,7 @@ import re
 import signal
 from typing import Any
 
-from csi import errors, validate
+from csi import errors, paths, validate
 from csi.launcher import (
     BACKEND_PREFIXES,
     MAX_MESSAGE,
@@ -173,7 +173,7 @@ class MounterServer:
                                        "message": outcome.message}})
             return outcome
         if op == "umount":
-            path = validate.check_path("path", str(request.get("path", "")), self.kubelet_dir)
+            path = paths.KubeletDir(self.kubelet_dir).canonical("path", str(request.get("path", "")))
             if mount_table().get(path) != FSTYPE:
                 self.mounted.discard(path)
                 return Outcome(0, f"{path} is not a chunkfs mount")
@@ -194,9 +194,9 @@ class MounterServer:
         except TypeError as exc:
             raise Refused(f"bad spec: {exc}") from None
         validate.check_id("volume_id", str(spec.volume_id))
-        staging = validate.check_path("staging_path", str(spec.staging_path), self.kubelet_dir)
-        cache = validate.check_path("cache_dir", str(spec.cache_dir), self.cache_dir)
-        log_file = validate.check_path("log_file", str(spec.log_file), self.state_dir)
+        staging = paths.KubeletDir(self.kubelet_dir).canonical("staging_path", str(spec.staging_path))
+        cache = paths.KubeletDir(self.cache_dir).canonical("cache_dir", str(spec.cache_dir))
+        log_file = paths.KubeletDir(self.state_dir).canonical("log_file", str(spec.log_file))
         options = spec.options if isinstance(spec.options, list) else None
         if options is None or not all(isinstance(o, str) and _OPTION_RE.match(o)
                                       for o in options):

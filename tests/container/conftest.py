@@ -81,6 +81,11 @@ class NodeHost:
         return self.root / "kubelet"
 
     @property
+    def secrets(self) -> Path:
+        """Where a node keeps Secret credentials: a tmpfs, as /run is on a real node."""
+        return self.root / "run-secrets"
+
+    @property
     def plugin_socket(self) -> Path:
         return self.kubelet / "plugins" / "csi.chunkfs.io" / "csi.sock"
 
@@ -91,7 +96,7 @@ class NodeHost:
             "kubeletDir": str(self.kubelet),
             "node": {"cache": {"hostPath": str(self.root / "cache")},
                      "stateDir": str(self.root / "state"), "recoverInterval": 1,
-                     "logLevel": "debug"},
+                     "secretsDir": str(self.secrets), "logLevel": "debug"},
             "mounter": {"socketDir": str(self.root / "mounter"), "grace": 30},
         }
         for key, value in extra.items():
@@ -126,9 +131,13 @@ def node_host() -> Iterator[NodeHost]:
     # kubelet's directory is a shared mount on a real node: make ours one
     subprocess.run(["mount", "--bind", str(kubelet), str(kubelet)], check=True)
     subprocess.run(["mount", "--make-rshared", str(kubelet)], check=True)
+    host.secrets.mkdir(mode=0o700)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0700,size=4m", "tmpfs", str(host.secrets)],
+                   check=True)
     try:
         yield host
     finally:
+        subprocess.run(["umount", "-l", str(host.secrets)], capture_output=True, check=False)
         _unmount_under(kubelet)
         subprocess.run(["umount", "-l", str(kubelet)], capture_output=True, check=False)
         subprocess.run(["rm", "-rf", "--one-file-system", str(root)], capture_output=True,
