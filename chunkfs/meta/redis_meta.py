@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,8 +35,8 @@ from chunkfs.errors import (
     SessionExpired,
     VolumeFrozen,
 )
-from chunkfs.meta import scripts
-from chunkfs.meta.resp import RespClient, pairs_to_dict
+from chunkfs.meta import redis_url, scripts
+from chunkfs.meta.resp import RespClient, TlsFailure, pairs_to_dict
 from chunkfs.meta.schema import (
     ATTR_FIELDS,
     FREEZE_SECONDS,
@@ -62,11 +64,47 @@ def connect_fast(url: str, timeout: float = 10.0) -> RespClient:
     return RespClient.from_url(url, timeout=timeout)
 
 
+class _SentinelRedis(aioredis.Redis):
+    """The primary's client of a Sentinel URL; closing it closes the sentinels' too."""
+
+    sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel is not None:
+            for client in self.sentinel.sentinels:
+                await client.aclose()
+
+
 def connect(url: str) -> aioredis.Redis:
-    """The administrative client; short socket timeouts so a dead Redis is noticed quickly."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5,
-        health_check_interval=30, max_connections=64)
+    """The administrative client (redis-py) for every shape of metadata URL
+    (``chunkfs.meta.redis_url``); short socket timeouts so a dead Redis is noticed
+    quickly. On Redis Cluster it is a ``RedisCluster``, which offers the same commands
+    (callers that scan keys use ``chunkfs.meta.topology``)."""
+    target = redis_url.parse(url)
+    common: dict[str, Any] = {"decode_responses": False, "socket_timeout": 10,
+                              "socket_connect_timeout": 5, "username": target.username,
+                              "password": target.password}
+    if target.kind == "cluster":
+        return RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            max_connections=64, **common)
+    if target.kind == "sentinel":
+        sentinel = Sentinel(
+            list(target.nodes), sentinel_kwargs={
+                "socket_timeout": 5, "socket_connect_timeout": 5,
+                "username": target.sentinel_username, "password": target.sentinel_password},
+            db=target.db, health_check_interval=30, **common)
+        client = sentinel.master_for(target.master or "", redis_class=_SentinelRedis,
+                                     max_connections=64)
+        client.sentinel = sentinel
+        return client
+    if target.kind == "unix":
+        return aioredis.Redis(unix_socket_path=target.unix_path, health_check_interval=30,
+                              max_connections=64, **common)
+    tls = target.tls.redis_py() if target.tls is not None else {}
+    return aioredis.Redis(host=target.host, port=target.port, db=target.db,
+                          health_check_interval=30, max_connections=64, **tls, **common)
 
 
 def error_code(exc: ResponseError) -> str:
@@ -130,8 +168,12 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                 stats.latency_sum += time.monotonic() - start
                 stats.by_op[op] = stats.by_op.get(op, 0) + 1
             return result
-        except AuthenticationError as exc:  # retrying cannot help
-            raise MetaUnavailable("Redis refused the credentials (check the password in the URL)") from exc
+        except TlsFailure as exc:  # retrying cannot help
+            raise MetaUnavailable(f"{exc} (check ssl_ca_certs and the host name in the "
+                                  "URL)") from exc
+        except AuthenticationError as exc:
+            raise MetaUnavailable("Redis refused the credentials (check the user and password "
+                                  "in the URL)") from exc
         except ResponseError as exc:
             if error_code(exc) == "FROZEN":
                 if time.monotonic() < frozen_limit:
@@ -183,7 +225,8 @@ class VolumeMeta:
         script = getattr(scripts, name)
         if name in _MUTATIONS:
             keys = [*keys, self._request_key()]
-        return await with_retries(lambda: self.r.evalsha(script, keys, args),
+        write = name in _MUTATIONS
+        return await with_retries(lambda: self.r.evalsha(script, keys, args, write=write),
                                   deadline=self.deadline, stats=self.stats, op=name.lower(),
                                   client=self.r)
 
