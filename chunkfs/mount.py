@@ -36,6 +36,7 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fs import ChunkFS, MountOptions
+from chunkfs.meta import durability, redis_url
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
 from chunkfs.meta.schema import VOLUMES, Keys
 from chunkfs.objstore import ObjectStore
@@ -105,6 +106,9 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                          (await with_retries(lambda: admin.hgetall(keys.vol), deadline=10)).items()}
                 await store.ping(deadline=min(cfg.io_timeout, 15))
                 await with_retries(lambda: claim_storage(admin, store), deadline=10)
+                durable = await with_retries(
+                    lambda: durability.check(admin, redis_url.parse(cfg.meta_url)), deadline=10)
+                durability.log_report(durable)
             finally:
                 await admin.aclose()
             client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))
@@ -130,7 +134,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
 
         def extra() -> dict[str, Any]:
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
-                    "s3": store.stats.as_dict(), "session": session}
+                    "s3": store.stats.as_dict(), "session": session,
+                    "redis_durability": durable.as_dict()}
 
         if not meta.read_only:
             try:

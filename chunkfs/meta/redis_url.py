@@ -100,10 +100,18 @@ class RedisTarget:
         return self.nodes[0][1] if self.nodes else 0
 
 
-def _bad(url: str, why: str) -> InvalidArgument:
-    from chunkfs.config import redact_url
+class BadMetaUrl(InvalidArgument):
+    """A malformed metadata URL; ``reason`` names the rule and no value of the URL."""
 
-    return InvalidArgument(f"invalid metadata URL {redact_url(url)!r}: {why}")
+    def __init__(self, url: str, reason: str) -> None:
+        from chunkfs.config import redact_url
+
+        super().__init__(f"invalid metadata URL {redact_url(url)!r}: {reason}")
+        self.reason = reason
+
+
+def _bad(url: str, why: str) -> BadMetaUrl:
+    return BadMetaUrl(url, why)
 
 
 def _hosts(url: str, text: str, default_port: int, many: bool) -> tuple[tuple[str, int], ...]:
@@ -113,7 +121,7 @@ def _hosts(url: str, text: str, default_port: int, many: bool) -> tuple[tuple[st
             host, _, rest = item[1:].partition("]")
             port_text = rest[1:] if rest.startswith(":") else ""
             if rest and not rest.startswith(":"):
-                raise _bad(url, f"bad host {item!r}")
+                raise _bad(url, "a bracketed IPv6 host must be followed by :port or nothing")
         else:
             host, _, port_text = item.partition(":")
         if not host:
@@ -121,9 +129,9 @@ def _hosts(url: str, text: str, default_port: int, many: bool) -> tuple[tuple[st
         try:
             port = int(port_text) if port_text else default_port
         except ValueError:
-            raise _bad(url, f"bad port in {item!r}") from None
+            raise _bad(url, "a port is not a number") from None
         if not 0 < port < 65536:
-            raise _bad(url, f"port out of range in {item!r}")
+            raise _bad(url, "a port is out of range")
         nodes.append((host, port))
     if len(nodes) > 1 and not many:
         raise _bad(url, "several hosts need redis+sentinel:// or redis+cluster://")
@@ -134,7 +142,7 @@ def _db(url: str, text: str) -> int:
     if not text:
         return 0
     if not text.isdigit() or int(text) > 100_000:
-        raise _bad(url, f"the database must be a number, not {text!r}")
+        raise _bad(url, "the database must be a number")
     return int(text)
 
 
@@ -164,7 +172,7 @@ def parse(url: str) -> RedisTarget:
     allowed = {"rediss": _TLS_OPTIONS, "redis+sentinel": _SENTINEL_OPTIONS}.get(scheme, ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise _bad(url, f"unknown option {unknown[0]!r} for {scheme}:// (allowed: "
+        raise _bad(url, f"unknown query option {unknown[0][:40]!r} for {scheme}:// (allowed: "
                    f"{', '.join(allowed) or 'none'})")
     if kind == "unix":
         if not location.startswith("/"):
