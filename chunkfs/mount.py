@@ -98,6 +98,10 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             stack.push_async_callback(store.close)
             admin = connect(cfg.meta_url)
             try:
+                # first: a plain URL to a cluster node is refused before it meets a MOVED
+                durable = await with_retries(
+                    lambda: durability.check(admin, redis_url.parse(cfg.meta_url)), deadline=10)
+                durability.log_report(durable)
                 ns = await with_retries(lambda: admin.hget(VOLUMES, cfg.volume), deadline=10)
                 if ns is None:
                     raise VolumeNotFound(f"volume {cfg.volume!r} not found")
@@ -106,9 +110,6 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                          (await with_retries(lambda: admin.hgetall(keys.vol), deadline=10)).items()}
                 await store.ping(deadline=min(cfg.io_timeout, 15))
                 await with_retries(lambda: claim_storage(admin, store), deadline=10)
-                durable = await with_retries(
-                    lambda: durability.check(admin, redis_url.parse(cfg.meta_url)), deadline=10)
-                durability.log_report(durable)
             finally:
                 await admin.aclose()
             client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))

@@ -92,6 +92,15 @@ class Server:
     def stop(self) -> None:
         self.process.stop(timeout=5)
 
+    def restart(self, timeout: float = 30) -> None:
+        """Start the same server again (same port, configuration and data)."""
+        assert self.process.popen is not None, "only servers started here can be restarted"
+        args = [str(a) for a in self.process.popen.args]  # type: ignore[union-attr]
+        self.stop()
+        self.process = _spawn(args, cwd=self.data_dir,
+                              log_path=self.data_dir / "server.log", die_with_parent=True)
+        _wait(f"redis-server in {self.data_dir} (restart)", self.ping, self.process, timeout)
+
 
 def _conf(port: int, data_dir: Path, *extra: str) -> list[str]:
     return [f"port {port}", f"bind {LOOPBACK}", "protected-mode yes", "daemonize no",

@@ -14,6 +14,7 @@ import errno
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -89,6 +92,10 @@ def connect(url: str) -> aioredis.Redis:
         return RedisCluster(  # type: ignore[return-value]
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             max_connections=64, **common)
+    # with_retries retries (bounded, with backoff): redis-py backing off inside each call
+    # too would multiply the wait, also for what cannot heal (credentials, certificates).
+    # One immediate retry still replaces a connection the server closed while idle.
+    common["retry"] = Retry(NoBackoff(), 1)
     if target.kind == "sentinel":
         sentinel = Sentinel(
             list(target.nodes), sentinel_kwargs={
@@ -183,6 +190,10 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                                    f"than {_FROZEN_WAIT:.0f}s") from exc
             raise translate(exc) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            tls = _tls_failure(exc)
+            if tls is not None:  # redis-py's form of a certificate problem: retrying cannot help
+                raise MetaUnavailable(f"TLS handshake with Redis failed: {tls} (check "
+                                      "ssl_ca_certs and the host name in the URL)") from exc
             if stats is not None:
                 stats.errors += 1
             down_since = getattr(client, "down_since", None)
@@ -193,6 +204,21 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
             log.warning("redis retry", extra={"op": op, "error": type(exc).__name__})
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason when ``exc`` was caused by a failed TLS handshake (redis-py wraps it)."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 5:
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason or type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
+        return "certificate verify failed" if "CERTIFICATE" in text else "not a TLS server"
+    return None
 
 
 def now_ns() -> int:

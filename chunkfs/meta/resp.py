@@ -411,6 +411,7 @@ class _Cluster:
         self.stale = True
         self._refreshing: asyncio.Lock | None = None
         self._slot_of: dict[Any, int] = {}
+        self.redirects = {"moved": 0, "ask": 0, "retry": 0}  # seen, for status and tests
 
     def _discard(self, address: Address) -> None:
         node = self.nodes.pop(address, None)
@@ -510,6 +511,8 @@ class _Cluster:
                             _REDIRECTS):
                         continue
                     word, *rest = str(reply).split()
+                    self.redirects["moved" if word == "MOVED" else "ask" if word == "ASK"
+                                   else "retry"] += 1
                     if word in ("MOVED", "ASK"):
                         host, _, port = rest[1].rpartition(":")
                         targets[i] = (host or address[0], int(port))
@@ -566,6 +569,11 @@ class RespClient:
         else:
             self._router = _Single(make(target.nodes[0] if target.nodes else ("", 0)))
         self._run = self._router.run
+
+    @property
+    def redirects(self) -> dict[str, int]:
+        """Cluster redirections followed so far (MOVED, ASK, TRYAGAIN/CLUSTERDOWN)."""
+        return dict(getattr(self._router, "redirects", {}))
 
     @classmethod
     def from_url(cls, url: str, timeout: float = 10.0) -> RespClient:

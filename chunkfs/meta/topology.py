@@ -21,8 +21,12 @@ def is_cluster(r: Any) -> bool:
     return isinstance(r, RedisCluster)
 
 
-def _primaries(r: Any) -> list[Any]:
-    return list(r.get_primaries()) if is_cluster(r) else [None]
+async def _primaries(r: Any) -> list[Any]:
+    """The cluster's primaries (its slot map is loaded first), or [None] for one server."""
+    if not is_cluster(r):
+        return [None]
+    await r.initialize()  # a no-op once the client knows the cluster
+    return list(r.get_primaries())
 
 
 async def scan_keys(r: Any, match: str, count: int = 1000) -> AsyncIterator[bytes]:
@@ -31,7 +35,7 @@ async def scan_keys(r: Any, match: str, count: int = 1000) -> AsyncIterator[byte
         async for key in r.scan_iter(match=match, count=count):
             yield key
         return
-    for node in _primaries(r):
+    for node in await _primaries(r):
         cursor = 0
         while True:
             cursors, keys = await r.scan(cursor, match=match, count=count, target_nodes=node)
@@ -52,7 +56,7 @@ async def earliest_clock_ms(r: Any) -> int:
     """The earliest of every primary's clock, read now. A run that starts now may treat
     anything any shard stamps from here on as "at or after its start"."""
     times = []
-    for node in _primaries(r):
+    for node in await _primaries(r):
         if node is None:
             seconds, micros = await r.time()
         else:
@@ -66,7 +70,7 @@ async def layout(r: Any) -> tuple[tuple[str, str], ...] | None:
     migrated shows as ``[slot->-node]`` / ``[slot-<-node]`` in its primary's entry."""
     if not is_cluster(r):
         return None
-    raw = await r.execute_command("CLUSTER", "NODES", target_nodes=_primaries(r)[0])
+    raw = await r.execute_command("CLUSTER", "NODES", target_nodes=(await _primaries(r))[0])
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
     shards = []
     for line in text.splitlines():
@@ -83,7 +87,7 @@ def migrating(shape: tuple[tuple[str, str], ...] | None) -> bool:
 async def per_server(r: Any, *command: Any) -> list[tuple[str, Any]]:
     """``command`` on every primary: [(address, reply)] (a reply may be an exception)."""
     out: list[tuple[str, Any]] = []
-    for node in _primaries(r):
+    for node in await _primaries(r):
         try:
             if node is None:
                 reply = await r.execute_command(*command)
