@@ -432,6 +432,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _durability_lines(report: dict[str, Any]) -> str:
+    """What ``chunkfs.meta.durability`` found at mount: one line, plus one per risk."""
+    if not report:
+        return ""
+    servers = ", ".join(f"{s['server']} appendonly {s['appendonly']} appendfsync "
+                        f"{s['appendfsync']}" for s in report.get("servers", []))
+    head = f"durability:    {'ok' if report.get('ok') else 'AT RISK'} ({report.get('shape')}"
+    if report.get("wait_replicas"):
+        head += f", mutations wait for {report['wait_replicas']} replica(s)"
+    lines = [f"{head}; {servers})"]
+    lines += [f"  warning:     {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines) + "\n"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _read_status(os.path.abspath(args.mountpoint), args.run_dir)
     if args.json:
@@ -448,6 +462,7 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"{s3.get('avg_latency_ms', 0)} ms, {s3.get('errors', 0)} errors\n"
           f"redis:         {redis.get('requests', 0)} requests, avg {redis.get('avg_latency_ms', 0)} ms"
           f", {redis.get('errors', 0)} errors\n"
+          f"{_durability_lines(status.get('redis_durability', {}))}"
           f"errors:        {status.get('errors', 0)} {status.get('last_error', '')}")
     return EXIT_OK
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from chunkfs.errors import InvalidArgument
+from chunkfs.meta import redis_url
 
 _UNITS = {
     "": 1, "b": 1,
@@ -48,7 +49,7 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-_SECRET_PARAM = re.compile(r"(?i)([?&](?:password|pass|pwd|secret|token)=)[^&#]*")
+_SECRET_PARAM = re.compile(r"(?i)([?&][a-z_]*(?:password|pass|pwd|secret|token)=)[^&#]*")
 
 
 def redact_url(url: str) -> str:
@@ -58,7 +59,7 @@ def redact_url(url: str) -> str:
     authority at the first ``/``, ``?`` or ``#``, so a password holding one of them
     (not percent-encoded) would stay in the "path". Everything between the first ``:``
     of the user info and that ``@`` is hidden; a malformed URL may be over-redacted,
-    never leaked. A ``password=`` query parameter (redis-py takes one) is hidden too.
+    never leaked. A ``password=`` query parameter (``sentinel_password=`` too) is hidden.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -72,21 +73,9 @@ def redact_url(url: str) -> str:
 
 
 def check_meta_url(url: str) -> str:
-    parts = urlsplit(url or "")
-    if parts.scheme == "rediss":
-        # the mount's hot-path client speaks plain TCP: a TLS URL must not silently lose TLS
-        raise InvalidArgument(f"metadata URL {redact_url(url)!r}: rediss:// (Redis over TLS) is "
-                              "not supported yet; use redis:// on a trusted network")
-    if parts.scheme not in ("redis", "unix") or (
-        parts.scheme != "unix" and not parts.hostname
-    ):
-        raise InvalidArgument(
-            f"invalid metadata URL {redact_url(url)!r}: expected redis://[:password@]host:port/db"
-        )
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise InvalidArgument(f"invalid port in metadata URL {redact_url(url)!r}") from exc
+    """A metadata URL both Redis clients can honour (``chunkfs.meta.redis_url`` lists the
+    forms); ``InvalidArgument`` naming what is wrong, never the password, else."""
+    redis_url.parse(url)
     return url
 
 

@@ -19,8 +19,10 @@ does, is ``docs/dev/gc.md``; in short:
 6. delete, while holding the GC lease; clear ``doomed``.
 
 One run at a time per metadata engine (a lease in Redis), only on a storage prefix
-that belongs to this engine (``chunkfs.claim``), and never on a Redis Cluster, where
-a key scan would miss the namespaces of the other shards.
+that belongs to this engine (``chunkfs.claim``). On Redis Cluster every primary is
+scanned for namespaces, the run's start is the earliest of the shards' clocks (each
+shard stamps settlements with its own), and a run that sees the slot layout change
+(a reshard) deletes nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import redis.asyncio as aioredis
 from chunkfs.claim import claim_storage, read_marker
 from chunkfs.errors import ChunkfsError, NoSuchObject, StorageClaimed
 from chunkfs.meta import namespace as nsops
-from chunkfs.meta import scripts
+from chunkfs.meta import scripts, topology
 from chunkfs.meta.schema import GC_DOOMED, GC_STATE, BlockEntry, Keys
 from chunkfs.objstore import ObjectStore, block_key
 
@@ -52,7 +54,7 @@ _BATCH = 1000
 
 
 class GcRefused(ChunkfsError):
-    """GC cannot run safely here (another run holds the lease, Redis Cluster, ...)."""
+    """GC cannot run safely now (another run holds the lease, a cluster reshard, ...)."""
 
 
 @dataclass
@@ -150,16 +152,24 @@ async def gc_lease(r: aioredis.Redis) -> AsyncIterator[Lease]:
             await lease.release()
 
 
-async def refuse_cluster(r: aioredis.Redis) -> None:
-    info = await r.info("cluster")
-    if int(info.get("cluster_enabled", 0)):
-        raise GcRefused("garbage collection on Redis Cluster is not supported yet: a key scan "
-                        "on one node misses the volumes of the other shards")
+async def check_layout(r: aioredis.Redis, before: tuple[tuple[str, str], ...] | None,
+                       ) -> tuple[tuple[str, str], ...] | None:
+    """The cluster's slot layout now; refuses while slots migrate, or when it is not
+    ``before`` any more (a key scan during a reshard can miss keys that move)."""
+    now = await topology.layout(r)
+    if topology.migrating(now):
+        raise GcRefused("Redis Cluster slots are being migrated: garbage collection waits "
+                        "until the reshard is done (run it again then)")
+    if before is not None and now != before:
+        raise GcRefused("the Redis Cluster layout changed during garbage collection; "
+                        "nothing was deleted (run it again)")
+    return now
 
 
 async def all_namespaces(r: aioredis.Redis) -> list[str]:
+    """Every namespace of the database, on every primary of a cluster."""
     found = []
-    async for key in r.scan_iter(match="cfs{*}:vol", count=1000):
+    async for key in topology.scan_keys(r, "cfs{*}:vol"):
         text = key.decode()
         found.append(text[text.index("{") + 1:text.index("}")])
     return found
@@ -180,11 +190,6 @@ async def referenced_blocks(r: aioredis.Redis, ns: str) -> set[str]:
     return refs
 
 
-async def _server_ms(r: aioredis.Redis) -> int:
-    seconds, micros = await r.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 async def protected_uploads(r: aioredis.Redis, ns: str, run_start_ms: int, *,
                             session_grace: float, prune: bool) -> set[str]:
     """Objects of uploads that ``ns``'s block maps may reference later, or referenced
@@ -198,7 +203,7 @@ async def protected_uploads(r: aioredis.Redis, ns: str, run_start_ms: int, *,
         key, _, session = field.decode().rpartition(" ")
         pending.append((field, key, session))
     sessions = {s.decode(): v.decode() for s, v in (await r.hgetall(k.sessions)).items()}
-    now = await _server_ms(r)
+    now = await topology.server_ms(r, k.sessions)  # the clock that stamped the sessions
     dead: set[str] = set()
     for session in {session for _, _, session in pending}:
         value = sessions.get(session)
@@ -297,11 +302,13 @@ async def collect_garbage(r: aioredis.Redis, store: ObjectStore, *, grace: float
                           session_grace: float = SESSION_GRACE_S) -> GcReport:
     if grace < 0 or session_grace < 0:
         raise ValueError("grace periods must not be negative")
-    await refuse_cluster(r)
+    shape = await check_layout(r, None)
     engine = await claim_storage(r, store)
     report = GcReport()
     async with gc_lease(r) as lease:
-        run_start = lease.started_ms
+        # every shard stamps settlements with its own clock: the earliest of them, read
+        # after the lease began, is at or before "now" on each (docs/dev/gc.md)
+        run_start = min(lease.started_ms, await topology.earliest_clock_ms(r))
         cutoff = time.time() - grace
         candidates: dict[str, int] = {}
         async for key, size, mtime in store.list("blocks/"):
@@ -319,6 +326,7 @@ async def collect_garbage(r: aioredis.Redis, store: ObjectStore, *, grace: float
         if doomed and not dry_run:
             await _publish_doomed(r, lease, doomed)
             report.reprieved = await _reprieve(r, doomed, run_start, session_grace=session_grace)
+            await check_layout(r, shape)
             if await read_marker(store) != engine:
                 raise StorageClaimed("the storage prefix changed hands during garbage collection")
             keys = sorted(doomed)

@@ -36,6 +36,7 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fs import ChunkFS, MountOptions
+from chunkfs.meta import durability, redis_url
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
 from chunkfs.meta.schema import VOLUMES, Keys
 from chunkfs.objstore import ObjectStore
@@ -97,6 +98,10 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             stack.push_async_callback(store.close)
             admin = connect(cfg.meta_url)
             try:
+                # first: a plain URL to a cluster node is refused before it meets a MOVED
+                durable = await with_retries(
+                    lambda: durability.check(admin, redis_url.parse(cfg.meta_url)), deadline=10)
+                durability.log_report(durable)
                 ns = await with_retries(lambda: admin.hget(VOLUMES, cfg.volume), deadline=10)
                 if ns is None:
                     raise VolumeNotFound(f"volume {cfg.volume!r} not found")
@@ -130,7 +135,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
 
         def extra() -> dict[str, Any]:
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
-                    "s3": store.stats.as_dict(), "session": session}
+                    "s3": store.stats.as_dict(), "session": session,
+                    "redis_durability": durable.as_dict()}
 
         if not meta.read_only:
             try:

@@ -6,17 +6,20 @@ sockets and with the cluster's default credentials. So a Secret that names any b
 key must name a **complete** backend, and nothing of it is taken from the plugin's
 environment:
 
-    meta-url            redis://[user:password@]host[:port][/db]     required
+    meta-url            redis://, rediss://, redis+sentinel://, redis+cluster://   required
+                        (chunkfs/meta/redis_url.py lists the forms)
     storage             s3://bucket[/prefix]                         required
     endpoint            http(s)://host[:port][/path]                 required
     access-key-id       S3 credentials                               required
     secret-access-key                                                required
     region              S3 region (default us-east-1)                optional
 
-* ``unix://`` meta URLs are refused (they reach sockets of the node), and so is
-  ``rediss://``: the Redis client of chunkfs mounts (``chunkfs/meta/resp.py``) speaks
-  plain TCP only, so TLS would silently not happen.
-* Hosts of ``meta-url`` and ``endpoint`` are resolved, and an address in the denied
+* ``unix://`` meta URLs are refused (they reach sockets of the node). ``rediss://``
+  is allowed, but not its ``ssl_ca_certs`` / ``ssl_certfile`` / ``ssl_keyfile``
+  options: they name files of the node. A Secret's TLS Redis must present a
+  certificate that the plugin's trust store accepts.
+* Hosts of ``meta-url`` (every sentinel or cluster seed of a list) and ``endpoint``
+  are resolved, and an address in the denied
   networks (by default link-local and cloud metadata addresses: ``169.254.0.0/16``,
   ``fe80::/10``, ``fd00:ec2::254``; ``--secret-deny-networks``) is refused. This is
   checked when the request arrives; DNS that changes its answer later (rebinding) is
@@ -34,6 +37,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, urlsplit
 
+from chunkfs.meta import redis_url
+from chunkfs.meta.redis_url import RedisTarget
 from csi import errors
 
 REQUIRED = ("meta-url", "storage", "endpoint", "access-key-id", "secret-access-key")
@@ -97,9 +102,13 @@ def check(secrets: Mapping[str, str]) -> dict[str, str]:
             for k in KEYS}
 
 
-def _split(key: str, url: str) -> SplitResult:
+def _printable(key: str, url: str) -> None:
     if any(ord(c) < 0x21 or ord(c) == 0x7f for c in url):
         raise _bad(key, "must not contain blanks or control characters")
+
+
+def _split(key: str, url: str) -> SplitResult:
+    _printable(key, url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -109,23 +118,22 @@ def _split(key: str, url: str) -> SplitResult:
     return parts
 
 
-def _check_meta_url(url: str) -> None:
-    parts = _split("meta-url", url)
-    scheme = parts.scheme.lower()
-    if scheme == "unix":
+def _check_meta_url(url: str) -> RedisTarget:
+    _printable("meta-url", url)
+    try:
+        target = redis_url.parse(url)
+    except redis_url.BadMetaUrl as exc:
+        raise _bad("meta-url", f"{exc.reason} (percent-encode '/', '?', '#', '@' and ',' in "
+                   "a password)") from None
+    if target.kind == "unix":
         raise _bad("meta-url", "unix:// sockets are not allowed from a Secret (they reach "
                    "sockets of the node); use redis://host:port/db")
-    if scheme == "rediss":
-        raise _bad("meta-url", "rediss:// (TLS) is not supported: the Redis client of chunkfs "
-                   "mounts speaks plain TCP only; use redis:// on a trusted network")
-    if scheme != "redis":
-        raise _bad("meta-url", "must be redis://[user:password@]host[:port][/db]")
-    if not parts.hostname:
-        raise _bad("meta-url", "has no host (a password containing '/', '?', '#' or '@' must "
-                   "be percent-encoded)")
-    if parts.query or parts.fragment or not re.fullmatch(r"(/\d{0,5})?", parts.path):
-        raise _bad("meta-url", "must be redis://[user:password@]host[:port][/db] with no "
-                   "query or fragment (percent-encode '/', '?', '#' in the password)")
+    tls = target.tls
+    if tls is not None and (tls.ca_certs or tls.certfile or tls.keyfile):
+        raise _bad("meta-url", "ssl_ca_certs, ssl_certfile and ssl_keyfile name files on the "
+                   "node and are not allowed from a Secret: the server's certificate must be "
+                   "signed by a CA that the plugin trusts")
+    return target
 
 
 def _check_storage(url: str) -> None:
@@ -151,9 +159,10 @@ async def check_addresses(backend: Mapping[str, str], policy: AddressPolicy) -> 
     """Refuse hosts (of meta-url and endpoint) that resolve into a denied network."""
     if not policy.deny:
         return
-    for key in ("meta-url", "endpoint"):
-        parts = urlsplit(backend[key])
-        host, port = parts.hostname or "", parts.port or 0
+    parts = urlsplit(backend["endpoint"])
+    hosts = [("meta-url", host, port) for host, port in _check_meta_url(backend["meta-url"]).nodes]
+    hosts.append(("endpoint", parts.hostname or "", parts.port or 0))
+    for key, host, port in hosts:
         for address in await _resolve(key, host, port):
             net = policy.denied(address)
             if net is not None:

@@ -15,12 +15,13 @@ cd "$root"
 say() { echo "setup: $*" >&2; }
 
 # fuse3/libfuse3-dev/pkg-config/gcc/python3-dev: build and run pyfuse3; redis-server: the
-# metadata engine; fio: benchmarks; iproute2: network namespaces (multinode tests);
+# metadata engine (also run as sentinels and cluster nodes by the tests); openssl: the
+# tests' throwaway TLS CA; fio: benchmarks; iproute2: network namespaces (multinode tests);
 # attr: xattr tools; util-linux: mountpoint, unshare; docker.io + debootstrap: the container
 # tests (tests/container) start their own dockerd and make the base image from Debian.
 packages=(
   ca-certificates gcc pkg-config python3 python3-dev python3-venv
-  fuse3 libfuse3-dev redis-server fio iproute2 attr util-linux procps
+  fuse3 libfuse3-dev redis-server openssl fio iproute2 attr util-linux procps
   docker.io debootstrap
 )
 

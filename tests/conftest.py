@@ -14,6 +14,13 @@ Fixtures (all backends are real processes on loopback ports):
   backend_env     function  os.environ (minus AWS_*/CHUNKFS_*) + s3_env + CHUNKFS_META=meta_url,
                             venv bin first on PATH: pass as env= to a `chunkfs` subprocess
   nonroot_user    session   NonRootUser(name, uid, gid): "chunkfs-test", uid 1777 if free
+
+Redis in its production shapes (tests/redis_shapes.py; each started on first use):
+  acl_redis       session   AclRedis: requirepass + a least-privilege ACL user (.user_url(db))
+  tls_redis       session   TlsRedis: TLS only, throwaway CA (.url(db), .pki)
+  redis_cluster   session   Cluster: three primaries (.url, .nodes, .client())
+  cluster_url     function  redis_cluster.url, the cluster flushed for this test
+  sentinel_set    function  SentinelSet: primary + replica + 3 sentinels, new for each test
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from typing import NamedTuple
 import pytest
 
 from chunkfs.localstack import BUCKET, LocalStack, ServiceError
+from tests import redis_shapes
 
 SERVICE_FIXTURES = frozenset(
-    {"local_services", "redis_url", "s3_client", "meta_url", "s3_env", "backend_env"}
+    {"local_services", "redis_url", "s3_client", "meta_url", "s3_env", "backend_env",
+     "acl_redis", "tls_redis", "redis_cluster", "cluster_url", "sentinel_set"}
 )
 GROUPS = ("unit", "integration", "csi", "multinode", "container", "e2e")
 NONROOT_NAME = "chunkfs-test"
@@ -158,6 +167,51 @@ def backend_env(meta_url: str, s3_env: dict[str, str]) -> Iterator[dict[str, str
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in (bindir, env.get("PATH", "")) if p)
     yield env
+
+
+# --------------------------------------------------------------------------- Redis shapes
+
+
+def _started(start, *args):  # noqa: ANN001, ANN202 - a redis_shapes starter
+    try:
+        return start(*args)
+    except ServiceError as e:
+        pytest.fail(f"could not start {start.__name__[6:]}: {e}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def acl_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_shapes.AclRedis]:
+    server = _started(redis_shapes.start_acl_redis, tmp_path_factory.mktemp("redis-acl"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_shapes.TlsRedis]:
+    server = _started(redis_shapes.start_tls_redis, tmp_path_factory.mktemp("redis-tls"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_shapes.Cluster]:
+    cluster = _started(redis_shapes.start_cluster, tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: redis_shapes.Cluster) -> str:
+    redis_cluster.flush()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis_shapes.SentinelSet]:
+    """New for each test: a failover test leaves its set reshaped."""
+    sset = _started(redis_shapes.start_sentinel_set, tmp_path_factory.mktemp("redis-sentinel"))
+    yield sset
+    sset.stop()
 
 
 # --------------------------------------------------------------------------- users

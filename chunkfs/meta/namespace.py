@@ -18,15 +18,19 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 
+from chunkfs.meta import topology
+from chunkfs.meta.resp import key_slot
 from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys
 
 FORMAT = 1
 
 # Batch scripts: one server-side call per _BATCH inodes instead of four commands each.
-# They touch keys they do not declare, which a single Redis allows; on Redis Cluster the
-# COPY across namespaces fails anyway and callers fall back to export + import.
+# They declare the namespaces' volume keys (which route them on Redis Cluster) and touch
+# only keys of the same hash tags; across two slots of a cluster the COPY is not tried
+# at all and callers fall back to export + import.
+# KEYS: src vol, dst vol ; ARGV: src prefix, dst prefix, inodes...
 _COPY_BATCH = r"""
 local src, dst = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
@@ -36,6 +40,7 @@ for i = 3, #ARGV do
 end
 return #ARGV - 2
 """
+# KEYS: vol ; ARGV: prefix, inodes...
 _DUMP_BATCH = r"""
 local prefix, out = ARGV[1], {}
 for i = 2, #ARGV do
@@ -95,7 +100,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
     inodes: dict[str, Any] = {}
     for start in range(0, len(inos), _BATCH):
         batch = inos[start:start + _BATCH]
-        flat = await r.eval(_DUMP_BATCH, 0, k.prefix, *batch)
+        flat = await r.eval(_DUMP_BATCH, 1, k.vol, k.prefix, *batch)
         rows = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]
         for n, ino in enumerate(batch):
             attr, entries, blocks, xattrs = rows[4 * n:4 * n + 4]
@@ -171,15 +176,18 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
     the two namespaces in different slots): the caller then exports and imports.
     """
     s, d = Keys(src), Keys(dst)
+    if topology.is_cluster(r) and key_slot(s.vol) != key_slot(d.vol):
+        return False  # COPY cannot cross slots
     try:
         await r.copy(s.vol, d.vol)
-    except ResponseError:
+    except (ResponseError, RedisClusterException):
         return False
     inos = [int(i) for i in await r.smembers(s.idx)]
     orphans = {int(i) for i in await r.hkeys(s.orphans)}
     live = [ino for ino in inos if ino not in orphans]
     for start in range(0, len(live), _BATCH):
-        await r.eval(_COPY_BATCH, 0, s.prefix, d.prefix, *live[start:start + _BATCH])
+        await r.eval(_COPY_BATCH, 2, s.vol, d.vol, s.prefix, d.prefix,
+                     *live[start:start + _BATCH])
     if live:
         await r.sadd(d.idx, *live)
     used = int(await r.hget(s.vol, "used") or 0)

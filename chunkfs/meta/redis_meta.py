@@ -14,12 +14,17 @@ import errno
 import logging
 import random
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -33,8 +38,8 @@ from chunkfs.errors import (
     SessionExpired,
     VolumeFrozen,
 )
-from chunkfs.meta import scripts
-from chunkfs.meta.resp import RespClient, pairs_to_dict
+from chunkfs.meta import redis_url, scripts
+from chunkfs.meta.resp import RespClient, TlsFailure, pairs_to_dict
 from chunkfs.meta.schema import (
     ATTR_FIELDS,
     FREEZE_SECONDS,
@@ -62,11 +67,51 @@ def connect_fast(url: str, timeout: float = 10.0) -> RespClient:
     return RespClient.from_url(url, timeout=timeout)
 
 
+class _SentinelRedis(aioredis.Redis):
+    """The primary's client of a Sentinel URL; closing it closes the sentinels' too."""
+
+    sentinel: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel is not None:
+            for client in self.sentinel.sentinels:
+                await client.aclose()
+
+
 def connect(url: str) -> aioredis.Redis:
-    """The administrative client; short socket timeouts so a dead Redis is noticed quickly."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, socket_timeout=10, socket_connect_timeout=5,
-        health_check_interval=30, max_connections=64)
+    """The administrative client (redis-py) for every shape of metadata URL
+    (``chunkfs.meta.redis_url``); short socket timeouts so a dead Redis is noticed
+    quickly. On Redis Cluster it is a ``RedisCluster``, which offers the same commands
+    (callers that scan keys use ``chunkfs.meta.topology``)."""
+    target = redis_url.parse(url)
+    common: dict[str, Any] = {"decode_responses": False, "socket_timeout": 10,
+                              "socket_connect_timeout": 5, "username": target.username,
+                              "password": target.password}
+    if target.kind == "cluster":
+        return RedisCluster(  # type: ignore[return-value]
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            max_connections=64, **common)
+    # with_retries retries (bounded, with backoff): redis-py backing off inside each call
+    # too would multiply the wait, also for what cannot heal (credentials, certificates).
+    # One immediate retry still replaces a connection the server closed while idle.
+    common["retry"] = Retry(NoBackoff(), 1)
+    if target.kind == "sentinel":
+        sentinel = Sentinel(
+            list(target.nodes), sentinel_kwargs={
+                "socket_timeout": 5, "socket_connect_timeout": 5,
+                "username": target.sentinel_username, "password": target.sentinel_password},
+            db=target.db, health_check_interval=30, **common)
+        client = sentinel.master_for(target.master or "", redis_class=_SentinelRedis,
+                                     max_connections=64)
+        client.sentinel = sentinel
+        return client
+    if target.kind == "unix":
+        return aioredis.Redis(unix_socket_path=target.unix_path, health_check_interval=30,
+                              max_connections=64, **common)
+    tls = target.tls.redis_py() if target.tls is not None else {}
+    return aioredis.Redis(host=target.host, port=target.port, db=target.db,
+                          health_check_interval=30, max_connections=64, **tls, **common)
 
 
 def error_code(exc: ResponseError) -> str:
@@ -130,8 +175,12 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                 stats.latency_sum += time.monotonic() - start
                 stats.by_op[op] = stats.by_op.get(op, 0) + 1
             return result
-        except AuthenticationError as exc:  # retrying cannot help
-            raise MetaUnavailable("Redis refused the credentials (check the password in the URL)") from exc
+        except TlsFailure as exc:  # retrying cannot help
+            raise MetaUnavailable(f"{exc} (check ssl_ca_certs and the host name in the "
+                                  "URL)") from exc
+        except AuthenticationError as exc:
+            raise MetaUnavailable("Redis refused the credentials (check the user and password "
+                                  "in the URL)") from exc
         except ResponseError as exc:
             if error_code(exc) == "FROZEN":
                 if time.monotonic() < frozen_limit:
@@ -141,6 +190,10 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                                    f"than {_FROZEN_WAIT:.0f}s") from exc
             raise translate(exc) from exc
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            tls = _tls_failure(exc)
+            if tls is not None:  # redis-py's form of a certificate problem: retrying cannot help
+                raise MetaUnavailable(f"TLS handshake with Redis failed: {tls} (check "
+                                      "ssl_ca_certs and the host name in the URL)") from exc
             if stats is not None:
                 stats.errors += 1
             down_since = getattr(client, "down_since", None)
@@ -151,6 +204,21 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
             log.warning("redis retry", extra={"op": op, "error": type(exc).__name__})
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 1.0)
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The reason when ``exc`` was caused by a failed TLS handshake (redis-py wraps it)."""
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 5:
+        if isinstance(cause, ssl.SSLError):
+            return cause.reason or type(cause).__name__
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "WRONG_VERSION_NUMBER" in text:
+        return "certificate verify failed" if "CERTIFICATE" in text else "not a TLS server"
+    return None
 
 
 def now_ns() -> int:
@@ -183,7 +251,8 @@ class VolumeMeta:
         script = getattr(scripts, name)
         if name in _MUTATIONS:
             keys = [*keys, self._request_key()]
-        return await with_retries(lambda: self.r.evalsha(script, keys, args),
+        write = name in _MUTATIONS
+        return await with_retries(lambda: self.r.evalsha(script, keys, args, write=write),
                                   deadline=self.deadline, stats=self.stats, op=name.lower(),
                                   client=self.r)
 

@@ -216,7 +216,7 @@ def test_a_partial_secret_is_refused_and_changes_nothing(plugin, cluster, local_
 
 @pytest.mark.parametrize("key, value", [
     ("meta-url", "unix:///var/run/redis/redis-server.sock"),
-    ("meta-url", "rediss://127.0.0.1:6380/0"),
+    ("meta-url", "rediss://127.0.0.1:6380/0?ssl_certfile=/var/lib/kubelet/pki/kubelet.pem"),
     ("endpoint", "http://169.254.169.254/"),
     ("endpoint", "unix:///run/containerd/containerd.sock"),
 ])

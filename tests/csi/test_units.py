@@ -253,9 +253,13 @@ def _no_values(message: str) -> None:
 @pytest.mark.parametrize("key, value, why", [
     ("meta-url", "unix:///var/run/docker.sock", "unix://"),
     ("meta-url", "unix://:hunter2@/run/redis.sock", "unix://"),
-    ("meta-url", "rediss://:hunter2@evil.example:6380/0", "rediss://"),
+    ("meta-url", "rediss://:hunter2@evil.example:6380/0?ssl_ca_certs=/etc/kubernetes/pki/ca.crt",
+     "files on the node"),
+    ("meta-url", "rediss://:hunter2@evil.example/0?ssl_certfile=/var/lib/kubelet/pki/k.pem",
+     "files on the node"),
     ("meta-url", "http://evil.example:6379/0", "redis://"),
-    ("meta-url", "redis://:hun/ter2@evil.example:6379/0", "percent-encode"),
+    ("meta-url", "redis://:hunter2@evil.example:6379/0#x", "percent-encode"),
+    ("meta-url", "redis+cluster://:hunter2@evil.example:7000/3", "one database"),
     ("meta-url", "redis://:hunter2@evil.example:6379/0?ssl=true", "query"),
     ("meta-url", "redis://:hunter2@evil.example:99999/0", "port"),
     ("meta-url", "redis://:hunter2@evil.example:6379/0\nx", "control"),
@@ -287,6 +291,8 @@ def test_secret_backend_values_are_checked(key, value, why) -> None:
     ("endpoint", "http://2852039166/"),          # 169.254.169.254 in decimal
     ("endpoint", "http://0xa9.254.169.254/"),    # and in hex
     ("meta-url", "redis://169.254.10.1:6379/0"),
+    ("meta-url", "redis+cluster://127.0.0.1:7000,169.254.10.1:7001"),   # any seed of a list
+    ("meta-url", "redis+sentinel://127.0.0.1,[fe80::1]:26379/primary/0"),
 ])
 async def test_link_local_and_metadata_addresses_are_refused(key, value) -> None:
     with pytest.raises(errors.CsiError) as err:
@@ -301,6 +307,12 @@ async def test_link_local_and_metadata_addresses_are_refused(key, value) -> None
 async def test_public_and_loopback_hosts_are_allowed_by_default() -> None:
     ok = {**LOCAL, "endpoint": "http://localhost:8333", "meta-url": "redis://[::1]:6379/2"}
     assert (await backends.resolve_checked(ok, AddressPolicy(), BASE)).from_secrets
+    for meta in ("rediss://:pw@localhost:6380/1", "rediss://localhost/0?ssl_cert_reqs=none",
+                 "redis+sentinel://:pw@127.0.0.1:26379,localhost:26380/primary/3",
+                 "redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001"):
+        backend = await backends.resolve_checked({**LOCAL, "meta-url": meta}, AddressPolicy(),
+                                                 BASE)
+        assert backend.meta_url == meta
     unresolvable = {**LOCAL, "endpoint": "http://no-such-host.invalid:9000"}
     with pytest.raises(errors.CsiError) as err:
         await backends.resolve_checked(unresolvable, AddressPolicy(), BASE)

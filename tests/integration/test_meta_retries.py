@@ -38,8 +38,8 @@ class ReplyLosingClient:
         self.lose = 0
         self.down_since = None
 
-    async def evalsha(self, script: str, keys: list[Any], args: list[Any]) -> Any:
-        result = await self.real.evalsha(script, keys, args)
+    async def evalsha(self, script: str, keys: list[Any], args: list[Any], **kw: Any) -> Any:
+        result = await self.real.evalsha(script, keys, args, **kw)
         if self.lose:
             self.lose -= 1
             raise RedisConnectionError("connection lost before the reply arrived")

@@ -84,12 +84,34 @@ def test_backend_from_env_requires_both_and_checks_meta() -> None:
     assert meta == "redis://h:1/0" and storage.bucket == "b-1"
 
 
-@pytest.mark.parametrize("url", ["rediss://:pw@host:6380/0", "http://host/0", "redis://", "",
-                                 "redis://host:notaport/0"])
+@pytest.mark.parametrize("url", [
+    "http://host/0", "redis://", "", "redis://host:notaport/0", "redis://h1,h2/0",
+    "rediss://:pw@host/0?ssl_verify=no", "rediss://:pw@host/0?ssl_cert_reqs=maybe",
+    "rediss://:pw@host/0?ssl_ca_certs=relative.pem", "redis://:pw@host/0?socket_timeout=1",
+    "redis+sentinel://:pw@s1:26379", "redis+sentinel://:pw@s1/m?wait_replicas=x",
+    "redis+cluster://:pw@n1:7000/3", "unix://:pw@relative.sock", "redis://:pw@host/0#x"])
 def test_metadata_urls_that_chunkfs_cannot_honour_are_refused(url: str) -> None:
-    """rediss:// would silently lose its TLS in the hot-path client: refused like garbage."""
+    """A typo must not silently drop TLS verification or replication safety: unknown
+    options and malformed forms are refused, and the message never shows the password."""
     from chunkfs.config import check_meta_url
 
     with pytest.raises(InvalidArgument) as err:
         check_meta_url(url)
     assert "pw" not in str(err.value)
+
+
+def test_every_documented_metadata_url_form_parses() -> None:
+    from chunkfs.meta.redis_url import parse
+
+    t = parse("rediss://app:s%2Fcret@redis.example:6380/2?ssl_ca_certs=/etc/ca.pem")
+    assert (t.kind, t.nodes, t.db, t.username, t.password) == (
+        "standalone", (("redis.example", 6380),), 2, "app", "s/cret")
+    assert t.tls is not None and t.tls.ca_certs == "/etc/ca.pem" and t.tls.verify
+    t = parse("redis+sentinel://:pw@s1,s2:26380,[::1]/mymaster/3?sentinel_password=sp")
+    assert (t.kind, t.nodes, t.master, t.db, t.wait_replicas, t.sentinel_password) == (
+        "sentinel", (("s1", 26379), ("s2", 26380), ("::1", 26379)), "mymaster", 3, 1, "sp")
+    assert parse("redis+sentinel://s1/m?wait_replicas=0").wait_replicas == 0
+    t = parse("redis+cluster://u:pw@n1:7000,n2:7001")
+    assert (t.kind, t.nodes, t.username) == ("cluster", (("n1", 7000), ("n2", 7001)), "u")
+    assert parse("unix://:pw@/run/redis.sock").unix_path == "/run/redis.sock"
+    assert "sp" not in redact_url("redis+sentinel://:pw@s1/m?sentinel_password=sp")
