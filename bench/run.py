@@ -1,13 +1,16 @@
 """chunkfs vs JuiceFS, side by side, on the same Redis and the same SeaweedFS.
 
-    python -m bench.run [--size 1GiB] [--small-files 5000] [--quick] [--out FILE.json]
+    python -m bench.run [--quick] [--workloads all] [--size 1GiB] [--out FILE.json]
 
-Brings up Redis + SeaweedFS (chunkfs.localstack) in a temporary directory, creates a
-chunkfs volume (Redis db 1) and formats a JuiceFS volume (Redis db 2, its own bucket),
-mounts both with their default options, runs the same workloads on both (bench.workloads,
-in child processes, plain POSIX I/O), prints a Markdown table of both figures and their
-ratio (oriented so that > 1.0 means chunkfs is better), writes every detail as JSON, and
-tears everything down, also on failure and Ctrl-C. Needs root (mounts, drop_caches).
+Brings up Redis + SeaweedFS (chunkfs.localstack) in a temporary directory and a counting
+S3 proxy in front of SeaweedFS (bench.s3proxy), creates a chunkfs volume (Redis db 1) and
+formats a JuiceFS volume (Redis db 2, its own bucket), mounts both with their default
+options, each reaching S3 through its own proxy port, runs the same workloads on both
+(bench.workloads and bench.apps, in child processes: plain POSIX I/O, git, tar, SQLite),
+prints a Markdown table of both figures and their ratio (oriented so that > 1.0 means
+chunkfs is better) and of what each workload cost (CPU seconds, S3 requests and bytes),
+writes every detail as JSON, and tears everything down, also on failure and Ctrl-C.
+Needs root (mounts, drop_caches).
 """
 
 from __future__ import annotations
