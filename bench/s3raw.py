@@ -4,9 +4,12 @@ uses). This is the ceiling that a filesystem's sequential write and cold read ar
 compared with.
 
     python -m bench.s3raw '{"bucket": ..., "prefix": ..., "size": ..., "concurrency": 16,
-                            "processes": 1}'
+                            "processes": 1, "get_endpoints": {"proxy": URL, "direct": URL}}'
 
 runs in a child process (AWS_* from the environment) and prints one JSON document.
+``get_endpoints`` reads the same objects once through each endpoint: bench.run GETs
+through the counting proxy that the mounts use (the comparable ceiling) and directly
+(what the proxy costs).
 
 One Python process may top out below what SeaweedFS serves (botocore's per-request
 overhead and the GIL): ``processes`` > 1 spreads the GETs over forked workers that start
@@ -31,7 +34,7 @@ from bench.workloads import MiB, Pattern, drop_caches
 OBJECT_SIZE = 4 * MiB
 
 
-def _client(concurrency: int) -> Any:
+def _client(concurrency: int, endpoint: str | None = None) -> Any:
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
 
@@ -44,7 +47,7 @@ def _client(concurrency: int) -> Any:
         response_checksum_validation="when_required",
     )
     return get_session().create_client(
-        "s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+        "s3", endpoint_url=endpoint or os.environ["AWS_ENDPOINT_URL"],
         region_name=os.environ.get("AWS_REGION", "us-east-1"), config=config,
     )  # fmt: skip
 
@@ -64,8 +67,10 @@ async def _put_all(bucket: str, keys: list[str], bodies: list[bytes], concurrenc
         return time.perf_counter() - t0
 
 
-async def _get_all(bucket: str, keys: list[str], concurrency: int, barrier: Any) -> tuple[float, float, int]:
-    async with _client(concurrency) as s3:
+async def _get_all(
+    bucket: str, keys: list[str], concurrency: int, barrier: Any, endpoint: str | None = None
+) -> tuple[float, float, int]:
+    async with _client(concurrency, endpoint) as s3:
         sem = asyncio.Semaphore(concurrency)
         got = 0
 
@@ -85,9 +90,9 @@ async def _get_all(bucket: str, keys: list[str], concurrency: int, barrier: Any)
         return t0, time.monotonic(), got
 
 
-def _get_worker(args: tuple[str, list[str], int, Any]) -> tuple[float, float, int]:
-    bucket, keys, concurrency, barrier = args
-    return asyncio.run(_get_all(bucket, keys, concurrency, barrier))
+def _get_worker(args: tuple[str, list[str], int, Any, str | None]) -> tuple[float, float, int]:
+    bucket, keys, concurrency, barrier, endpoint = args
+    return asyncio.run(_get_all(bucket, keys, concurrency, barrier, endpoint))
 
 
 _BARRIER: Any = None
@@ -98,8 +103,9 @@ def _init(barrier: Any) -> None:
     _BARRIER = barrier
 
 
-def _pool_get(args: tuple[str, list[str], int]) -> tuple[float, float, int]:
-    return _get_worker((*args, _BARRIER))
+def _pool_get(args: tuple[str, list[str], int, str | None]) -> tuple[float, float, int]:
+    bucket, keys, concurrency, endpoint = args
+    return _get_worker((bucket, keys, concurrency, _BARRIER, endpoint))
 
 
 async def _delete_all(bucket: str, keys: list[str]) -> None:
@@ -110,8 +116,28 @@ async def _delete_all(bucket: str, keys: list[str]) -> None:
             )
 
 
+def _get_pass(bucket: str, keys: list[str], concurrency: int, processes: int,
+              endpoint: str | None) -> tuple[float, int]:  # fmt: skip
+    """One timed GET of every key: (seconds from the first start to the last end, bytes)."""
+    processes = max(1, min(processes, len(keys)))
+    if processes == 1:
+        t0, t1, got = _get_worker((bucket, keys, concurrency, None, endpoint))
+        return t1 - t0, got
+    slices = [keys[i::processes] for i in range(processes)]
+    per_proc = max(1, concurrency // processes)
+    ctx = multiprocessing.get_context("fork")  # no event loop is running here
+    barrier = ctx.Barrier(processes)
+    with ctx.Pool(processes, initializer=_init, initargs=(barrier,)) as pool:
+        results = pool.map(_pool_get, [(bucket, s, per_proc, endpoint) for s in slices], chunksize=1)
+    return max(r[1] for r in results) - min(r[0] for r in results), sum(r[2] for r in results)
+
+
 def run(bucket: str, prefix: str, size: int, concurrency: int = 16, processes: int = 1,
-        seed: int = 1, salt: int = 1, drop: bool = True) -> dict[str, Any]:  # fmt: skip
+        seed: int = 1, salt: int = 1, drop: bool = True,
+        get_endpoints: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """PUT ``size`` bytes as 4 MiB objects through $AWS_ENDPOINT_URL, then GET them all,
+    once per entry of ``get_endpoints`` (name -> URL; default: the PUT endpoint only),
+    the page cache dropped before each pass. The first pass is ``get_mib_s``."""
     count = max(1, size // OBJECT_SIZE)
     pat = Pattern(seed, salt)
     # SeaweedFS does not deduplicate, so 16 distinct bodies cycled are as good as `count`.
@@ -119,30 +145,21 @@ def run(bucket: str, prefix: str, size: int, concurrency: int = 16, processes: i
     keys = [f"{prefix}/obj-{i:06d}" for i in range(count)]
     put_s = asyncio.run(_put_all(bucket, keys, bodies, concurrency))
     del bodies
-    if drop:
-        drop_caches()
-    processes = max(1, min(processes, count))
-    slices = [keys[i::processes] for i in range(processes)]
-    per_proc = max(1, concurrency // processes)
-    if processes == 1:
-        t0, t1, got = _get_worker((bucket, keys, concurrency, None))
-    else:
-        ctx = multiprocessing.get_context("fork")  # no event loop is running here
-        barrier = ctx.Barrier(processes)
-        with ctx.Pool(processes, initializer=_init, initargs=(barrier,)) as pool:
-            results = pool.map(_pool_get, [(bucket, s, per_proc) for s in slices], chunksize=1)
-        t0 = min(r[0] for r in results)
-        t1 = max(r[1] for r in results)
-        got = sum(r[2] for r in results)
-    if got != count * OBJECT_SIZE:
-        raise RuntimeError(f"raw GET returned {got} bytes, expected {count * OBJECT_SIZE}")
-    asyncio.run(_delete_all(bucket, keys))  # untimed, keeps SeaweedFS small
     mib = count * OBJECT_SIZE / MiB
-    get_s = t1 - t0
+    passes: dict[str, dict[str, float]] = {}
+    for name, endpoint in (get_endpoints or {"default": None}).items():
+        if drop:
+            drop_caches()
+        get_s, got = _get_pass(bucket, keys, concurrency, processes, endpoint)
+        if got != count * OBJECT_SIZE:
+            raise RuntimeError(f"raw GET ({name}) returned {got} bytes, expected {count * OBJECT_SIZE}")
+        passes[name] = {"get_s": get_s, "get_mib_s": mib / get_s}
+    asyncio.run(_delete_all(bucket, keys))  # untimed, keeps SeaweedFS small
+    first = next(iter(passes.values()))
     return {
         "objects": count, "object_size": OBJECT_SIZE, "concurrency": concurrency,
         "get_processes": processes, "put_s": put_s, "put_mib_s": mib / put_s,
-        "get_s": get_s, "get_mib_s": mib / get_s,
+        "get_s": first["get_s"], "get_mib_s": first["get_mib_s"], "get_passes": passes,
     }  # fmt: skip
 
 
@@ -153,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         spec["bucket"], spec["prefix"], int(spec["size"]),
         concurrency=int(spec.get("concurrency", 16)), processes=int(spec.get("processes", 1)),
         seed=int(spec.get("seed", 1)), salt=int(spec.get("salt", 1)),
-        drop=bool(spec.get("drop", True)),
+        drop=bool(spec.get("drop", True)), get_endpoints=spec.get("get_endpoints"),
     )  # fmt: skip
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

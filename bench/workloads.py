@@ -5,6 +5,8 @@ loops and S3 clients never share a core's time slice with the measured loop:
 
     python -m bench.workloads '{"op": "seqwrite", "path": ..., "size": ..., ...}'
 
+(the application workloads, bench.apps, run the same way).
+
 prints one JSON document (the result) on stdout. Only the measured loop is timed; data
 generation, verification set-up and cache dropping are outside the timed region.
 
@@ -71,7 +73,7 @@ class Pattern:
         return self.view[off : off + size]
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
@@ -104,7 +106,7 @@ def seqwrite(path: str, size: int, seed: int, salt: int, **_: Any) -> dict[str, 
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         for i in range(chunks):
-            _write_all(fd, pat.chunk(i))
+            write_all(fd, pat.chunk(i))
         t1 = time.perf_counter()
         os.fsync(fd)
         t2 = time.perf_counter()
@@ -189,7 +191,7 @@ def _names(directory: str, n: int) -> list[str]:
     return [os.path.join(directory, f"f{i:06d}") for i in range(n)]
 
 
-def _timed(n: int, fn: Callable[[], None]) -> dict[str, Any]:
+def timed(n: int, fn: Callable[[], None]) -> dict[str, Any]:
     t0 = time.perf_counter()
     fn()
     total = time.perf_counter() - t0
@@ -210,11 +212,11 @@ def small(
             for i, p in enumerate(names):
                 fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
-                    _write_all(fd, pat.small(i, size))
+                    write_all(fd, pat.small(i, size))
                 finally:
                     os.close(fd)
 
-        return _timed(n, run)
+        return timed(n, run)
     if phase == "stat":
 
         def run() -> None:
@@ -222,7 +224,7 @@ def small(
                 if os.stat(p).st_size != size:
                     raise RuntimeError(f"{p}: wrong size")
 
-        return _timed(n, run)
+        return timed(n, run)
     if phase == "read":
         pat = Pattern(seed, salt)
         expected = [bytes(pat.small(i, size)) for i in range(n)]
@@ -237,14 +239,14 @@ def small(
                 if data != expected[i]:
                     raise RuntimeError(f"{p}: wrong content")
 
-        return _timed(n, run)
+        return timed(n, run)
     if phase == "delete":
 
         def run() -> None:
             for p in names:
                 os.unlink(p)
 
-        res = _timed(n, run)
+        res = timed(n, run)
         os.rmdir(directory)
         return res
     raise ValueError(f"unknown small-file phase {phase!r}")
@@ -283,20 +285,20 @@ def meta(directory: str, n: int, drop: bool = True, **_: Any) -> dict[str, Any]:
         for p in b:
             os.rmdir(p)
 
-    out["mkdir"] = _timed(n, mkdir)
-    out["rename"] = _timed(n, rename)
+    out["mkdir"] = timed(n, mkdir)
+    out["rename"] = timed(n, rename)
     if drop:
         drop_caches()
-    out["stat"] = _timed(n, stat)
+    out["stat"] = timed(n, stat)
     if drop:
         drop_caches()
-    out["readdir"] = _timed(n, readdir)
+    out["readdir"] = timed(n, readdir)
     t0 = time.perf_counter()
     listing = os.listdir(directory)
     out["list_parent"] = {"entries": len(listing), "seconds": time.perf_counter() - t0}
     if sorted(listing) != [os.path.basename(p) for p in b]:
         raise RuntimeError(f"listing of {directory} is wrong ({len(listing)} entries)")
-    out["rmdir"] = _timed(n, rmdir)
+    out["rmdir"] = timed(n, rmdir)
     os.rmdir(directory)
     ops = sum(out[k]["ops"] for k in ("mkdir", "rename", "stat", "readdir", "rmdir"))
     secs = sum(out[k]["seconds"] for k in ("mkdir", "rename", "stat", "readdir", "rmdir"))
@@ -320,7 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = json.loads(argv[0])
     op = spec.pop("op")
-    result = OPS[op](**spec)
+    from bench.apps import OPS as APP_OPS  # apps builds on this module's helpers
+
+    ops = {**OPS, **APP_OPS}
+    if op not in ops:
+        print(f"unknown workload {op!r} (known: {', '.join(sorted(ops))})", file=sys.stderr)
+        return 2
+    result = ops[op](**spec)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 

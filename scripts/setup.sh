@@ -18,11 +18,12 @@ say() { echo "setup: $*" >&2; }
 # metadata engine (also run as sentinels and cluster nodes by the tests); openssl: the
 # tests' throwaway TLS CA; fio: benchmarks; iproute2: network namespaces (multinode tests);
 # attr: xattr tools; util-linux: mountpoint, unshare; docker.io + debootstrap: the container
-# tests (tests/container) start their own dockerd and make the base image from Debian.
+# tests (tests/container) start their own dockerd and make the base image from Debian;
+# git + tar: the benchmark's application workloads (bench/apps.py) and their smoke tests.
 packages=(
   ca-certificates gcc pkg-config python3 python3-dev python3-venv
   fuse3 libfuse3-dev redis-server openssl fio iproute2 attr util-linux procps
-  docker.io debootstrap
+  docker.io debootstrap git tar
 )
 
 missing=()
