@@ -124,8 +124,8 @@ class ChunkFS(pyfuse3.Operations):
         """The write budget is spent: upload dirty blocks of any open file, largest first,
         until ``need`` bytes are on their way (a writer of one file must never wait on
         partial blocks of others that nobody flushes)."""
-        dirty = sorted(((len(buf), ino, idx) for ino, f in self.files.items()
-                        for idx, buf in f.dirty.items()), reverse=True)
+        dirty = sorted(((n, ino, idx) for ino, f in self.files.items()
+                        for idx, n in f.dirty_blocks()), reverse=True)
         started = 0
         for _size, ino, idx in dirty:
             if started >= need:
@@ -479,17 +479,8 @@ class ChunkFS(pyfuse3.Operations):
         return await data.read(off, size, random=not sequential and size <= 128 * 1024)
 
     def _readahead(self, data: FileData, pos: int) -> None:
-        if self.opt.readahead_blocks <= 0 or data.inline is not None:
-            return
-        first = pos // data.bs
-        for idx in range(first, first + self.opt.readahead_blocks):
-            if idx * data.bs >= data.size:
-                break
-            if idx in data.dirty or idx in data.inflight:
-                continue
-            entry = data.entry_for(idx)
-            if entry is not None:
-                self.blocks.prefetch(entry)
+        if self.opt.readahead_blocks > 0:
+            data.readahead(pos // self.opt.block_size, self.opt.readahead_blocks)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
