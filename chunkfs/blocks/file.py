@@ -38,6 +38,7 @@ Concurrency protocol (one event loop, so only ``await`` points matter):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import itertools
 import logging
@@ -49,13 +50,22 @@ from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.slices import Slice
 from chunkfs.blocks.sparse import Sparse
 from chunkfs.blocks.store import BlockStore, ObjectRef, all_zero
-from chunkfs.errors import BlockMissing, InlineFull, MetaUnavailable
+from chunkfs.errors import BlockMissing, ChunkfsError, InlineFull, MetaUnavailable, SliceConflict
+from chunkfs.faults import crash_point
 from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
 
 log = logging.getLogger(__name__)
 
 INLINE_SLICE_MAX = 64 * 1024  # a frozen generation up to this size is stored in Redis
 ZERO = sl.ZERO
+# background upkeep of a block's committed slices (``_maintain``): inline slices move to
+# an object once they hold this much, or at the file's last close; a block naming more
+# objects or slices than this gets its newest slices merged (bounded read amplification)
+MOVE_BYTES = 256 * 1024
+MOVE_COUNT = 64
+COMPACT_OBJECTS = 16
+COMPACT_SLICES = 256
+MERGE_RATIO = 4  # a merge takes the next older slice while it is at most this times bigger
 _ids = itertools.count(1)
 
 
@@ -112,6 +122,8 @@ class FileData:
         self.writes = 0
         self.lock = asyncio.Lock()
         self.opens = 0
+        self._todo: dict[int, bool] = {}  # blocks to look after -> move every inline slice
+        self._upkeep: asyncio.Task[None] | None = None
 
     # ---- loading -----------------------------------------------------------------------
     async def load(self, size: int) -> None:
@@ -429,6 +441,7 @@ class FileData:
             err = self.errors[0]
             self.errors.clear()
             raise err
+        crash_point("before-commit")
         try:
             await self._commit(upto, size)
         except InlineFull:
@@ -523,10 +536,99 @@ class FileData:
             self.committed_inline = 0
         self.converted = False
         self.committed_size = size if c.exact else max(self.committed_size, size)
+        self.look_after(ready)
+
+    # ---- upkeep: moving inline slices to S3, compacting fragmented blocks ----------------
+    @property
+    def busy(self) -> bool:
+        """Background upkeep is running."""
+        return self._upkeep is not None and not self._upkeep.done()
+
+    def look_after(self, blocks: Any = None, *, move_all: bool = False) -> bool:
+        """Check ``blocks`` (every committed one by default) in the background: move
+        inline slices to an object when they hold enough (``move_all``: whatever they hold,
+        at the last close), rewrite a block that names too many objects or slices."""
+        for idx in (self.committed if blocks is None else blocks):
+            if self._work(idx, move_all=move_all or self._todo.get(idx, False)):
+                self._todo[idx] = move_all or self._todo.get(idx, False)
+        if self._todo and not self.busy:
+            self._upkeep = asyncio.create_task(self._maintain())
+        return self.busy
+
+    async def settled(self) -> None:
+        """Wait for the background upkeep (unmount)."""
+        while self._upkeep is not None and not self._upkeep.done():
+            await asyncio.wait({self._upkeep})
+
+    def _work(self, idx: int, *, move_all: bool) -> str | None:
+        view = self.committed.get(idx, [])
+        if len(sl.objects(view)) > COMPACT_OBJECTS or len(view) > COMPACT_SLICES:
+            return "compact"
+        inline = [s for s in view if s.inline]
+        if inline and (move_all or len(inline) >= MOVE_COUNT
+                       or sum(s.length for s in inline) >= MOVE_BYTES):
+            return "move"
+        return None
+
+    async def _maintain(self) -> None:
+        while self._todo:
+            idx, move_all = self._todo.popitem()
+            async with self.lock:
+                work = None if idx in self.local else self._work(idx, move_all=move_all)
+                if work is None:
+                    continue  # written meanwhile (the next commit looks again), or done
+                try:
+                    await self._rewrite(idx, work)
+                except SliceConflict:  # another writer changed it: read what it is now
+                    with contextlib.suppress(ChunkfsError):
+                        await self._refresh_committed()
+                except ChunkfsError as exc:  # a later commit or close tries again
+                    log.warning("slice upkeep failed", extra={"ino": self.ino, "block": idx,
+                                                              "work": work, "error": str(exc)})
+                    return
+
+    async def _rewrite(self, idx: int, work: str) -> None:
+        """Store the same bytes of block ``idx`` otherwise, in one compare-and-set commit."""
+        view = self.committed.get(idx, [])
+        if work == "move":  # inline slices into one object, each in its place in the list
+            body, at = bytearray(), {}
+            for s in view:
+                if s.inline:
+                    at[s] = len(body)
+                    body += await self._piece(s, s.pos, s.end, random=False)
+            ref = await self.blocks.put(body)
+            new = [(Slice(ref.ref, at[s], s.length, s.pos) if ref else Slice(ZERO, 0, s.length, s.pos))
+                   if s.inline else s for s in view]
+        else:  # the newest slices of similar size merged into one (size-tiered: each byte
+            # is rewritten a logarithmic number of times, however long the block's history)
+            run = merge_run(view)
+            lo, hi = min(s.pos for s in run), max(s.end for s in run)
+            ref = await self.blocks.put(bytearray(await self._block_range(idx, lo, hi, random=False)))
+            merged = [Slice(ref.ref, 0, hi - lo, lo) if ref else Slice(ZERO, 0, hi - lo, lo)]
+            new = sl.append(view[:len(view) - len(run)], merged)
+        crash_point("before-upkeep-commit")
+        try:
+            await self.meta.commit(self.ino, size=0, ops=[BlockOp(idx, "C", sl.encode(new),
+                                                                   sl.encode(view))],
+                                   settle=[ref.key] if ref else [], keep_times=True)
+        except BaseException:
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    await self.meta.settle_uploads([ref.key])
+            raise
+        if new and not all(s.ref == ZERO for s in new):
+            self.committed[idx] = new
+        else:
+            self.committed.pop(idx, None)
+        if self._work(idx, move_all=False):  # a merge may leave the block over a bound still
+            self._todo.setdefault(idx, False)
 
     async def abandon(self) -> None:
         """The file is dropped with local state (unlinked and closed, fenced, unmounted):
         give its buffers back to the budget and its uploads back to GC."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+        self._todo.clear()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*list(self.tasks), return_exceptions=True)
@@ -612,6 +714,22 @@ class FileData:
         if self.inline is not None:
             self.committed_inline = size  # TRUNCATE cut or zero-padded the stored body
         self.committed_size = size
+
+
+def merge_run(view: list[Slice]) -> list[Slice]:
+    """The newest slices of a block to merge: from the newest back, while the next older
+    one is at most MERGE_RATIO times the largest in the run (at least two). Slices of one
+    size merge together into one of the next size, as a binary counter carries: a byte
+    is rewritten a logarithmic number of times, never once per merge."""
+    run: list[Slice] = []
+    largest = 0
+    for s in reversed(view):
+        if len(run) >= 2 and s.length > MERGE_RATIO * largest:
+            break
+        run.append(s)
+        largest = max(largest, s.length)
+    run.reverse()
+    return run
 
 
 @dataclass

@@ -25,7 +25,7 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  symlink targets, xattr names and values), inodes, max_inodes
                                  (absent: inode_limit(capacity)), slicebytes (bytes of inline
                                  slices), maxslicebytes (absent: min(MAX_SLICE_BYTES,
-                                 capacity/16)), next_ino, epoch
+                                 capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
                                  frozen (snapshot in progress: writers wait), version
@@ -79,7 +79,7 @@ GC_STATE = "cfs{_gc}:state"
 GC_DOOMED = "cfs{_gc}:doomed"
 FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was last renewed
 BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
-MAX_SLICE_BYTES = 64 << 20  # inline slice bytes a volume may keep in Redis (at most 1/16 of it)
+MAX_SLICE_BYTES = 16 << 20  # inline slice bytes a volume may keep in Redis (at most 1/64 of it)
 MIN_INODES = 10_000
 
 

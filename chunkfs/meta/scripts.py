@@ -480,7 +480,7 @@ if delta > 0 then
 end
 if stored > 0 then
   local st = redis.call('HMGET', vol, 'slicebytes', 'maxslicebytes', 'capacity')
-  local limit = tonumber(st[2]) or math.min(MAX_SLICE_BYTES, math.floor(tonumber(st[3]) / 16))
+  local limit = tonumber(st[2]) or math.min(MAX_SLICE_BYTES, math.floor(tonumber(st[3]) / 64))
   if (tonumber(st[1]) or 0) + stored > limit then return redis.error_reply('SLICEFULL') end
 end
 -- now write
