@@ -15,8 +15,9 @@ writers on several nodes append on top of each other instead of replacing the bl
 A block's *extent* is the end of its furthest slice: what it charges to the volume
 (holes before it included, as the valid length of a block always did).
 
-Encoding (``chunkfs.meta.schema`` documents the key): slices joined by ``;``, each
-``ref:off:length:pos``. The Lua scripts (``chunkfs.meta.scripts``) implement the same
+Encoding (``chunkfs.meta.schema`` documents the key): the block's extent, ``|``, then
+the slices joined by ``;``, each ``ref:off:length:pos`` (the extent up front lets the
+COMMIT script append without reading the list). The Lua scripts (``chunkfs.meta.scripts``) implement the same
 operations on the same encoding; ``tests/integration/test_slices_lua.py`` checks that
 both agree on random lists.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 INLINE_PREFIX = "@"
 ZERO = "0"  # the ref of a zero slice: reads as zeros, stores nothing
+PRUNE_MIN = 64 * 1024  # an appended slice this large drops the older slices it covers
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +84,15 @@ def parse(value: bytes | str | None) -> list[Slice]:
     if not value:
         return []
     text = value.decode() if isinstance(value, bytes) else value
+    text = text.partition("|")[2] if "|" in text else text
     return [Slice.parse(part) for part in text.split(";") if part]
 
 
 def encode(slices: Iterable[Slice]) -> str:
-    return ";".join(s.encode() for s in slices)
+    slices = list(slices)
+    if not slices:
+        return ""
+    return f"{extent(slices)}|" + ";".join(s.encode() for s in slices)
 
 
 def extent(slices: Iterable[Slice]) -> int:
@@ -94,10 +100,14 @@ def extent(slices: Iterable[Slice]) -> int:
 
 
 def append(old: list[Slice], new: list[Slice]) -> list[Slice]:
-    """``new`` on top of ``old``; an older slice that one new slice covers entirely is
-    dropped (it can never be read again). The Lua ``append_slices`` does the same."""
-    kept = [s for s in old if not any(n.pos <= s.pos and s.end <= n.end for n in new)]
-    return kept + [s for s in new if s.length > 0]
+    """``new`` on top of ``old``. A new slice of PRUNE_MIN bytes or more drops every older
+    slice it covers entirely (it can never be read again); small ones are just appended,
+    so that committing them costs what they are (merges clean up later). The Lua
+    ``append_slices`` does exactly the same."""
+    added = [s for s in new if s.length > 0]
+    big = [n for n in added if n.length >= PRUNE_MIN]
+    kept = [s for s in old if not any(n.pos <= s.pos and s.end <= n.end for n in big)]
+    return kept + added
 
 
 def trim(slices: list[Slice], keep: int) -> list[Slice]:

@@ -24,6 +24,7 @@ those sessions can neither register nor commit.
 
 from __future__ import annotations
 
+from chunkfs.blocks.slices import PRUNE_MIN
 from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
@@ -33,7 +34,7 @@ MAX_WALK = 1024                 # ancestors a directory rename checks (bounds it
 PRELUDE = rf"""
 local vol = KEYS[1]
 local MIN_INODES, BYTES_PER_INODE, MAX_WALK = {MIN_INODES}, {BYTES_PER_INODE}, {MAX_WALK}
-local MAX_SLICE_BYTES = {MAX_SLICE_BYTES}
+local MAX_SLICE_BYTES, PRUNE_MIN = {MAX_SLICE_BYTES}, {PRUNE_MIN}
 local function I(x) return string.format('%d', x) end
 local function now_ms()
   local t = redis.call('TIME')
@@ -53,40 +54,88 @@ local function kind(mode)
   if f == 4 then return 'dir' elseif f == 10 then return 'lnk' end
   return 'file'
 end
--- a block map value: slices 'ref:off:length:pos' joined by ';', oldest first (the
--- encoding and its meaning: chunkfs/blocks/slices.py; the same operations in Python)
+-- a block map value: '<extent>|' then slices 'ref:off:length:pos' joined by ';', oldest
+-- first (chunkfs/blocks/slices.py: the encoding, its meaning, the same operations in
+-- Python). The extent up front lets an append cost what it appends, not the list.
+local function body_of(v)
+  local h = string.find(v, '|', 1, true)
+  if h then return string.sub(v, h + 1) end
+  return v
+end
 local function slice_list(v)
   local out = {{}}
   if not v or v == '' then return out end
-  for part in string.gmatch(v, '[^;]+') do
+  for part in string.gmatch(body_of(v), '[^;]+') do
     local ref, off, len, pos = string.match(part, '^(.*):(%d+):(%d+):(%d+)$')
     out[#out + 1] = {{ref, tonumber(off), tonumber(len), tonumber(pos), part}}
   end
   return out
 end
-local function join_slices(list)
-  local t = {{}}
-  for i, x in ipairs(list) do t[i] = x[5] end
-  return table.concat(t, ';')
-end
-local function extent_of(v)
+local function list_extent(list)
   local m = 0
-  for _, x in ipairs(slice_list(v)) do
+  for _, x in ipairs(list) do
     if x[3] > 0 and x[4] + x[3] > m then m = x[4] + x[3] end
   end
   return m
 end
--- ``new`` on top of ``old``; an old slice that one new slice covers entirely goes
+local function join_slices(list)
+  if #list == 0 then return '' end
+  local t = {{}}
+  for i, x in ipairs(list) do t[i] = x[5] end
+  return I(list_extent(list)) .. '|' .. table.concat(t, ';')
+end
+local function extent_of(v)
+  if not v or v == '' then return 0 end
+  local h = string.find(v, '|', 1, true)
+  if h then return tonumber(string.sub(v, 1, h - 1)) end
+  return list_extent(slice_list(v))
+end
+-- a list of nothing but zero slices ('0' refs) reads as a hole: store none
+local function only_zeros(list)
+  for _, x in ipairs(list) do if x[1] ~= '0' then return false end end
+  return true
+end
+local function normalized(v)
+  if only_zeros(slice_list(v)) then return '' end
+  return v
+end
+-- ``new`` on top of ``old``. A new slice of PRUNE_MIN bytes or more drops every old slice
+-- it covers entirely; small ones are appended as they are (a merge cleans up later), so
+-- a small commit costs what it appends, whatever the block's history.
 local function append_slices(old, new)
-  local n, keep, gone = slice_list(new), {{}}, {{}}
+  local n, big = slice_list(new), false
+  local added = {{}}
+  for _, y in ipairs(n) do
+    if y[3] > 0 then added[#added + 1] = y end
+    if y[3] >= PRUNE_MIN then big = true end
+  end
+  if #added == 0 then return old, {{}} end
+  if not big then
+    if old == '' then
+      if only_zeros(added) then return '', {{}} end
+      return join_slices(added), {{}}
+    end
+    local ext = math.max(extent_of(old), list_extent(added))
+    local t = {{}}
+    for i, y in ipairs(added) do t[i] = y[5] end
+    return I(ext) .. '|' .. body_of(old) .. ';' .. table.concat(t, ';'), {{}}
+  end
+  local keep, gone = {{}}, {{}}
   for _, x in ipairs(slice_list(old)) do
     local covered = false
-    for _, y in ipairs(n) do
-      if y[4] <= x[4] and x[4] + x[3] <= y[4] + y[3] then covered = true; break end
+    for _, y in ipairs(added) do
+      if y[3] >= PRUNE_MIN and y[4] <= x[4] and x[4] + x[3] <= y[4] + y[3] then
+        covered = true
+        break
+      end
     end
     if covered then gone[#gone + 1] = x else keep[#keep + 1] = x end
   end
-  for _, y in ipairs(n) do if y[3] > 0 then keep[#keep + 1] = y end end
+  for _, y in ipairs(added) do keep[#keep + 1] = y end
+  if only_zeros(keep) then
+    for _, x in ipairs(keep) do gone[#gone + 1] = x end
+    return '', gone
+  end
   return join_slices(keep), gone
 end
 -- the block cut at ``keep`` bytes from its start
@@ -100,11 +149,6 @@ local function trim_slices(v, keep)
     else out[#out + 1] = x end
   end
   return join_slices(out), gone
-end
--- a list of nothing but zero slices ('0' refs) reads as a hole: store none
-local function normalized(v)
-  for _, x in ipairs(slice_list(v)) do if x[1] ~= '0' then return v end end
-  return ''
 end
 -- the slices of ``old`` that ``new`` no longer names (set or compare-and-set ops)
 local function vanished(old, new)
@@ -451,9 +495,9 @@ for _, op in ipairs(ops) do
   if op[2] == 'A' then v, lost = append_slices(old, op[3])
   else
     if op[2] == 'C' and old ~= op[4] then return redis.error_reply('CONFLICT') end
-    v, lost = op[3], vanished(old, op[3])
+    v, lost = normalized(op[3]), vanished(old, op[3])
   end
-  new[idx] = normalized(v)
+  new[idx] = v
   for _, x in ipairs(lost) do gone[#gone + 1] = x end
 end
 if exact then  -- blocks past the new end go, the one across it is cut
@@ -491,12 +535,16 @@ for i = 0, nstore - 1 do
   redis.call('HSET', KEYS[7], id, bytes)
 end
 if stored ~= 0 then redis.call('HINCRBY', vol, 'slicebytes', stored) end
-local named = {}
 for idx, v in pairs(new) do
   if v == '' then redis.call('HDEL', KEYS[3], idx) else redis.call('HSET', KEYS[3], idx, v) end
-  for _, x in ipairs(slice_list(v)) do named[x[1]] = true end
 end
-free_inline(KEYS[7], gone, named)
+if #gone > 0 then
+  local named = {}
+  for _, v in pairs(new) do
+    for _, x in ipairs(slice_list(v)) do named[x[1]] = true end
+  end
+  free_inline(KEYS[7], gone, named)
+end
 local now = now_ms()
 for i = 8, 7 + nsettle do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
 local size = tonumber(redis.call('HGET', KEYS[2], 's'))

@@ -64,13 +64,21 @@ def test_append_trim_and_pieces_keep_what_the_block_reads(seed: int) -> None:
     assert sl.extent(block) == max((s.end for s in block), default=0)
 
 
-def test_a_slice_covering_older_ones_drops_them() -> None:
-    old = [Slice("a_9", 0, 10, 0), Slice("b_9", 0, 5, 20), Slice("c_9", 0, 10, 30)]
-    new = [Slice("d_9", 0, 30, 0)]
-    assert sl.append(old, new) == [Slice("c_9", 0, 10, 30), Slice("d_9", 0, 30, 0)]
-    assert sl.dropped(old, sl.append(old, new)) == []  # none inline
+def test_a_large_slice_drops_the_older_ones_it_covers_small_ones_are_appended() -> None:
+    big = sl.PRUNE_MIN
+    old = [Slice("a_9", 0, 10, 0), Slice("b_9", 0, 5, 20), Slice("c_9", 0, 10, big + 30)]
+    assert sl.append(old, [Slice("d_9", 0, big, 0)]) == [Slice("c_9", 0, 10, big + 30),
+                                                        Slice("d_9", 0, big, 0)]
+    assert sl.append(old, [Slice("e_9", 0, 30, 0)]) == [*old, Slice("e_9", 0, 30, 0)]
     inline = [Slice("@x", 0, 5, 0)]
-    assert sl.dropped(inline, sl.append(inline, new)) == inline
+    assert sl.dropped(inline, sl.append(inline, [Slice("d_9", 0, big, 0)])) == inline
+
+
+def test_the_encoding_carries_the_extent() -> None:
+    block = [Slice("a_9", 0, 10, 100), Slice("@x", 0, 5, 20)]
+    assert sl.encode(block) == "110|a_9:0:10:100;@x:0:5:20"
+    assert sl.parse(sl.encode(block)) == block
+    assert sl.encode([]) == ""
 
 
 def test_legacy_entries_become_one_slice() -> None:
