@@ -64,6 +64,14 @@ class SessionExpired(ChunkfsError):
     errno = errno.EIO
 
 
+class InlineFull(ChunkfsError):
+    """The volume keeps as many inline slice bytes in Redis as it may: store in S3."""
+
+
+class SliceConflict(ChunkfsError):
+    """A compare-and-set change to a block found it changed (a compaction lost a race)."""
+
+
 class VolumeFrozen(ChunkfsError):
     """A snapshot kept the volume's writers waiting for longer than a freeze may last."""
 

@@ -109,6 +109,7 @@ class ChunkFS(pyfuse3.Operations):
         self.lookups: dict[int, int] = {}
         self.loading: dict[int, asyncio.Future[None]] = {}
         self.orphans: set[int] = set()
+        self.upkeep: set[FileData] = set()  # closed files whose slices are being moved
         self.versions: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
         self.volume = volume
@@ -124,8 +125,8 @@ class ChunkFS(pyfuse3.Operations):
         """The write budget is spent: upload dirty blocks of any open file, largest first,
         until ``need`` bytes are on their way (a writer of one file must never wait on
         partial blocks of others that nobody flushes)."""
-        dirty = sorted(((len(buf), ino, idx) for ino, f in self.files.items()
-                        for idx, buf in f.dirty.items()), reverse=True)
+        dirty = sorted(((n, ino, idx) for ino, f in self.files.items()
+                        for idx, n in f.dirty_blocks()), reverse=True)
         started = 0
         for _size, ino, idx in dirty:
             if started >= need:
@@ -479,17 +480,8 @@ class ChunkFS(pyfuse3.Operations):
         return await data.read(off, size, random=not sequential and size <= 128 * 1024)
 
     def _readahead(self, data: FileData, pos: int) -> None:
-        if self.opt.readahead_blocks <= 0 or data.inline is not None:
-            return
-        first = pos // data.bs
-        for idx in range(first, first + self.opt.readahead_blocks):
-            if idx * data.bs >= data.size:
-                break
-            if idx in data.dirty or idx in data.inflight:
-                continue
-            entry = data.entry_for(idx)
-            if entry is not None:
-                self.blocks.prefetch(entry)
+        if self.opt.readahead_blocks > 0:
+            data.readahead(pos // self.opt.block_size, self.opt.readahead_blocks)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -535,6 +527,11 @@ class ChunkFS(pyfuse3.Operations):
                     # nothing of it can be committed any more: free its buffers and uploads
                     del self.files[data.ino]
                     await data.abandon()
+                elif not self.fenced and data.is_clean:
+                    # its last close: small writes kept in Redis move to S3 in the background
+                    self.upkeep = {d for d in self.upkeep if d.busy}
+                    if data.look_after(move_all=True):
+                        self.upkeep.add(data)
                 self._drop_if_unused(data)
                 await self._maybe_purge(data.ino)
 
@@ -629,10 +626,15 @@ class ChunkFS(pyfuse3.Operations):
             await self._maybe_purge(ino)
 
     async def flush_all(self) -> None:
-        """Flush every file with local changes (unmount, SIGTERM)."""
+        """Flush every file with local changes (unmount, SIGTERM), then let the background
+        upkeep of slices finish (it only moves committed bytes: its loss loses nothing)."""
         for data in list(self.files.values()):
             if not data.is_clean:
                 await data.flush()
+        pending = [d.settled() for d in {*self.upkeep, *self.files.values()}]
+        self.upkeep.clear()
+        if pending:
+            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:

@@ -11,7 +11,9 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from chunkfs.meta.schema import ROOT_INODE, BlockEntry, Keys
+from chunkfs.blocks import slices
+from chunkfs.blocks.slices import Slice
+from chunkfs.meta.schema import ROOT_INODE, Keys
 from chunkfs.objstore import ObjectStore, block_key
 
 
@@ -28,6 +30,7 @@ async def check_namespace(r: aioredis.Redis, ns: str,
     dirs: dict[int, dict[bytes, bytes]] = {}
     blocks: dict[int, dict[bytes, bytes]] = {}
     xattr_bytes: dict[int, int] = {}
+    inline: dict[int, dict[bytes, bytes]] = {}
     for start in range(0, len(inos), 2000):
         batch = inos[start:start + 2000]
         pipe = r.pipeline(transaction=False)
@@ -36,12 +39,15 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             pipe.hgetall(k.dir(ino))
             pipe.hgetall(k.blocks(ino))
             pipe.hgetall(k.xattr(ino))
+            pipe.hgetall(k.slices(ino))
         rows = await pipe.execute()
         for n, ino in enumerate(batch):
-            attrs[ino] = {a.decode(): b for a, b in rows[4 * n].items()}
-            dirs[ino], blocks[ino] = rows[4 * n + 1], rows[4 * n + 2]
-            xattr_bytes[ino] = sum(len(a) + len(b) for a, b in rows[4 * n + 3].items())
+            attrs[ino] = {a.decode(): b for a, b in rows[5 * n].items()}
+            dirs[ino], blocks[ino] = rows[5 * n + 1], rows[5 * n + 2]
+            xattr_bytes[ino] = sum(len(a) + len(b) for a, b in rows[5 * n + 3].items())
+            inline[ino] = rows[5 * n + 4]
     links: Counter[int] = Counter()
+    stored_inline = 0
     subdirs: Counter[int] = Counter()
     used = 0
     for ino in inos:
@@ -71,15 +77,32 @@ async def check_namespace(r: aioredis.Redis, ns: str,
                 problems.append(f"inode {ino} has both inline data and blocks")
         size = int(attr.get("s", b"0"))
         bs = int(vol.get("block_size", 4 << 20))
+        named: set[str] = set()
         for idx, raw in blocks[ino].items():
-            entry = BlockEntry.parse(raw)
-            used += entry.valid
-            if int(idx) * bs >= max(size, 0) and entry.valid and size >= 0:
+            where = f"inode {ino} block {int(idx)}"
+            try:
+                block = slices.parse(raw)
+            except ValueError:
+                problems.append(f"{where} has an unreadable slice list {raw[:80]!r}")
+                continue
+            extent = slices.extent(block)
+            used += extent
+            if int(idx) * bs >= max(size, 0) and extent and size >= 0:
                 # bytes past the size may exist (written after the last commit's snapshot of
                 # the size), but a block wholly past the end is never committed
-                problems.append(f"inode {ino} block {int(idx)} starts past the file size {size}")
-            if store is not None and not await store.exists(block_key(entry.digest, entry.length)):
-                problems.append(f"inode {ino} block {int(idx)} object {entry.digest} is missing")
+                problems.append(f"{where} starts past the file size {size}")
+            if not block or all(s.ref == slices.ZERO for s in block):
+                problems.append(f"{where} is stored although it reads as a hole")
+            for s in block:
+                problems += _slice_problems(where, s, bs, inline[ino], named)
+            if store is not None:
+                for ref in slices.objects(block):
+                    digest, _, n = ref.rpartition("_")
+                    if not await store.exists(block_key(digest, int(n))):
+                        problems.append(f"{where} object {digest} is missing")
+        stored_inline += sum(len(v) for v in inline[ino].values())
+        for orphan in sorted(set(inline[ino]) - {n.encode() for n in named}):
+            problems.append(f"inode {ino} keeps inline slice {orphan.decode()} that no block names")
     for ino in inos:
         attr = attrs[ino]
         if not attr:
@@ -97,8 +120,34 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             problems.append(f"inode {ino} has nlink {nlink}, expected {expected}")
         if ino != ROOT_INODE and links[ino] == 0 and ino not in orphans:
             problems.append(f"inode {ino} is not reachable from any directory")
+    if int(vol.get("slicebytes", 0)) != stored_inline:
+        problems.append(f"volume records {vol.get('slicebytes', 0)} inline slice bytes, "
+                        f"the files hold {stored_inline}")
     if int(vol.get("used", 0)) != used:
         problems.append(f"volume records {vol.get('used')} bytes used, blocks add up to {used}")
     if int(vol.get("inodes", 0)) != len(inos):
         problems.append(f"volume records {vol.get('inodes')} inodes, index has {len(inos)}")
     return problems
+
+
+def _slice_problems(where: str, s: Slice, bs: int, inline: dict[bytes, bytes],
+                    named: set[str]) -> list[str]:
+    """What is wrong with one slice of a block (its bytes must exist and fit)."""
+    out = []
+    if s.length <= 0 or s.pos < 0 or s.end > bs or s.off < 0:
+        out.append(f"{where} has a slice out of bounds: {s.encode()}")
+    if s.inline:
+        named.add(s.inline_id)
+        blob = inline.get(s.inline_id.encode())
+        if blob is None:
+            out.append(f"{where} names inline slice {s.inline_id}, which is gone")
+        elif s.off + s.length > len(blob):
+            out.append(f"{where} reads past inline slice {s.inline_id}")
+    elif s.ref != slices.ZERO:
+        try:
+            size = s.object_size
+        except ValueError:
+            return [*out, f"{where} names an unreadable object {s.ref!r}"]
+        if s.off + s.length > size:
+            out.append(f"{where} reads past its object: {s.encode()}")
+    return out

@@ -37,11 +37,12 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from chunkfs.blocks import slices
 from chunkfs.claim import claim_storage, read_marker
 from chunkfs.errors import ChunkfsError, NoSuchObject, StorageClaimed
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta import scripts, topology
-from chunkfs.meta.schema import GC_DOOMED, GC_STATE, BlockEntry, Keys
+from chunkfs.meta.schema import GC_DOOMED, GC_STATE, Keys
 from chunkfs.objstore import ObjectStore, block_key
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,7 @@ async def referenced_blocks(r: aioredis.Redis, ns: str) -> set[str]:
             pipe.hvals(k.blocks(ino))
         for values in await pipe.execute():
             for raw in values:
-                entry = BlockEntry.parse(raw)
-                refs.add(block_key(entry.digest, entry.length))
+                refs.update(block_key(d, n) for d, n in slices.object_refs(raw))
     return refs
 
 
@@ -249,8 +249,9 @@ async def manifest_blocks(store: ObjectStore) -> tuple[int, set[str]]:
         count += 1
         for node in doc["inodes"].values():
             for raw in node.get("blocks", {}).values():
-                entry = BlockEntry.parse(raw)
-                refs.add(block_key(entry.digest, entry.length))
+                if doc.get("format") == 1:
+                    raw = slices.from_legacy(raw)
+                refs.update(block_key(d, n) for d, n in slices.object_refs(raw))
     return count, refs
 
 

@@ -1,47 +1,99 @@
-"""The data of one regular file as this mount sees it: committed state plus local changes.
+"""The data of one regular file as this mount sees it: committed slices plus local changes.
 
-Writes land in per-block buffers; a full block is uploaded in the background at once,
-partial blocks when the file is flushed. ``flush`` (fsync, close) waits for every
-upload and then commits all new block entries and the size in one atomic metadata
-script, so other nodes see the old or the new version of the file, never a mix.
+Its surface is narrow: ``read``, ``write``, ``flush``, ``truncate``, ``size`` (and, for the
+mount's budget and readahead, ``dirty_blocks``/``start_upload``/``readahead``). Inside:
+
+* Committed state: per block, the slice list last committed (``chunkfs.blocks.slices``).
+* Local changes, per block, oldest first, as *generations* (``Gen``): bytes written since
+  the previous generation was frozen (a ``Sparse`` buffer, only the bytes written: no
+  read-modify-write), then frozen and stored as slices — an object uploaded to S3, or,
+  when small, inline slices that the commit itself stores in Redis (no PUT at all: a
+  4 KiB fsync costs one Redis call), or zero slices for zeros.
+* ``flush`` (fsync, close) freezes what was written before it, waits for its uploads, and
+  commits every stored generation in one atomic script: slices appended on top of the
+  block (the old version or the new one is visible, never a mix), the size, and the
+  settlement of the uploads with GC (``docs/dev/gc.md``). A flush costs what was written
+  since the last one.
 
 Concurrency protocol (one event loop, so only ``await`` points matter):
-- ``dirty`` buffers are only touched between awaits by ``write``/``read``/``flush``.
-- An upload owns an immutable ``bytes`` copy (in ``inflight``); a later write to the
-  same block starts a new buffer from that copy. Results are ordered by ``seq``: an
-  older upload finishing late never replaces a newer one in ``pending``.
-- ``lock`` serialises flush/commit and truncate, so commits of one file never interleave.
-- Memory pressure may upload any dirty block of any file (``start_upload``, called by the
-  mount-wide budget), partial ones too: a later write to such a block starts from the
-  uploaded copy, so pressure never changes what a reader sees.
-- Capacity is charged at write time (``growth_of``: the bytes the next commit would add to
-  the volume's usage, holes included), so ENOSPC surfaces in ``write``; ``truncate``
-  never needs to commit other pending data first, so freeing space always works.
-- A file truncated to zero (``O_TRUNC``) is this mount's to write whole: its commits set
-  the file to exactly what was written since (``exact``), so two nodes rewriting one file
-  leave one complete version, the last one closed, never a mix of blocks.
-- A failed upload puts its bytes back into ``dirty`` (unless rewritten since) and the
-  error is reported by the next flush: acknowledged data is never dropped.
-- Every finished upload is recorded in ``uploads`` (block index, seq, object key): GC
-  keeps its object until a commit settles it. A commit settles the uploads whose entry
-  it writes and those a newer upload of the same block superseded; the others (blocks
-  left for a later commit) stay protected. A file dropped with uploads unsettled
-  (``abandon``) releases them.
+- ``write`` touches only the newest generation of a block, and only if it is DIRTY; a
+  frozen generation never changes again except by ``truncate`` (under ``lock``).
+- ``lock`` serialises flush, truncate and background compaction of this file: commits of
+  one file never interleave. Writes do not take it; what a flush commits is what was
+  frozen when it began (writes racing with RELEASE stay for the next flush).
+- A failed upload leaves its generation FROZEN with its bytes: the next flush uploads it
+  again; acknowledged data is never dropped, and the error is reported by that flush.
+- Memory pressure may freeze and upload any dirty generation (``start_upload``): a later
+  write starts a new generation on top, so pressure never changes what is read.
+- Capacity is charged at write time (``growth_of``: how far the write extends a block's
+  extent), so ENOSPC surfaces in ``write``; ``truncate`` commits the truncation alone and
+  trims local changes, so freeing space always works on a full volume.
+- A file truncated to zero (``O_TRUNC``) is this mount's to write whole (``exact``): its
+  commits set the file to exactly what was written since, so two nodes rewriting one
+  file leave the version closed last, complete.
+- Other commits append on top of what is in Redis, so writers of one file on several
+  nodes (RWX) keep each other's bytes, whatever the ranges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
+import itertools
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
+from chunkfs.blocks import slices as sl
 from chunkfs.blocks.budget import WriteBudget
-from chunkfs.blocks.store import BlockStore, object_key
-from chunkfs.errors import BlockMissing
-from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import BlockEntry
+from chunkfs.blocks.slices import Slice
+from chunkfs.blocks.sparse import Sparse
+from chunkfs.blocks.store import BlockStore, ObjectRef, all_zero
+from chunkfs.errors import BlockMissing, ChunkfsError, InlineFull, MetaUnavailable, SliceConflict
+from chunkfs.faults import crash_point
+from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
 
 log = logging.getLogger(__name__)
+
+INLINE_SLICE_MAX = 64 * 1024  # a frozen generation up to this size is stored in Redis
+ZERO = sl.ZERO
+# background upkeep of a block's committed slices (``_maintain``): inline slices move to
+# an object once they hold this much, or at the file's last close; a block naming more
+# objects or slices than this gets its newest slices merged (bounded read amplification)
+MOVE_BYTES = 256 * 1024
+MOVE_COUNT = 64
+COMPACT_OBJECTS = 16
+COMPACT_SLICES = 256
+MERGE_RATIO = 4  # a merge takes the next older slice while it is at most this times bigger
+_ids = itertools.count(1)
+
+
+class State(enum.Enum):
+    DIRTY = "dirty"      # takes writes
+    FROZEN = "frozen"    # bytes fixed, not stored yet (or its upload failed)
+    STORING = "storing"  # its upload is running
+    STORED = "stored"    # its slices are known; waiting for the commit
+
+
+@dataclass(eq=False)
+class Gen:
+    """One generation of local changes to one block."""
+
+    seq: int
+    sparse: Sparse | None = field(default_factory=Sparse)
+    state: State = State.DIRTY
+    slices: list[Slice] = field(default_factory=list)
+    inline: dict[str, bytes] = field(default_factory=dict)  # id -> bytes the commit stores
+    key: str | None = None   # the object it uploaded (registered with GC until settled)
+    held: int = 0            # write-budget bytes it holds
+    keep: int | None = None  # a truncation that arrived while it was uploading
+
+    @property
+    def end(self) -> int:
+        if self.sparse is not None:
+            return self.sparse.end
+        return sl.extent(self.slices)
 
 
 class FileData:
@@ -53,56 +105,59 @@ class FileData:
         self.budget = budget
         self.bs = block_size
         self.inline_limit = inline_limit
-        self.inline: bytearray | None = None
+        self.inline: bytearray | None = None  # a small file's whole body ('d')
         self.inline_dirty = False
-        self.converted = False
-        self.entries: dict[int, BlockEntry] = {}
-        self.pending: dict[int, tuple[int, BlockEntry | None]] = {}
-        self.dirty: dict[int, bytearray] = {}
-        self.inflight: dict[int, tuple[int, bytes]] = {}
+        self.converted = False  # its body became blocks: the next commit drops 'd'
+        self.committed: dict[int, list[Slice]] = {}
+        self.local: dict[int, list[Gen]] = {}
+        self.inline_bytes: dict[str, bytes] = {}  # bytes of inline slices read or written
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.uploads: list[tuple[int, int, str]] = []  # finished, not yet settled by a commit
         self.errors: list[BaseException] = []
         self.seq = 0
         self.size = 0
         self.committed_size = 0
         self.committed_inline = 0  # length of the committed inline body (capacity checks)
-        self.exact = False  # truncated to zero here: commits replace the whole file
-        self.writes = 0  # write calls so far: tells a flush whether writes raced it
+        self.exact = False
+        self.uncertain: _Commit | None = None  # sent, outcome unknown: replayed as it was
+        self.writes = 0
         self.lock = asyncio.Lock()
         self.opens = 0
+        self._todo: dict[int, bool] = {}  # blocks to look after -> move every inline slice
+        self._upkeep: asyncio.Task[None] | None = None
 
+    # ---- loading -----------------------------------------------------------------------
     async def load(self, size: int) -> None:
-        inline, entries = await self.meta.file_data(self.ino)
-        self.loaded(size, inline, entries)
+        inline, committed = await self.meta.file_data(self.ino)
+        self.loaded(size, inline, committed)
 
-    def loaded(self, size: int, inline: bytes | None, entries: dict[int, BlockEntry]) -> None:
+    def loaded(self, size: int, inline: bytes | None, committed: dict[int, list[Slice]]) -> None:
         self.inline = bytearray(inline) if inline is not None else None
         self.committed_inline = len(inline) if inline is not None else 0
-        self.entries = entries
+        self.committed = committed
         self.size = self.committed_size = size
 
     @property
     def is_clean(self) -> bool:
-        return not (self.dirty or self.inflight or self.pending or self.inline_dirty
-                    or self.converted)
+        return not (self.local or self.inline_dirty or self.converted)
+
+    @property
+    def dirty_bytes(self) -> int:
+        n = sum(g.held for gens in self.local.values() for g in gens)
+        return n + (len(self.inline) if self.inline_dirty and self.inline is not None else 0)
 
     # ---- capacity ------------------------------------------------------------------
-    def _local_len(self, idx: int) -> int:
-        """How many bytes block ``idx`` holds in this mount's current view (holes count
-        from the block's start, as the committed entry's valid length does)."""
+    def _committed_extent(self, idx: int) -> int:
+        return sl.extent(self.committed.get(idx, ()))
+
+    def _extent(self, idx: int) -> int:
+        """How far block ``idx`` reaches in this mount's view (what it would charge)."""
         if self.inline is not None:
             return len(self.inline) if idx == 0 else 0
-        if idx in self.dirty:
-            return len(self.dirty[idx])
-        if idx in self.inflight:
-            return len(self.inflight[idx][1])
-        entry = self.entry_for(idx)
-        return entry.valid if entry else 0
+        ends = [g.end for g in self.local.get(idx, ())]
+        return max([self._committed_extent(idx), *ends])
 
     def growth_of(self, off: int, n: int) -> int:
-        """Bytes of volume usage a write of ``n`` bytes at ``off`` adds (what the commit
-        will charge): bytes past each touched block's current length."""
+        """Volume usage a write of ``n`` bytes at ``off`` adds (what its commit charges)."""
         if n <= 0:
             return 0
         end = off + n
@@ -111,68 +166,34 @@ class FileData:
         growth = 0
         for idx in range(off // self.bs, (end - 1) // self.bs + 1):
             stop = min(end, (idx + 1) * self.bs) - idx * self.bs
-            growth += max(0, stop - self._local_len(idx))
+            growth += max(0, stop - self._extent(idx))
         return growth
 
     @property
     def uncommitted_growth(self) -> int:
-        """Usage that committing this mount's local changes would add."""
         if self.inline is not None:
             return max(0, len(self.inline) - self.committed_inline) if self.inline_dirty else 0
-        growth = 0
-        for idx in set(self.dirty) | set(self.inflight) | set(self.pending):
-            entry = self.entries.get(idx)
-            growth += max(0, self._local_len(idx) - (entry.valid if entry else 0))
+        growth = sum(max(0, self._extent(idx) - self._committed_extent(idx)) for idx in self.local)
         if self.converted:
             growth -= self.committed_inline
         return max(0, growth)
 
-    @property
-    def dirty_bytes(self) -> int:
-        n = sum(len(b) for b in self.dirty.values()) + sum(len(d) for _, d in self.inflight.values())
-        return n + (len(self.inline) if self.inline_dirty and self.inline is not None else 0)
-
     # ---- reads ---------------------------------------------------------------------
-    def entry_for(self, idx: int) -> BlockEntry | None:
-        if idx in self.pending:
-            return self.pending[idx][1]
-        return self.entries.get(idx)
-
-    async def _block_bytes(self, idx: int) -> bytes | bytearray:
-        """Current content of block ``idx`` (may be shorter than the block: zeros follow)."""
-        if idx in self.dirty:
-            return self.dirty[idx]
-        if idx in self.inflight:
-            return self.inflight[idx][1]
-        entry = self.entry_for(idx)
-        if entry is None:
-            return b""
-        data = await self.blocks.get(entry)
-        return memoryview(data)[:entry.valid] if entry.valid < len(data) else data
-
     async def read(self, off: int, size: int, *, random: bool = False) -> bytes:
         try:
             return await self._read(off, size, random=random)
         except BlockMissing:
             # our block map may be older than the file (another mount replaced blocks and
-            # GC collected the old ones): read the current version, as close-to-open allows
-            if not await self._refresh_entries():
+            # GC collected the old objects): read the current version, as close-to-open allows
+            if not await self._refresh_committed():
                 raise
             return await self._read(off, size, random=random)
 
-    async def _refresh_entries(self) -> bool:
-        """Reload committed entries of blocks without local changes; True if any changed."""
-        _, entries = await self.meta.file_data(self.ino)
-        changed = False
-        for idx in set(self.entries) | set(entries):
-            if idx in self.pending or idx in self.dirty or idx in self.inflight:
-                continue
-            if self.entries.get(idx) != entries.get(idx):
-                changed = True
-                if idx in entries:
-                    self.entries[idx] = entries[idx]
-                else:
-                    del self.entries[idx]
+    async def _refresh_committed(self) -> bool:
+        """Reload the committed slices; True if any block changed."""
+        _, committed = await self.meta.file_data(self.ino)
+        changed = committed != self.committed
+        self.committed = committed
         return changed
 
     async def _read(self, off: int, size: int, *, random: bool) -> bytes:
@@ -183,29 +204,86 @@ class FileData:
             chunk = bytes(self.inline[off:end])
             return chunk + bytes(end - off - len(chunk))
         first, last = off // self.bs, (end - 1) // self.bs
-        if random and first == last and first not in self.dirty and first not in self.inflight:
-            entry = self.entry_for(first)
-            if entry is not None:
-                start = off - first * self.bs
-                piece = await self.blocks.read_range(entry, start, max(0, min(end, first * self.bs
-                                                                              + entry.valid) - off))
-                return piece + bytes(end - off - len(piece))
-        if first == last:
-            return self._slice(await self._block_bytes(first), off - first * self.bs, end - off)
-        parts = await asyncio.gather(*(self._block_bytes(i) for i in range(first, last + 1)))
-        out = bytearray()
-        for i, data in zip(range(first, last + 1), parts, strict=True):
-            start = max(off, i * self.bs) - i * self.bs
-            stop = min(end, (i + 1) * self.bs) - i * self.bs
-            out += self._slice(data, start, stop - start)
+        spans = [(i, max(off, i * self.bs) - i * self.bs, min(end, (i + 1) * self.bs) - i * self.bs)
+                 for i in range(first, last + 1)]
+        if len(spans) == 1:
+            i, a, b = spans[0]
+            return await self._block_range(i, a, b, random=random)
+        parts = await asyncio.gather(*(self._block_range(i, a, b, random=random) for i, a, b in spans))
+        return b"".join(parts)
+
+    def _layers(self, idx: int) -> list[Slice | Sparse]:
+        """Block ``idx`` as its layers, oldest first: committed slices, then local ones."""
+        layers: list[Slice | Sparse] = list(self.committed.get(idx, ()))
+        for g in self.local.get(idx, ()):
+            if g.state is State.STORED:
+                layers.extend(g.slices)
+            elif g.sparse is not None:
+                layers.append(g.sparse)
+        return layers
+
+    async def _block_range(self, idx: int, start: int, stop: int, *, random: bool) -> bytes:
+        """Bytes ``[start, stop)`` of block ``idx``."""
+        out = bytearray(stop - start)
+        uncovered = [(start, stop)]
+        wanted: list[tuple[Slice, int, int]] = []
+        for layer in reversed(self._layers(idx)):
+            if not uncovered:
+                break
+            rest: list[tuple[int, int]] = []
+            for a, b in uncovered:
+                if isinstance(layer, Sparse):
+                    tmp = bytearray(b - a)
+                    holes = layer.overlay(tmp, a, b)
+                    _copy_except(out, start, tmp, a, holes)
+                    rest.extend(holes)
+                    continue
+                lo, hi = max(a, layer.pos), min(b, layer.end)
+                if lo >= hi:
+                    rest.append((a, b))
+                    continue
+                wanted.append((layer, lo, hi))
+                if a < lo:
+                    rest.append((a, lo))
+                if hi < b:
+                    rest.append((hi, b))
+            uncovered = rest
+        if wanted:
+            pieces = await asyncio.gather(*(self._piece(s, lo, hi, random=random) for s, lo, hi in wanted))
+            for (_, lo, hi), data in zip(wanted, pieces, strict=True):
+                out[lo - start:hi - start] = data
         return bytes(out)
 
-    @staticmethod
-    def _slice(data: bytes | bytearray | memoryview, start: int, length: int) -> bytes:
-        chunk = bytes(data[start:start + length])
-        if len(chunk) < length:
-            chunk += bytes(length - len(chunk))
-        return chunk
+    async def _piece(self, s: Slice, lo: int, hi: int, *, random: bool) -> bytes | bytearray:
+        """Block bytes ``[lo, hi)`` that slice ``s`` supplies."""
+        at, n = s.off + lo - s.pos, hi - lo
+        if s.ref == ZERO:
+            return bytes(n)
+        if s.inline:
+            data = self.inline_bytes.get(s.inline_id)
+            if data is None:
+                found = await self.meta.inline_slices(self.ino, [s.inline_id])
+                data = found.get(s.inline_id)
+                if data is None:
+                    raise BlockMissing(f"inline slice {s.inline_id} of inode {self.ino} is gone")
+                self.inline_bytes[s.inline_id] = data
+            return data[at:at + n]
+        ref = ObjectRef.of(s.ref)
+        if random and n <= 128 * 1024:
+            return await self.blocks.read_range(ref, at, n)
+        data = await self.blocks.get(ref)
+        return memoryview(data)[at:at + n]
+
+    def readahead(self, first: int, count: int) -> None:
+        """Start loading the objects of blocks ``first .. first+count-1`` (sequential readers)."""
+        if self.inline is not None:
+            return
+        for idx in range(first, first + count):
+            if idx * self.bs >= self.size:
+                return
+            for s in self.committed.get(idx, ()):
+                if not s.inline and s.ref != ZERO:
+                    self.blocks.prefetch(ObjectRef.of(s.ref))
 
     # ---- writes --------------------------------------------------------------------
     async def write(self, off: int, buf: bytes) -> None:
@@ -220,101 +298,122 @@ class FileData:
                 self.size = max(self.size, end)
                 return
             await self._convert_inline()
-        pos = off
         view = memoryview(buf)
+        pos = off
         while pos < end:
             idx = pos // self.bs
             start = pos - idx * self.bs
             n = min(end, (idx + 1) * self.bs) - pos
-            block = self.dirty.get(idx)
-            if block is None:
-                block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
-            grow = max(0, start + n - len(block))
+            gen = self._dirty_gen(idx)
+            grow = gen.sparse.write(start, view[pos - off:pos - off + n])  # type: ignore[union-attr]
             if grow:
+                gen.held += grow
                 await self.budget.acquire(grow)
-                block = self.dirty.get(idx)
-                if block is None:  # uploaded meanwhile under memory pressure
-                    block = await self._new_dirty(idx, covers_from_zero=start == 0, length=n)
-            if len(block) < start:
-                block.extend(bytes(start - len(block)))
-            block[start:start + n] = view[pos - off:pos - off + n]
-            if start + n >= self.bs:
-                # the writer reached the end of the block: sequential writers are done with
-                # it. A random write into a block whose old content was loaded also fills it,
-                # but that block waits for the flush, so each block is uploaded once.
-                self._start_upload(idx)
+            if gen.state is State.DIRTY and gen.sparse is not None and gen.sparse.covers(0, self.bs):
+                # a full block: upload it now, as one content-addressed object
+                self._freeze(idx, gen, upload=True)
             pos += n
         self.size = max(self.size, end)
 
-    async def _new_dirty(self, idx: int, *, covers_from_zero: bool, length: int) -> bytearray:
-        base: bytes | bytearray | memoryview = b""
-        existing = self.inflight[idx][1] if idx in self.inflight else None
-        entry = self.entry_for(idx)
-        known = len(existing) if existing is not None else (entry.valid if entry else 0)
-        if known and not (covers_from_zero and length >= known):
-            base = existing if existing is not None else await self._block_bytes(idx)
-        if idx in self.dirty:  # another writer created it while we fetched the base
-            return self.dirty[idx]
-        if base:
-            await self.budget.acquire(len(base))
-            if idx in self.dirty:  # created meanwhile: our budget goes back
-                self.budget.release(len(base))
-                return self.dirty[idx]
-        block = bytearray(base)
-        self.dirty[idx] = block
-        return block
+    def _dirty_gen(self, idx: int) -> Gen:
+        gens = self.local.setdefault(idx, [])
+        if gens and gens[-1].state is State.DIRTY:
+            return gens[-1]
+        self.seq += 1
+        gen = Gen(self.seq)
+        gens.append(gen)
+        return gen
 
     async def _convert_inline(self) -> None:
         data = bytes(self.inline or b"")
-        if data:
-            await self.budget.acquire(len(data))
         self.inline = None
         self.inline_dirty = False
         self.converted = True
         if data:
-            self.dirty[0] = bytearray(data)
+            gen = self._dirty_gen(0)
+            grow = gen.sparse.write(0, data)  # type: ignore[union-attr]
+            gen.held += grow
+            await self.budget.acquire(grow)
 
-    def _start_all_uploads(self) -> None:
-        for idx in list(self.dirty):
-            self._start_upload(idx)
+    def dirty_blocks(self) -> list[tuple[int, int]]:
+        """(block, buffered bytes) of the generations that still take writes."""
+        return [(idx, gens[-1].held) for idx, gens in self.local.items()
+                if gens and gens[-1].state is State.DIRTY and gens[-1].held]
 
     def start_upload(self, idx: int) -> int:
-        """Upload dirty block ``idx`` now (memory pressure); returns its size, 0 if clean."""
-        if idx not in self.dirty:
+        """Memory pressure: upload block ``idx``'s dirty generation now; returns its bytes."""
+        gens = self.local.get(idx)
+        if not gens or gens[-1].state is not State.DIRTY:
             return 0
-        n = len(self.dirty[idx])
-        self._start_upload(idx)
-        return n
+        held = gens[-1].held
+        self._freeze(idx, gens[-1], upload=True)
+        return held
 
-    def _start_upload(self, idx: int) -> None:
-        data = bytes(self.dirty.pop(idx))
-        self.seq += 1
-        seq = self.seq
-        self.inflight[idx] = (seq, data)
-        task = asyncio.create_task(self._upload(idx, seq, data))
+    # ---- storing generations -------------------------------------------------------
+    def _freeze(self, idx: int, gen: Gen, *, upload: bool) -> None:
+        """Fix ``gen``'s bytes and store them: zeros as zero slices, small ones inline (the
+        commit stores them), the rest as one object uploaded in the background."""
+        gen.state = State.FROZEN
+        sparse = gen.sparse
+        assert sparse is not None
+        data = [(s, b) for s, b in sparse.intervals() if not all_zero(b)]
+        if not data:
+            gen.slices = [Slice(ZERO, 0, len(b), s) for s, b in sparse.intervals()]
+            self._stored(gen)
+            return
+        if not upload and sparse.nbytes <= INLINE_SLICE_MAX:
+            blob_id = f"{self.meta.instance}.{next(_ids):x}"
+            blob, slices_, at = bytearray(), [], 0
+            for s, b in sparse.intervals():
+                if all_zero(b):
+                    slices_.append(Slice(ZERO, 0, len(b), s))
+                else:
+                    slices_.append(Slice("@" + blob_id, at, len(b), s))
+                    blob += b
+                    at += len(b)
+            gen.inline = {blob_id: bytes(blob)}
+            self.inline_bytes[blob_id] = gen.inline[blob_id]  # readable before it commits
+            gen.slices = slices_
+            self._stored(gen, keep_held=True)  # its bytes stay in memory until the commit
+            return
+        gen.state = State.STORING
+        task = asyncio.create_task(self._upload(idx, gen))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _upload(self, idx: int, seq: int, data: bytes) -> None:
-        requeued = False  # its bytes went back to ``dirty``: they stay in the budget
+    def _stored(self, gen: Gen, *, keep_held: bool = False) -> None:
+        gen.state = State.STORED
+        gen.sparse = None
+        if not keep_held:
+            self.budget.release(gen.held)
+            gen.held = 0
+
+    async def _upload(self, idx: int, gen: Gen) -> None:
+        sparse = gen.sparse
+        assert sparse is not None
+        body = bytearray()
+        layout: list[tuple[int, int, int]] = []  # (pos, length, offset in the object; -1: zeros)
+        for s, b in sparse.intervals():
+            if all_zero(b):
+                layout.append((s, len(b), -1))
+            else:
+                layout.append((s, len(b), len(body)))
+                body += b
         try:
-            entry = await self.blocks.put(data)
-            if entry is not None:
-                self.uploads.append((idx, seq, object_key(entry)))
-            if self.pending.get(idx, (-1, None))[0] < seq:
-                self.pending[idx] = (seq, entry)
+            ref = await self.blocks.put(body)
         except BaseException as exc:
+            gen.state = State.FROZEN  # stays with its bytes: the next flush tries again
             self.errors.append(exc)
-            if idx not in self.dirty and self.inflight.get(idx, (None,))[0] == seq:
-                self.dirty[idx] = bytearray(data)
-                requeued = True
             log.warning("block upload failed", extra={"ino": self.ino, "block": idx,
                                                       "error": f"{type(exc).__name__}: {exc}"})
-        finally:
-            if self.inflight.get(idx, (None,))[0] == seq:
-                del self.inflight[idx]
-            if not requeued:
-                self.budget.release(len(data))
+            return
+        if ref is not None:
+            gen.key = ref.key
+        gen.slices = [Slice(ZERO, 0, n, s) if at < 0 or ref is None else Slice(ref.ref, at, n, s)
+                      for s, n, at in layout]
+        if gen.keep is not None:  # truncated while it was uploading
+            gen.slices = sl.trim(gen.slices, gen.keep)
+        self._stored(gen)
 
     # ---- durability ------------------------------------------------------------------
     async def flush(self) -> None:
@@ -322,9 +421,8 @@ class FileData:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
-        """Commit what was written before this call. Writes that arrive while it waits
-        (RELEASE is not serialised with WRITE by the kernel) stay dirty for the next flush:
-        the size, body and block set committed are captured at one instant."""
+        """Commit what was written before this call; writes arriving meanwhile (RELEASE is
+        not serialised with WRITE by the kernel) stay for the next flush."""
         if self.inline is not None and self.inline_dirty:
             body, size, writes = bytes(self.inline), self.size, self.writes
             await self.meta.commit(self.ino, size=size, inline=body, exact=self.exact)
@@ -333,63 +431,217 @@ class FileData:
             if self.writes == writes:
                 self.inline_dirty = False
             return
-        self._start_all_uploads()
-        size, mine = self.size, list(self.tasks)
-        await asyncio.gather(*mine, return_exceptions=True)
+        for idx, gens in self.local.items():
+            for g in gens:
+                if g.state in (State.DIRTY, State.FROZEN):
+                    self._freeze(idx, g, upload=False)
+        upto, size = self.seq, self.size
+        await asyncio.gather(*list(self.tasks), return_exceptions=True)
         if self.errors:
             err = self.errors[0]
             self.errors.clear()
             raise err
-        # every finished upload goes in: one that started after the capture holds the
-        # captured bytes of its block too (plus newer ones, hidden beyond ``size`` until
-        # the next commit); blocks wholly past ``size`` wait for the next commit
-        changes = {idx: entry for idx, (_, entry) in self.pending.items() if idx * self.bs < size}
-        if not (changes or self.converted or size != self.committed_size):
-            return
-        settled = self._settled_by(changes)
-        await self.meta.commit(self.ino, size=size, entries=changes, exact=self.exact,
-                               settle=[key for _, _, key in settled])
-        for record in settled:
-            self.uploads.remove(record)
-        for idx, entry in changes.items():
-            if entry is None:
-                self.entries.pop(idx, None)
+        crash_point("before-commit")
+        try:
+            await self._commit(upto, size)
+        except InlineFull:
+            # the volume keeps enough small writes in Redis already: these go to S3
+            for idx, gens in self.local.items():
+                for g in gens:
+                    if g.seq <= upto and g.inline:
+                        self._reupload(idx, g)
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            if self.errors:
+                err = self.errors[0]
+                self.errors.clear()
+                raise err from None
+            await self._commit(upto, size)
+
+    def _reupload(self, idx: int, gen: Gen) -> None:
+        """An inline generation as an object instead (the bytes are still held)."""
+        sparse = Sparse()
+        for s in gen.slices:
+            if s.inline:
+                sparse.write(s.pos, gen.inline[s.inline_id][s.off:s.off + s.length])
             else:
-                self.entries[idx] = entry
-            if self.pending.get(idx, (None, None))[1] is entry:
-                del self.pending[idx]
-        if self.exact:
-            for idx in [i for i in self.entries if i * self.bs >= size]:
-                del self.entries[idx]
+                sparse.write(s.pos, bytes(s.length))
+        gen.sparse, gen.inline, gen.slices = sparse, {}, []
+        self._freeze(idx, gen, upload=True)
+
+    async def _commit(self, upto: int, size: int) -> None:
+        if self.uncertain is not None:
+            await self._send(self.uncertain)
+        ready: dict[int, list[Gen]] = {}
+        for idx, gens in self.local.items():
+            done = []
+            for g in gens:
+                if g.seq > upto or g.state is not State.STORED:
+                    break  # a generation is committed only on top of all older ones
+                done.append(g)
+            if done and idx * self.bs < size:
+                ready[idx] = done
+        if not (ready or self.converted or size != self.committed_size):
+            return
+        ops: list[BlockOp] = []
+        store: dict[str, bytes] = {}
+        settle: list[str] = []
+        views: dict[int, list[Slice]] = {}
+        for idx, gens in sorted(ready.items()):
+            new = [s for g in gens for s in g.slices]
+            view = sl.append(self.committed.get(idx, []), new)
+            views[idx] = view
+            if self.exact:
+                ops.append(BlockOp(idx, "S", sl.encode(view)))
+            else:
+                ops.append(BlockOp(idx, "A", sl.encode(new)))
+            for g in gens:
+                store.update(g.inline)
+                if g.key is not None:
+                    settle.append(g.key)
+        await self._send(_Commit(self.meta.request_key(), size, self.exact, ops, store, settle,
+                                 ready, views))
+
+    async def _send(self, c: _Commit) -> None:
+        """Send a commit, and apply it to the local view once Redis has it. An outcome we
+        cannot know (Redis did not answer) is sent again, exactly, before anything newer:
+        its stored reply makes the retry exact."""
+        self.uncertain = None
+        try:
+            await self.meta.commit(self.ino, size=c.size, ops=c.ops, store=c.store,
+                                   settle=c.settle, exact=c.exact, request_key=c.key)
+        except MetaUnavailable:
+            self.uncertain = c
+            raise
+        ready, views, size = c.ready, c.views, c.size
+        for idx, gens in ready.items():
+            view = views[idx]
+            if all(s.ref == ZERO for s in view):
+                view = []
+            if view:
+                self.committed[idx] = view
+            else:
+                self.committed.pop(idx, None)
+            for g in gens:
+                self.budget.release(g.held)
+                g.held = 0
+            left = [g for g in self.local.get(idx, ()) if g not in gens]
+            if left:
+                self.local[idx] = left
+            else:
+                self.local.pop(idx, None)
+        if c.exact:
+            for idx in [i for i in self.committed if i * self.bs >= size]:
+                del self.committed[idx]
         if self.converted:
             self.committed_inline = 0
         self.converted = False
-        self.committed_size = size if self.exact else max(self.committed_size, size)
+        self.committed_size = size if c.exact else max(self.committed_size, size)
+        self.look_after(ready)
 
-    def _settled_by(self, changes: dict[int, BlockEntry | None]) -> list[tuple[int, int, str]]:
-        """Uploads a commit of ``changes`` releases: those it references, and those that a
-        newer upload of the same block superseded."""
-        out = []
-        for record in self.uploads:
-            idx, seq, _ = record
-            newest = self.pending.get(idx)
-            if idx in changes or newest is None or newest[0] > seq:
-                out.append(record)
-        return out
+    # ---- upkeep: moving inline slices to S3, compacting fragmented blocks ----------------
+    @property
+    def busy(self) -> bool:
+        """Background upkeep is running."""
+        return self._upkeep is not None and not self._upkeep.done()
+
+    def look_after(self, blocks: Any = None, *, move_all: bool = False) -> bool:
+        """Check ``blocks`` (every committed one by default) in the background: move
+        inline slices to an object when they hold enough (``move_all``: whatever they hold,
+        at the last close), rewrite a block that names too many objects or slices."""
+        for idx in (self.committed if blocks is None else blocks):
+            if self._work(idx, move_all=move_all or self._todo.get(idx, False)):
+                self._todo[idx] = move_all or self._todo.get(idx, False)
+        if self._todo and not self.busy:
+            self._upkeep = asyncio.create_task(self._maintain())
+        return self.busy
+
+    async def settled(self) -> None:
+        """Wait for the background upkeep (unmount)."""
+        while self._upkeep is not None and not self._upkeep.done():
+            await asyncio.wait({self._upkeep})
+
+    def _work(self, idx: int, *, move_all: bool) -> str | None:
+        view = self.committed.get(idx, [])
+        if len(sl.objects(view)) > COMPACT_OBJECTS or len(view) > COMPACT_SLICES:
+            return "compact"
+        inline = [s for s in view if s.inline]
+        if inline and (move_all or len(inline) >= MOVE_COUNT
+                       or sum(s.length for s in inline) >= MOVE_BYTES):
+            return "move"
+        return None
+
+    async def _maintain(self) -> None:
+        while self._todo:
+            idx, move_all = self._todo.popitem()
+            async with self.lock:
+                work = None if idx in self.local else self._work(idx, move_all=move_all)
+                if work is None:
+                    continue  # written meanwhile (the next commit looks again), or done
+                try:
+                    await self._rewrite(idx, work)
+                except SliceConflict:  # another writer changed it: read what it is now
+                    with contextlib.suppress(ChunkfsError):
+                        await self._refresh_committed()
+                except ChunkfsError as exc:  # a later commit or close tries again
+                    log.warning("slice upkeep failed", extra={"ino": self.ino, "block": idx,
+                                                              "work": work, "error": str(exc)})
+                    return
+
+    async def _rewrite(self, idx: int, work: str) -> None:
+        """Store the same bytes of block ``idx`` otherwise, in one compare-and-set commit."""
+        view = self.committed.get(idx, [])
+        if work == "move":  # inline slices into one object, each in its place in the list
+            body, at = bytearray(), {}
+            for s in view:
+                if s.inline:
+                    at[s] = len(body)
+                    body += await self._piece(s, s.pos, s.end, random=False)
+            ref = await self.blocks.put(body)
+            new = [(Slice(ref.ref, at[s], s.length, s.pos) if ref else Slice(ZERO, 0, s.length, s.pos))
+                   if s.inline else s for s in view]
+        else:  # the newest slices of similar size merged into one (size-tiered: each byte
+            # is rewritten a logarithmic number of times, however long the block's history)
+            run = merge_run(view)
+            lo, hi = min(s.pos for s in run), max(s.end for s in run)
+            ref = await self.blocks.put(bytearray(await self._block_range(idx, lo, hi, random=False)))
+            merged = [Slice(ref.ref, 0, hi - lo, lo) if ref else Slice(ZERO, 0, hi - lo, lo)]
+            new = sl.append(view[:len(view) - len(run)], merged)
+        crash_point("before-upkeep-commit")
+        try:
+            await self.meta.commit(self.ino, size=0, ops=[BlockOp(idx, "C", sl.encode(new),
+                                                                   sl.encode(view))],
+                                   settle=[ref.key] if ref else [], keep_times=True)
+        except BaseException:
+            if ref is not None:
+                with contextlib.suppress(Exception):
+                    await self.meta.settle_uploads([ref.key])
+            raise
+        if new and not all(s.ref == ZERO for s in new):
+            self.committed[idx] = new
+        else:
+            self.committed.pop(idx, None)
+        if self._work(idx, move_all=False):  # a merge may leave the block over a bound still
+            self._todo.setdefault(idx, False)
 
     async def abandon(self) -> None:
         """The file is dropped with local state (unlinked and closed, fenced, unmounted):
         give its buffers back to the budget and its uploads back to GC."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+        self._todo.clear()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*list(self.tasks), return_exceptions=True)
         self.errors.clear()
-        self.budget.release(sum(len(b) for b in self.dirty.values()))
-        self.dirty.clear()
+        keys = []
+        for gens in self.local.values():
+            for g in gens:
+                self.budget.release(g.held)
+                g.held = 0
+                if g.key is not None:
+                    keys.append(g.key)
+        self.local.clear()
         self.inline_dirty = self.converted = False
-        keys = [key for _, _, key in self.uploads]
-        self.uploads.clear()
-        self.pending.clear()
         await self.meta.settle_uploads(keys)
 
     async def truncate(self, size: int) -> None:
@@ -398,6 +650,8 @@ class FileData:
         space first, so it works on a full volume."""
         async with self.lock:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)  # settle uploads
+            if self.uncertain is not None:  # cut nothing a commit of unknown outcome holds
+                await self._send(self.uncertain)
             if size == 0:
                 self.exact = True
             if self.inline is not None and size > self.inline_limit:
@@ -409,41 +663,94 @@ class FileData:
             await self.meta.truncate(self.ino, size, self.bs)
             self._trim_committed(size)
             if dropped:  # uploads of blocks cut away: no commit will reference them
-                self.uploads = [r for r in self.uploads if r not in dropped]
-                await self.meta.settle_uploads([key for _, _, key in dropped])
+                await self.meta.settle_uploads(dropped)
 
-    def _trim_local(self, size: int) -> list[tuple[int, int, str]]:
-        """Cut local changes at ``size``; returns the upload records of blocks cut away."""
-        bs = self.bs
+    def _trim_local(self, size: int) -> list[str]:
+        """Cut local changes at ``size``; returns the uploads no commit will reference."""
+        dropped: list[str] = []
         if self.inline is not None:
             del self.inline[size:]
             self.inline.extend(bytes(size - len(self.inline)))
-        for idx in list(self.dirty):
-            keep = size - idx * bs
-            if keep < len(self.dirty[idx]):
-                freed = len(self.dirty[idx]) - max(0, keep)
-                if keep <= 0:
-                    del self.dirty[idx]
+        for idx in list(self.local):
+            keep = size - idx * self.bs
+            kept = []
+            for g in self.local[idx]:
+                if g.state is State.STORING:  # its upload applies the cut when it is done
+                    g.keep = max(0, keep if g.keep is None else min(g.keep, keep))
+                    kept.append(g)
+                    continue
+                if g.sparse is not None:
+                    freed = g.sparse.trim(max(keep, 0))
+                    g.held -= freed
+                    self.budget.release(freed)
+                    if len(g.sparse):
+                        kept.append(g)
+                        continue
                 else:
-                    del self.dirty[idx][keep:]
-                self.budget.release(freed)
-        for idx, (seq, entry) in list(self.pending.items()):
-            keep = size - idx * bs
-            if keep <= 0:
-                del self.pending[idx]  # its upload records are settled by the next commit
-            elif entry is not None and entry.valid > keep:
-                self.pending[idx] = (seq, BlockEntry(entry.digest, entry.length, keep))
+                    g.slices = sl.trim(g.slices, max(keep, 0))
+                    if g.slices:
+                        kept.append(g)
+                        continue
+                self.budget.release(g.held)
+                g.held = 0
+                if g.key is not None:
+                    dropped.append(g.key)
+            if kept:
+                self.local[idx] = kept
+            else:
+                del self.local[idx]
         self.size = size
-        return [r for r in self.uploads if r[0] not in self.pending and r[0] * bs >= size]
+        return dropped
 
     def _trim_committed(self, size: int) -> None:
         """The committed view after TRUNCATE (the script trims the same way)."""
-        for idx, entry in list(self.entries.items()):
+        for idx in list(self.committed):
             keep = size - idx * self.bs
-            if keep <= 0:
-                del self.entries[idx]
-            elif entry.valid > keep:
-                self.entries[idx] = BlockEntry(entry.digest, entry.length, keep)
+            view = sl.trim(self.committed[idx], max(keep, 0))
+            if view and not all(s.ref == ZERO for s in view):
+                self.committed[idx] = view
+            else:
+                del self.committed[idx]
         if self.inline is not None:
             self.committed_inline = size  # TRUNCATE cut or zero-padded the stored body
         self.committed_size = size
+
+
+def merge_run(view: list[Slice]) -> list[Slice]:
+    """The newest slices of a block to merge: from the newest back, while the next older
+    one is at most MERGE_RATIO times the largest in the run (at least two). Slices of one
+    size merge together into one of the next size, as a binary counter carries: a byte
+    is rewritten a logarithmic number of times, never once per merge."""
+    run: list[Slice] = []
+    largest = 0
+    for s in reversed(view):
+        if len(run) >= 2 and s.length > MERGE_RATIO * largest:
+            break
+        run.append(s)
+        largest = max(largest, s.length)
+    run.reverse()
+    return run
+
+
+@dataclass
+class _Commit:
+    """One COMMIT of a file's generations, kept so that it can be sent again unchanged."""
+
+    key: str
+    size: int
+    exact: bool
+    ops: list[BlockOp]
+    store: dict[str, bytes]
+    settle: list[str]
+    ready: dict[int, list[Gen]]
+    views: dict[int, list[Slice]]
+
+
+def _copy_except(out: bytearray, out_start: int, src: bytearray, src_start: int,
+                 holes: list[tuple[int, int]]) -> None:
+    """Copy ``src`` (mapping ``src_start``) into ``out`` except the ``holes``."""
+    at = src_start
+    for a, b in [*holes, (src_start + len(src), src_start + len(src))]:
+        if a > at:
+            out[at - out_start:a - out_start] = src[at - src_start:a - src_start]
+        at = max(at, b)

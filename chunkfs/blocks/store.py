@@ -16,19 +16,42 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from chunkfs.cache import BlockCache
 from chunkfs.errors import BlockMissing, CorruptObject, NoSuchObject, StorageUnavailable
-from chunkfs.meta.schema import BlockEntry
 from chunkfs.objstore import ObjectStore, block_key
 
 log = logging.getLogger(__name__)
 
 
-def object_key(entry: BlockEntry) -> str:
-    """The object a block entry points at (what uploads register and commits settle)."""
-    return block_key(entry.digest, entry.length)
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """An immutable block object: named by the SHA-256 of its content and its size."""
+
+    digest: str
+    size: int
+
+    @property
+    def key(self) -> str:
+        """Its key in the store (what uploads register and commits settle)."""
+        return block_key(self.digest, self.size)
+
+    @property
+    def ref(self) -> str:
+        """How a slice names it (``chunkfs.blocks.slices``)."""
+        return f"{self.digest}_{self.size}"
+
+    @classmethod
+    def of(cls, ref: str) -> ObjectRef:
+        digest, _, size = ref.rpartition("_")
+        return cls(digest, int(size))
+
+
+def all_zero(data: bytes | bytearray) -> bool:
+    """Cheap for the common case: real data rarely starts and ends with a zero byte."""
+    return not data or (data[0] == 0 and data[-1] == 0 and data.count(0) == len(data))
 
 
 def _sha256(data: bytes) -> str:
@@ -90,31 +113,31 @@ class BlockStore:
         self.doomed_poll_s = 0.2
 
     # ---- read path -----------------------------------------------------------------
-    async def get(self, entry: BlockEntry) -> bytes:
+    async def get(self, entry: ObjectRef) -> bytes:
         data = self.memory.get(entry.digest)
         if data is not None:
             return data
         fut = self._inflight.get(entry.digest) or self._start_load(entry)
         return await asyncio.shield(fut)
 
-    async def read_range(self, entry: BlockEntry, start: int, size: int) -> bytes:
+    async def read_range(self, entry: ObjectRef, start: int, size: int) -> bytes:
         """A small piece of a block for a random reader: from memory, else a verified
         range of the cached file, else the whole block (which then gets cached)."""
         data = self.memory.get(entry.digest)
         if data is None and entry.digest not in self._inflight:
-            piece = await self.cache.read_range(entry.digest, entry.length, start, size)
+            piece = await self.cache.read_range(entry.digest, entry.size, start, size)
             if piece is not None:
                 return piece
         if data is None:
             data = await self.get(entry)
         return data[start:start + size]
 
-    def prefetch(self, entry: BlockEntry) -> None:
+    def prefetch(self, entry: ObjectRef) -> None:
         """Start loading a block that a sequential reader will want soon."""
         if self.memory.get(entry.digest) is None and entry.digest not in self._inflight:
             self._start_load(entry)
 
-    def _start_load(self, entry: BlockEntry) -> asyncio.Future[bytes]:
+    def _start_load(self, entry: ObjectRef) -> asyncio.Future[bytes]:
         """Single flight: the one load of a block that every reader of it awaits."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # no "never retrieved"
@@ -122,9 +145,9 @@ class BlockStore:
         self._spawn(self._load(entry, fut))
         return fut
 
-    async def _load(self, entry: BlockEntry, fut: asyncio.Future[bytes]) -> None:
+    async def _load(self, entry: ObjectRef, fut: asyncio.Future[bytes]) -> None:
         try:
-            data = await self.cache.get(entry.digest, entry.length)
+            data = await self.cache.get(entry.digest, entry.size)
             if data is None:
                 async with self._gets:
                     data = await self._fetch(entry)
@@ -137,30 +160,31 @@ class BlockStore:
         finally:
             self._inflight.pop(entry.digest, None)
 
-    async def _fetch(self, entry: BlockEntry) -> bytes:
-        key = block_key(entry.digest, entry.length)
+    async def _fetch(self, entry: ObjectRef) -> bytes:
+        key = block_key(entry.digest, entry.size)
         try:
             data = await self.store.get(key)
         except NoSuchObject as exc:
             raise BlockMissing(f"block {entry.digest} is missing from the object store") from exc
-        if len(data) != entry.length or await asyncio.to_thread(_sha256, data) != entry.digest:
+        if len(data) != entry.size or await asyncio.to_thread(_sha256, data) != entry.digest:
             # one more try: a torn response is transient, a corrupt object is not
             data = await self.store.get(key)
-            if len(data) != entry.length or await asyncio.to_thread(_sha256, data) != entry.digest:
+            if len(data) != entry.size or await asyncio.to_thread(_sha256, data) != entry.digest:
                 raise CorruptObject(f"block {entry.digest} in the object store is corrupt")
         self._spawn(self.cache.put(entry.digest, data))
         return data
 
     # ---- write path ----------------------------------------------------------------
-    async def put(self, data: bytes, *, deadline: float | None = None) -> BlockEntry | None:
-        """Upload one block; None for an all-zero block (stored as a hole).
+    async def put(self, data: bytes | bytearray, *,
+                  deadline: float | None = None) -> ObjectRef | None:
+        """Upload one object; None for all-zero data (a hole: nothing is stored).
 
         The upload is registered with the guard first, so GC keeps the object until a
         commit references it (the caller settles the registration with that commit, see
-        ``object_key``); a block GC is deleting at this very moment is uploaded again once
-        GC is done with it.
+        ``ObjectRef.key``); an object GC is deleting at this very moment is uploaded again
+        once GC is done with it.
         """
-        if not data or data == bytes(len(data)):
+        if all_zero(data):
             return None
         digest = await asyncio.to_thread(_sha256, data)
         key = block_key(digest, len(data))
@@ -180,7 +204,7 @@ class BlockStore:
             raise
         if self.cache.pending_writes < 8:  # a cache that cannot keep up is skipped, not waited for
             self._spawn(self.cache.put(digest, data))
-        return BlockEntry(digest, len(data), len(data))
+        return ObjectRef(digest, len(data))
 
     async def _protect(self, key: str, limit: float) -> int:
         """Register an upload; wait while a GC run deletes that object. Returns the GC

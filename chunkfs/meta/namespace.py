@@ -20,11 +20,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, ResponseError
 
+from chunkfs.blocks import slices
 from chunkfs.meta import topology
 from chunkfs.meta.resp import key_slot
 from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys
 
-FORMAT = 1
+FORMAT = 2  # 2: block maps are slice lists, inline slices included (1: one object a block)
 
 # Batch scripts: one server-side call per _BATCH inodes instead of four commands each.
 # They declare the namespaces' volume keys (which route them on Redis Cluster) and touch
@@ -34,7 +35,7 @@ FORMAT = 1
 _COPY_BATCH = r"""
 local src, dst = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
-  for _, t in ipairs({'i', 'd', 'b', 'x'}) do
+  for _, t in ipairs({'i', 'd', 'b', 'x', 'y'}) do
     redis.call('COPY', src .. t .. ARGV[i], dst .. t .. ARGV[i])
   end
 end
@@ -44,7 +45,7 @@ return #ARGV - 2
 _DUMP_BATCH = r"""
 local prefix, out = ARGV[1], {}
 for i = 2, #ARGV do
-  for _, t in ipairs({'i', 'd', 'b', 'x'}) do
+  for _, t in ipairs({'i', 'd', 'b', 'x', 'y'}) do
     out[#out + 1] = redis.call('HGETALL', prefix .. t .. ARGV[i])
   end
 end
@@ -103,7 +104,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
         flat = await r.eval(_DUMP_BATCH, 1, k.vol, k.prefix, *batch)
         rows = [dict(zip(f[::2], f[1::2], strict=True)) for f in flat]
         for n, ino in enumerate(batch):
-            attr, entries, blocks, xattrs = rows[4 * n:4 * n + 4]
+            attr, entries, blocks, xattrs, inline_slices = rows[5 * n:5 * n + 5]
             if not attr:
                 continue
             inline = attr.pop(b"d", None)
@@ -116,6 +117,9 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
                 doc["blocks"] = {_s(a): _s(b) for a, b in blocks.items()}
             if xattrs:
                 doc["xattr"] = {_s(a): base64.b64encode(b).decode() for a, b in xattrs.items()}
+            if inline_slices:
+                doc["slices"] = {_s(a): base64.b64encode(b).decode()
+                                 for a, b in inline_slices.items()}
             inodes[str(ino)] = doc
     orphans = await r.hkeys(k.orphans)
     for ino in orphans:  # unlinked-but-open files are not part of a snapshot
@@ -127,7 +131,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
 def _node_bytes(node: dict[str, Any]) -> int:
     """What an exported inode charges to its volume: data, names, symlink target, xattrs."""
     n = len(base64.b64decode(node["data"])) if "data" in node else 0
-    n += sum(int(e.rsplit(":", 1)[1]) for e in node.get("blocks", {}).values())
+    n += sum(slices.extent(slices.parse(v)) for v in node.get("blocks", {}).values())
     n += sum(len(_b(name)) for name in node.get("dir", {}))
     n += len(_b(node["attr"].get("l", "")))
     n += sum(len(_b(a)) + len(base64.b64decode(v)) for a, v in node.get("xattr", {}).items())
@@ -137,14 +141,20 @@ def _node_bytes(node: dict[str, Any]) -> int:
 async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
                            settings: dict[str, Any]) -> None:
     """Write an exported document under namespace ``ns`` (which must not exist)."""
-    if doc.get("format") != FORMAT:
+    if doc.get("format") == 1:  # one object a block: the same as a slice list of one
+        for node in doc["inodes"].values():
+            node["blocks"] = {i: slices.from_legacy(e) for i, e in node.get("blocks", {}).items()}
+    elif doc.get("format") != FORMAT:
         raise ValueError(f"unsupported manifest format {doc.get('format')!r}")
     k = Keys(ns)
     items = list(doc["inodes"].items())
     src = doc["settings"]
     used = sum(_node_bytes(node) for _, node in items)
+    slicebytes = sum(len(base64.b64decode(v)) for _, node in items
+                     for v in node.get("slices", {}).values())
     base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
-            "block_size": src.get("block_size"), "epoch": 1, "writer": ""}
+            "block_size": src.get("block_size"), "epoch": 1, "writer": "",
+            "slicebytes": slicebytes}
     # the volume record first: GC finds namespaces by it, so blocks are protected while
     # the rest is written
     await r.hset(k.vol, mapping={**{a: v for a, v in base.items() if v is not None}, **settings})
@@ -163,6 +173,9 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
             if node.get("xattr"):
                 pipe.hset(k.xattr(ino), mapping={_b(a): base64.b64decode(v)
                                                  for a, v in node["xattr"].items()})
+            if node.get("slices"):
+                pipe.hset(k.slices(ino), mapping={_b(a): base64.b64decode(v)
+                                                  for a, v in node["slices"].items()})
             pipe.sadd(k.idx, ino)
         await pipe.execute()
 
@@ -191,14 +204,16 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
     if live:
         await r.sadd(d.idx, *live)
     used = int(await r.hget(s.vol, "used") or 0)
+    slicebytes = int(await r.hget(s.vol, "slicebytes") or 0)
     for ino in orphans:  # unlinked-but-open files are not part of the copy
         inline, target = await r.hmget(s.inode(ino), "d", "l")
         used -= len(inline or b"") + len(target or b"")
-        used -= sum(int(v.rsplit(b":", 1)[1]) for v in await r.hvals(s.blocks(ino)))
+        used -= sum(slices.extent(slices.parse(v)) for v in await r.hvals(s.blocks(ino)))
         used -= sum(len(a) + len(b) for a, b in (await r.hgetall(s.xattr(ino))).items())
+        slicebytes -= sum(len(v) for v in await r.hvals(s.slices(ino)))
     await r.hdel(d.vol, "frozen", "ready", "source_volume")
     await r.hset(d.vol, mapping={"used": used, "inodes": len(live), "epoch": 1, "writer": "",
-                                 **settings})
+                                 "slicebytes": slicebytes, **settings})
     return True
 
 

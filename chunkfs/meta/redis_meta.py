@@ -29,13 +29,17 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from chunkfs.blocks import slices
+from chunkfs.blocks.slices import Slice
 from chunkfs.errors import (
     Fenced,
     FsError,
+    InlineFull,
     MetaUnavailable,
     NoSpace,
     ReadOnly,
     SessionExpired,
+    SliceConflict,
     VolumeFrozen,
 )
 from chunkfs.meta import redis_url, scripts
@@ -46,7 +50,6 @@ from chunkfs.meta.schema import (
     GC_DOOMED,
     GC_STATE,
     Attr,
-    BlockEntry,
     Keys,
 )
 
@@ -136,10 +139,25 @@ def translate(exc: ResponseError) -> Exception:
         return MetaUnavailable("Redis refused the credentials (check the password in the URL)")
     if code == "NOVOL":
         return FsError(errno.ESTALE, "volume was deleted")
+    if code == "SLICEFULL":
+        return InlineFull("the volume keeps as many small writes in Redis as it may")
+    if code == "CONFLICT":
+        return SliceConflict("the block changed meanwhile")
     if code == "SESSION":
         return SessionExpired("this mount was unreachable for so long that its session was "
                               "declared dead; remount the volume")
     return exc
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    """One change to a block's slice list in a COMMIT: ``op`` is 'A' (append the slices
+    of ``value``), 'S' (set it to ``value``) or 'C' (set, only if it is ``expected``)."""
+
+    index: int
+    op: str
+    value: str
+    expected: str = ""
 
 
 @dataclass
@@ -245,12 +263,18 @@ class VolumeMeta:
         self._requests += 1
         return self.keys.reply(f"{self._instance}.{self._requests}")
 
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    def request_key(self) -> str:
+        """A reply key for a request the caller may have to send again later, exactly as
+        it was (``commit(..., request_key=)``): a retry after an unknown outcome."""
+        return self._request_key()
+
+    async def _run(self, name: str, keys: list[str], args: list[Any],
+                   request_key: str | None = None) -> Any:
         if self.read_only and name in _MUTATIONS and name not in ("REGISTER", "SETTLE"):
             raise ReadOnly("mounted read-only")
         script = getattr(scripts, name)
         if name in _MUTATIONS:
-            keys = [*keys, self._request_key()]
+            keys = [*keys, request_key or self._request_key()]
         write = name in _MUTATIONS
         return await with_retries(lambda: self.r.evalsha(script, keys, args, write=write),
                                   deadline=self.deadline, stats=self.stats, op=name.lower(),
@@ -313,13 +337,13 @@ class VolumeMeta:
             raise FsError(errno.EINVAL)
         return target
 
-    async def file_data(self, ino: int) -> tuple[bytes | None, dict[int, BlockEntry]]:
+    async def file_data(self, ino: int) -> tuple[bytes | None, dict[int, list[Slice]]]:
         """Inline data (None when the file uses blocks) and the block map of a file."""
         _, inline, entries = await self.open_file(ino, with_attr=False)
         return inline, entries
 
     async def open_file(self, ino: int, *, with_attr: bool = True,
-                        ) -> tuple[Attr | None, bytes | None, dict[int, BlockEntry]]:
+                        ) -> tuple[Attr | None, bytes | None, dict[int, list[Slice]]]:
         """Attributes, inline data and block map of a file in one round trip."""
         commands: list[tuple[Any, ...]] = [("HGET", self.keys.inode(ino), "d"),
                                            ("HGETALL", self.keys.blocks(ino))]
@@ -331,8 +355,16 @@ class VolumeMeta:
             attr = Attr.from_fields(ino, rows[2])
             if attr is None:
                 raise FsError(errno.ENOENT)
-        entries = {int(k): BlockEntry.parse(v) for k, v in pairs_to_dict(rows[1]).items()}
-        return attr, rows[0], entries
+        blocks = {int(k): slices.parse(v) for k, v in pairs_to_dict(rows[1]).items()}
+        return attr, rows[0], blocks
+
+    async def inline_slices(self, ino: int, ids: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of inline slices of a file (``y<ino>``); missing ids are left out."""
+        if not ids:
+            return {}
+        values = await self._call("slices", lambda: self.r.execute(
+            "HMGET", self.keys.slices(ino), *ids))
+        return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         return await self._call("getxattr",
@@ -386,27 +418,39 @@ class VolumeMeta:
         await self._run("SETATTR", [self.keys.vol, self.keys.inode(ino)], args)
 
     async def truncate(self, ino: int, size: int, block_size: int) -> None:
-        await self._run("TRUNCATE", [self.keys.vol, self.keys.inode(ino), self.keys.blocks(ino)],
+        k = self.keys
+        await self._run("TRUNCATE", [k.vol, k.inode(ino), k.blocks(ino), k.slices(ino)],
                         [self.epoch, size, block_size, now_ns()])
 
-    async def commit(self, ino: int, *, size: int, entries: dict[int, BlockEntry | None] | None = None,
-                     inline: bytes | None = None, settle: Sequence[str] = (),
-                     exact: bool = False) -> None:
-        """Make new data visible atomically: an inline body, or a set of block entries.
-        ``settle``: object keys of this session's uploads that the new block map references
-        (or that it superseded), released from GC's protection in the same step.
-        ``exact``: the file becomes exactly ``size`` bytes (entries past it go), instead
-        of at least ``size``."""
+    async def commit(self, ino: int, *, size: int, ops: Sequence[BlockOp] = (),
+                     store: dict[str, bytes] | None = None, inline: bytes | None = None,
+                     settle: Sequence[str] = (), exact: bool = False, keep_times: bool = False,
+                     request_key: str | None = None) -> None:
+        """Make new data visible atomically: an inline body, or changes to block slice
+        lists (``BlockOp``), with the bytes of new inline slices (``store``).
+        ``settle``: object keys of this session's uploads that the new block map references,
+        released from GC's protection in the same step. ``exact``: the file becomes exactly
+        ``size`` bytes (blocks past it go), instead of at least ``size``. Raises InlineFull
+        when the volume keeps as many inline slice bytes as it may, SliceConflict when a
+        compare-and-set op finds its block changed."""
         args: list[Any] = [self.epoch, now_ns(), size]
-        mode = "X" if exact else ""
+        mode = ("X" if exact else "") + ("K" if keep_times else "")
         args += ["I" + mode, inline] if inline is not None else ["B" + mode, ""]
-        args += [self.session, len(settle), *settle]
-        if inline is None:
-            for idx, entry in sorted((entries or {}).items()):
-                args += [idx, entry.encode() if entry else ""]
+        args += [self.session, len(settle), *settle, len(ops)]
+        for op in ops:
+            args += [op.index, op.op, op.value, op.expected]
+        store = store or {}
+        args.append(len(store))
+        for blob_id, data in store.items():
+            args += [blob_id, data]
         k = self.keys
         await self._run("COMMIT", [k.vol, k.inode(ino), k.blocks(ino), k.pending, k.settled,
-                                   k.sessions], args)
+                                   k.sessions, k.slices(ino)], args, request_key)
+
+    @property
+    def instance(self) -> str:
+        """Unique to this object: a prefix for ids it makes (inline slices)."""
+        return self._instance
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         await self._run("XATTR", [self.keys.vol, self.keys.inode(ino), self.keys.xattr(ino)],

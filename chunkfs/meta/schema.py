@@ -23,7 +23,9 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
     cfs{ID}:vol            HASH  name, kind (volume|snapshot), capacity, used (bytes held by
                                  block entries and inline data, and by metadata: entry names,
                                  symlink targets, xattr names and values), inodes, max_inodes
-                                 (absent: inode_limit(capacity)), next_ino, epoch
+                                 (absent: inode_limit(capacity)), slicebytes (bytes of inline
+                                 slices), maxslicebytes (absent: min(MAX_SLICE_BYTES,
+                                 capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
                                  frozen (snapshot in progress: writers wait), version
@@ -44,9 +46,15 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  l symlink target, d inline data (present iff the file's data
                                  is stored inline instead of in blocks)
     cfs{ID}:d<ino>         HASH  entry name -> child inode (directories only)
-    cfs{ID}:b<ino>         HASH  block index -> "<sha256 hex>:<object length>:<valid length>";
-                                 block i covers [i*block_size, (i+1)*block_size); bytes past the
-                                 valid length, and missing indexes (holes), read as zeros
+    cfs{ID}:b<ino>         HASH  block index -> slice list (chunkfs/blocks/slices.py): slices
+                                 "ref:off:length:pos" joined by ";", oldest first; block i
+                                 covers [i*block_size, (i+1)*block_size) and reads as zeros
+                                 overlaid with its slices in order. ref is an object
+                                 "<sha256 hex>_<object size>", "@<id>" (an inline slice in
+                                 y<ino>) or "0" (zeros). A missing index is a hole.
+    cfs{ID}:y<ino>         HASH  inline slice id -> bytes: small durable writes kept in Redis
+                                 until a background move puts them in an object; counted in
+                                 the volume's slicebytes (bounded by maxslicebytes)
     cfs{ID}:x<ino>         HASH  xattr name -> value
     cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
                                  (access mode, readonly, publish_context); volumes only, written
@@ -71,6 +79,7 @@ GC_STATE = "cfs{_gc}:state"
 GC_DOOMED = "cfs{_gc}:doomed"
 FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was last renewed
 BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
+MAX_SLICE_BYTES = 16 << 20  # inline slice bytes a volume may keep in Redis (at most 1/64 of it)
 MIN_INODES = 10_000
 
 
@@ -117,8 +126,12 @@ class Keys:
     def xattr(self, ino: int) -> str:
         return f"{self.prefix}x{ino}"
 
-    def per_inode(self, ino: int) -> tuple[str, str, str, str]:
-        return self.inode(ino), self.dir(ino), self.blocks(ino), self.xattr(ino)
+    def slices(self, ino: int) -> str:
+        """The inline slice bytes of a file (``y<ino>``)."""
+        return f"{self.prefix}y{ino}"
+
+    def per_inode(self, ino: int) -> tuple[str, str, str, str, str]:
+        return self.inode(ino), self.dir(ino), self.blocks(ino), self.xattr(ino), self.slices(ino)
 
 
 @dataclass
@@ -155,21 +168,3 @@ class Attr:
     @property
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
-
-
-@dataclass(frozen=True)
-class BlockEntry:
-    """One block map entry: which object holds the bytes and how many of them count."""
-
-    digest: str
-    length: int
-    valid: int
-
-    @classmethod
-    def parse(cls, raw: bytes | str) -> BlockEntry:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        digest, length, valid = text.split(":")
-        return cls(digest, int(length), int(valid))
-
-    def encode(self) -> str:
-        return f"{self.digest}:{self.length}:{self.valid}"

@@ -24,7 +24,8 @@ those sessions can neither register nor commit.
 
 from __future__ import annotations
 
-from chunkfs.meta.schema import BYTES_PER_INODE, MIN_INODES
+from chunkfs.blocks.slices import PRUNE_MIN
+from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
@@ -33,6 +34,7 @@ MAX_WALK = 1024                 # ancestors a directory rename checks (bounds it
 PRELUDE = rf"""
 local vol = KEYS[1]
 local MIN_INODES, BYTES_PER_INODE, MAX_WALK = {MIN_INODES}, {BYTES_PER_INODE}, {MAX_WALK}
+local MAX_SLICE_BYTES, PRUNE_MIN = {MAX_SLICE_BYTES}, {PRUNE_MIN}
 local function I(x) return string.format('%d', x) end
 local function now_ms()
   local t = redis.call('TIME')
@@ -52,7 +54,123 @@ local function kind(mode)
   if f == 4 then return 'dir' elseif f == 10 then return 'lnk' end
   return 'file'
 end
-local function valid_of(entry) return tonumber(string.match(entry, ':(%d+)$')) end
+-- a block map value: '<extent>|' then slices 'ref:off:length:pos' joined by ';', oldest
+-- first (chunkfs/blocks/slices.py: the encoding, its meaning, the same operations in
+-- Python). The extent up front lets an append cost what it appends, not the list.
+local function body_of(v)
+  local h = string.find(v, '|', 1, true)
+  if h then return string.sub(v, h + 1) end
+  return v
+end
+local function slice_list(v)
+  local out = {{}}
+  if not v or v == '' then return out end
+  for part in string.gmatch(body_of(v), '[^;]+') do
+    local ref, off, len, pos = string.match(part, '^(.*):(%d+):(%d+):(%d+)$')
+    out[#out + 1] = {{ref, tonumber(off), tonumber(len), tonumber(pos), part}}
+  end
+  return out
+end
+local function list_extent(list)
+  local m = 0
+  for _, x in ipairs(list) do
+    if x[3] > 0 and x[4] + x[3] > m then m = x[4] + x[3] end
+  end
+  return m
+end
+local function join_slices(list)
+  if #list == 0 then return '' end
+  local t = {{}}
+  for i, x in ipairs(list) do t[i] = x[5] end
+  return I(list_extent(list)) .. '|' .. table.concat(t, ';')
+end
+local function extent_of(v)
+  if not v or v == '' then return 0 end
+  local h = string.find(v, '|', 1, true)
+  if h then return tonumber(string.sub(v, 1, h - 1)) end
+  return list_extent(slice_list(v))
+end
+-- a list of nothing but zero slices ('0' refs) reads as a hole: store none
+local function only_zeros(list)
+  for _, x in ipairs(list) do if x[1] ~= '0' then return false end end
+  return true
+end
+local function normalized(v)
+  if only_zeros(slice_list(v)) then return '' end
+  return v
+end
+-- ``new`` on top of ``old``. A new slice of PRUNE_MIN bytes or more drops every old slice
+-- it covers entirely; small ones are appended as they are (a merge cleans up later), so
+-- a small commit costs what it appends, whatever the block's history.
+local function append_slices(old, new)
+  local n, big = slice_list(new), false
+  local added = {{}}
+  for _, y in ipairs(n) do
+    if y[3] > 0 then added[#added + 1] = y end
+    if y[3] >= PRUNE_MIN then big = true end
+  end
+  if #added == 0 then return old, {{}} end
+  if not big then
+    if old == '' then
+      if only_zeros(added) then return '', {{}} end
+      return join_slices(added), {{}}
+    end
+    local ext = math.max(extent_of(old), list_extent(added))
+    local t = {{}}
+    for i, y in ipairs(added) do t[i] = y[5] end
+    return I(ext) .. '|' .. body_of(old) .. ';' .. table.concat(t, ';'), {{}}
+  end
+  local keep, gone = {{}}, {{}}
+  for _, x in ipairs(slice_list(old)) do
+    local covered = false
+    for _, y in ipairs(added) do
+      if y[3] >= PRUNE_MIN and y[4] <= x[4] and x[4] + x[3] <= y[4] + y[3] then
+        covered = true
+        break
+      end
+    end
+    if covered then gone[#gone + 1] = x else keep[#keep + 1] = x end
+  end
+  for _, y in ipairs(added) do keep[#keep + 1] = y end
+  if only_zeros(keep) then
+    for _, x in ipairs(keep) do gone[#gone + 1] = x end
+    return '', gone
+  end
+  return join_slices(keep), gone
+end
+-- the block cut at ``keep`` bytes from its start
+local function trim_slices(v, keep)
+  local out, gone = {{}}, {{}}
+  for _, x in ipairs(slice_list(v)) do
+    if x[4] >= keep or x[3] <= 0 then gone[#gone + 1] = x
+    elseif x[4] + x[3] > keep then
+      local l = keep - x[4]
+      out[#out + 1] = {{x[1], x[2], l, x[4], x[1] .. ':' .. I(x[2]) .. ':' .. I(l) .. ':' .. I(x[4])}}
+    else out[#out + 1] = x end
+  end
+  return join_slices(out), gone
+end
+-- the slices of ``old`` that ``new`` no longer names (set or compare-and-set ops)
+local function vanished(old, new)
+  local still, gone = {{}}, {{}}
+  for _, y in ipairs(slice_list(new)) do still[y[1]] = true end
+  for _, x in ipairs(slice_list(old)) do if not still[x[1]] then gone[#gone + 1] = x end end
+  return gone
+end
+-- inline slices whose bytes live in the inode's 'y' hash; a slice leaving its list takes
+-- its bytes with it (inline ids are unique: one slice names each), unless ``keep`` (ref ->
+-- true) still names it (a commit applied twice re-appends the same inline slice)
+local function free_inline(ykey, gone, keep)
+  local freed = 0
+  for _, x in ipairs(gone) do
+    if string.sub(x[1], 1, 1) == '@' and not (keep and keep[x[1]]) then
+      local id = string.sub(x[1], 2)
+      freed = freed + redis.call('HSTRLEN', ykey, id)
+      redis.call('HDEL', ykey, id)
+    end
+  end
+  if freed > 0 then redis.call('HINCRBY', vol, 'slicebytes', -freed) end
+end
 -- metadata costs space too (names, symlink targets, xattrs): one tenant must not be able
 -- to fill the Redis every volume shares while its usage stays 0
 local function room_for(delta)
@@ -79,8 +197,11 @@ local function destroy(prefix, ino)
   local l = redis.call('HGET', ikey, 'l')
   if l then freed = freed + #l end
   freed = freed + xattr_bytes(prefix .. 'x' .. ino)
-  for _, e in ipairs(redis.call('HVALS', bkey)) do freed = freed + valid_of(e) end
-  redis.call('DEL', ikey, bkey, prefix .. 'x' .. ino, prefix .. 'd' .. ino)
+  for _, e in ipairs(redis.call('HVALS', bkey)) do freed = freed + extent_of(e) end
+  local ykey, stored = prefix .. 'y' .. ino, 0
+  for _, b in ipairs(redis.call('HVALS', ykey)) do stored = stored + #b end
+  if stored > 0 then redis.call('HINCRBY', vol, 'slicebytes', -stored) end
+  redis.call('DEL', ikey, bkey, prefix .. 'x' .. ino, prefix .. 'd' .. ino, ykey)
   redis.call('SREM', prefix .. 'idx', ino)
   redis.call('HDEL', prefix .. 'orphans', ino)
   redis.call('HINCRBY', vol, 'inodes', -1)
@@ -297,7 +418,7 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 return 1
 """)
 
-# KEYS: vol, inode, blocks, reply ; ARGV: epoch, new size, block size, now
+# KEYS: vol, inode, blocks, inline slices, reply ; ARGV: epoch, new size, block size, now
 TRUNCATE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
@@ -316,14 +437,14 @@ if d then
 else
   local all = redis.call('HGETALL', KEYS[3])
   for i = 1, #all, 2 do
-    local start = tonumber(all[i]) * bs
-    local v = valid_of(all[i + 1])
-    if start >= size then
-      redis.call('HDEL', KEYS[3], all[i]); delta = delta - v
-    elseif start + v > size then
-      local nv = size - start
-      redis.call('HSET', KEYS[3], all[i], (string.gsub(all[i + 1], ':%d+$', ':' .. I(nv))))
-      delta = delta - (v - nv)
+    local keep = size - tonumber(all[i]) * bs
+    local before = extent_of(all[i + 1])
+    if before > keep then
+      local v, gone = trim_slices(all[i + 1], math.max(keep, 0))
+      v = normalized(v)
+      if v == '' then redis.call('HDEL', KEYS[3], all[i]) else redis.call('HSET', KEYS[3], all[i], v) end
+      free_inline(KEYS[4], gone, nil)
+      delta = delta + extent_of(v) - before
     end
   end
 end
@@ -332,63 +453,105 @@ if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
 return 1
 """)
 
-# KEYS: vol, inode, blocks, pending, settled, sessions, reply
-# ARGV: epoch, now, size, mode ('I' inline or 'B' blocks; with 'X' appended the file becomes
-#       exactly ``size`` bytes, otherwise at least that large), inline data, session,
-#       n (uploads to settle), n object keys, then pairs of block index, entry ('' removes it)
+# KEYS: vol, inode, blocks, pending, settled, sessions, inline slices, reply
+# ARGV: epoch, now, size, mode ('I' inline body or 'B' blocks; with 'X' the file becomes
+#       exactly ``size`` bytes, otherwise at least that large; with 'K' the times stay:
+#       a move or compaction stores the same bytes otherwise), inline body,
+#       session, n (uploads to settle), n object keys,
+#       m (block changes), m times: block index, op, value, expected, where op is
+#         'A' append the slices of ``value`` on top of the block,
+#         'S' set the block to ``value`` ('' makes it a hole),
+#         'C' the same, only if the block is ``expected`` now (else CONFLICT: nothing
+#             changes; background moves and compactions must not overwrite a newer write)
+#       k (inline slices to store), k times: id, bytes (their slices name them '@id')
 COMMIT = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 local session, nsettle = ARGV[6], tonumber(ARGV[7])
 if nsettle > 0 and session_dead(KEYS[6], session) then return redis.error_reply('SESSION') end
-local inline, exact = string.sub(ARGV[4], 1, 1) == 'I', string.sub(ARGV[4], 2, 2) == 'X'
+local inline, exact = string.sub(ARGV[4], 1, 1) == 'I', string.find(ARGV[4], 'X', 1, true) ~= nil
 local newsize = tonumber(ARGV[3])
-local first = 8 + nsettle
-local delta = 0
+local at = 8 + nsettle
+local nblocks = tonumber(ARGV[at]); at = at + 1
+local ops = {}
+for _ = 1, nblocks do
+  ops[#ops + 1] = {ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]}
+  at = at + 4
+end
+local nstore = tonumber(ARGV[at]); at = at + 1
+local stored = 0
+for i = 0, nstore - 1 do stored = stored + #ARGV[at + 2 * i + 1] end
+-- the new block values, computed before anything changes (checks first, then writes)
+local delta, new, gone = 0, {}, {}
 local d = redis.call('HGET', KEYS[2], 'd')
-local set, gone = {}, {}  -- the block map changes: index -> new entry; index -> true: removed
-if inline then
-  delta = #ARGV[5] - (d and #d or 0)
-else
-  if d then delta = delta - #d end
-  for i = first, #ARGV, 2 do
-    if ARGV[i + 1] == '' then gone[ARGV[i]] = true else set[ARGV[i]] = ARGV[i + 1] end
-  end
+if inline then delta = #ARGV[5] - (d and #d or 0) elseif d then delta = -#d end
+local function current(idx)
+  if new[idx] ~= nil then return new[idx] end
+  return redis.call('HGET', KEYS[3], idx) or ''
 end
-if exact then  -- entries past the new end go, the one across it is cut
+for _, op in ipairs(ops) do
+  local idx, old = op[1], current(op[1])
+  local v, lost
+  if op[2] == 'A' then v, lost = append_slices(old, op[3])
+  else
+    if op[2] == 'C' and old ~= op[4] then return redis.error_reply('CONFLICT') end
+    v, lost = normalized(op[3]), vanished(old, op[3])
+  end
+  new[idx] = v
+  for _, x in ipairs(lost) do gone[#gone + 1] = x end
+end
+if exact then  -- blocks past the new end go, the one across it is cut
   local bs = tonumber(redis.call('HGET', vol, 'block_size'))
-  local all = redis.call('HGETALL', KEYS[3])
-  for i = 1, #all, 2 do
-    local idx, e = all[i], set[all[i]] or all[i + 1]
+  for _, idx in ipairs(redis.call('HKEYS', KEYS[3])) do
     local keep = newsize - tonumber(idx) * bs
-    if inline or keep <= 0 then set[idx] = nil; gone[idx] = true
-    elseif valid_of(e) > keep then set[idx] = (string.gsub(e, ':%d+$', ':' .. I(keep))) end
+    local v = current(idx)
+    if inline or keep <= 0 then
+      for _, x in ipairs(slice_list(v)) do gone[#gone + 1] = x end
+      new[idx] = ''
+    elseif extent_of(v) > keep then
+      local t, lost = trim_slices(v, keep)
+      new[idx] = normalized(t)
+      for _, x in ipairs(lost) do gone[#gone + 1] = x end
+    end
   end
 end
-for idx, e in pairs(set) do
-  local old = redis.call('HGET', KEYS[3], idx)
-  delta = delta + valid_of(e) - (old and valid_of(old) or 0)
-end
-for idx in pairs(gone) do
-  local old = redis.call('HGET', KEYS[3], idx)
-  if old then delta = delta - valid_of(old) end
+for idx, v in pairs(new) do
+  delta = delta + extent_of(v) - extent_of(redis.call('HGET', KEYS[3], idx) or '')
 end
 if delta > 0 then
   local st = redis.call('HMGET', vol, 'used', 'capacity')
   if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
 end
-if inline then
-  redis.call('HSET', KEYS[2], 'd', ARGV[5])
-elseif d then
-  redis.call('HDEL', KEYS[2], 'd')
+if stored > 0 then
+  local st = redis.call('HMGET', vol, 'slicebytes', 'maxslicebytes', 'capacity')
+  local limit = tonumber(st[2]) or math.min(MAX_SLICE_BYTES, math.floor(tonumber(st[3]) / 64))
+  if (tonumber(st[1]) or 0) + stored > limit then return redis.error_reply('SLICEFULL') end
 end
-for idx in pairs(gone) do redis.call('HDEL', KEYS[3], idx) end
-for idx, e in pairs(set) do redis.call('HSET', KEYS[3], idx, e) end
+-- now write
+if inline then redis.call('HSET', KEYS[2], 'd', ARGV[5]) elseif d then redis.call('HDEL', KEYS[2], 'd') end
+for i = 0, nstore - 1 do
+  local id, bytes = ARGV[at + 2 * i], ARGV[at + 2 * i + 1]
+  stored = stored - redis.call('HSTRLEN', KEYS[7], id)  -- stored already (applied twice)
+  redis.call('HSET', KEYS[7], id, bytes)
+end
+if stored ~= 0 then redis.call('HINCRBY', vol, 'slicebytes', stored) end
+for idx, v in pairs(new) do
+  if v == '' then redis.call('HDEL', KEYS[3], idx) else redis.call('HSET', KEYS[3], idx, v) end
+end
+if #gone > 0 then
+  local named = {}
+  for _, v in pairs(new) do
+    for _, x in ipairs(slice_list(v)) do named[x[1]] = true end
+  end
+  free_inline(KEYS[7], gone, named)
+end
 local now = now_ms()
-for i = 8, first - 1 do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
+for i = 8, 7 + nsettle do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
 local size = tonumber(redis.call('HGET', KEYS[2], 's'))
 if exact or newsize > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
-redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
+if not string.find(ARGV[4], 'K', 1, true) then  -- 'K': the same bytes, stored otherwise
+  redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
+end
 if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
 return 1
 """)

@@ -16,14 +16,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from chunkfs import gc
-from chunkfs.blocks.store import BlockStore, object_key
+from chunkfs.blocks import slices
+from chunkfs.blocks.slices import Slice
+from chunkfs.blocks.store import BlockStore, ObjectRef
 from chunkfs.cache import BlockCache
 from chunkfs.config import StorageConfig
 from chunkfs.errors import NoSpace, SessionExpired, StorageClaimed
 from chunkfs.fsck import check_namespace
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.meta import topology
-from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.volumes import VolumeService
 from tests.integration.conftest import open_svc
@@ -48,18 +50,19 @@ class Writer:
     meta: VolumeMeta
     inos: dict[bytes, int] = field(default_factory=dict)
 
-    async def upload(self, body: bytes) -> tuple[object, str]:
-        entry = await self.blocks.put(body)
-        assert entry is not None
-        return entry, object_key(entry)
+    async def upload(self, body: bytes) -> tuple[ObjectRef, str]:
+        ref = await self.blocks.put(body)
+        assert ref is not None
+        return ref, ref.key
 
     async def create(self, name: bytes) -> int:
         attr = await self.meta.create(ROOT_INODE, name, stat.S_IFREG | 0o644, 0, 0)
         self.inos[name] = attr.ino
         return attr.ino
 
-    async def commit(self, name: bytes, entry: object, key: str, size: int) -> None:
-        await self.meta.commit(self.inos[name], size=size, entries={0: entry}, settle=[key])
+    async def commit(self, name: bytes, ref: ObjectRef, key: str, size: int) -> None:
+        one = slices.encode([Slice(ref.ref, 0, size, 0)])
+        await self.meta.commit(self.inos[name], size=size, ops=[BlockOp(0, "A", one)], settle=[key])
 
     async def write(self, name: bytes, body: bytes) -> str:
         await self.create(name)

@@ -325,8 +325,9 @@ def test_a_mount_on_redis_cluster_runs_every_operation_snapshots_clones_and_gc(
     cli.run("volume", "create", "from-vol", "--capacity", "1GiB", "--from-volume", "vol")
     for name in ("vol", "snap", "from-snap", "from-vol"):
         assert "0 problem(s)" in cli.run("fsck", name, "--objects").stdout, name
-    # garbage: written after the snapshot, then deleted; GC removes exactly its blocks
-    write_file(m / "garbage", rand_bytes(4 * MiB + 1, "garbage"))
+    # garbage: written after the snapshot, then deleted; GC removes exactly its two block
+    # objects (its one-byte tail is an inline slice in Redis, which the unlink removed)
+    write_file(m / "garbage", rand_bytes(8 * MiB + 1, "garbage"))
     os.unlink(m / "garbage")
     time.sleep(1.1)  # S3 times have whole seconds: let --grace 0 see every object
     out = cli.run("gc", "--grace", "0").stdout
