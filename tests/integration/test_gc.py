@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from chunkfs import gc
+from chunkfs import gc, spill
 from chunkfs.blocks.store import BlockStore, object_key
 from chunkfs.cache import BlockCache
 from chunkfs.config import StorageConfig
@@ -24,7 +24,7 @@ from chunkfs.fsck import check_namespace
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.meta import topology
 from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import ROOT_INODE
+from chunkfs.meta.schema import GC_DOOMED, ROOT_INODE
 from chunkfs.volumes import VolumeService
 from tests.integration.conftest import open_svc
 
@@ -186,12 +186,16 @@ async def test_an_upload_of_a_doomed_object_waits_for_gc_then_uploads_again(svc,
     body = os.urandom(70_000)
     key = await w.write(b"a", body)
     await w.unlink(b"a")
-    async with gc.gc_lease(svc.r) as lease:  # a GC between publishing doomed and deleting
-        await gc._publish_doomed(svc.r, lease, {key})
-        late = asyncio.create_task(w.write(b"b", body))
-        await asyncio.sleep(1.0)
-        assert not late.done(), "an upload of an object GC is deleting went ahead"
-        await svc.store.delete_many([key])
+    with spill.Workspace() as ws:
+        doomed = ws.spill("doomed")
+        await doomed.add([(key, len(body))])
+        await doomed.seal()
+        async with gc.gc_lease(svc.r) as lease:  # a GC between publishing doomed and deleting
+            await gc._publish_doomed(svc.r, lease, doomed)
+            late = asyncio.create_task(w.write(b"b", body))
+            await asyncio.sleep(1.0)
+            assert not late.done(), "an upload of an object GC is deleting went ahead"
+            await svc.store.delete_many([key])
     await asyncio.wait_for(late, 30)
     assert key in await objects(svc)
     assert await fsck_objects(svc, info.id) == []
@@ -202,13 +206,19 @@ async def test_an_upload_registered_while_gc_publishes_doomed_is_spared(svc, wri
     w = await writer_for(info.id)
     key = await w.write(b"a", os.urandom(60_000))
     await w.unlink(b"a")
-    async with gc.gc_lease(svc.r) as lease:
-        run_start = lease.started_ms
-        await gc._publish_doomed(svc.r, lease, {key})
-        await w.meta.register_upload(key)  # checked doomed just before it was published
-        doomed = {key}
-        assert await gc._reprieve(svc.r, doomed, run_start, session_grace=600) == 1
-        assert doomed == set()
+    with spill.Workspace() as ws:
+        doomed = ws.spill("doomed")
+        await doomed.add([(key, 60_000)])
+        await doomed.seal()
+        async with gc.gc_lease(svc.r) as lease:
+            run_start = lease.started_ms
+            await gc._publish_doomed(svc.r, lease, doomed)
+            await w.meta.register_upload(key)  # checked doomed just before it was published
+            final, gone, spared = await gc._reprieve(svc.r, doomed, run_start, ws,
+                                                     session_grace=600)
+            assert (spared.count, spared.bytes) == (1, 60_000) and gone.count == 0
+            assert list(final.records()) == []
+            assert not await svc.r.sismember(GC_DOOMED, key)  # its uploader stops waiting
 
 
 @pytest.mark.parametrize("when", ["before the source is marked", "after the source is marked"])
@@ -224,10 +234,10 @@ async def test_a_clone_made_while_gc_marks_keeps_its_blocks(svc, writer_for, mon
             done.append((await svc.create_volume("clone", 1 << 30, source_volume="src")).id)
             await w.unlink(b"f")
 
-    async def marking(r, ns):
+    async def marking(r, ns, marks):
         if ns == src.id and when.startswith("before"):
             await clone_then_drop()
-        refs = await real(r, ns)
+        refs = await real(r, ns, marks)
         if ns == src.id and when.startswith("after"):
             await clone_then_drop()
         return refs
@@ -249,8 +259,8 @@ async def test_a_snapshot_made_while_gc_marks_keeps_its_blocks(svc, writer_for, 
     real = gc.referenced_blocks
     made: list[str] = []
 
-    async def marking(r, ns):
-        refs = await real(r, ns)
+    async def marking(r, ns, marks):
+        refs = await real(r, ns, marks)
         if ns == src.id and not made:
             made.append((await svc.create_snapshot("src", "snap")).id)
             await w.unlink(b"f")
