@@ -30,7 +30,8 @@ from chunkfs.errors import (
     VolumeExists,
     VolumeNotFound,
 )
-from chunkfs.volumes import SnapshotInfo, VolumeInfo, VolumeService
+from chunkfs.meta.schema import GcRun
+from chunkfs.volumes import SnapshotInfo, VolumeDetails, VolumeInfo, VolumeService
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 STATUS_FILE = ".chunkfs.status"
@@ -65,6 +66,12 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _directory_arg(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
 def _parse_mount_options(text: str | None) -> dict[str, str]:
     opts: dict[str, str] = {}
     for part in (text or "").split(","):
@@ -93,16 +100,37 @@ def _volume_doc(v: VolumeInfo) -> dict[str, Any]:
             "max_inodes": v.max_inodes}
 
 
-def _print_volume(v: VolumeInfo, as_json: bool) -> None:
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _gc_line(run: GcRun | None) -> str:
+    if run is None:
+        return "never (no garbage collection recorded in this metadata engine)"
+    what = "dry run, would delete" if run.dry_run else "deleted"
+    if run.ok:
+        return (f"{_when(run.finished)}, ok: {what} {run.deleted} of {run.objects} objects "
+                f"({format_size(run.deleted_bytes)}) in {run.seconds:.1f}s")
+    last_ok = _when(run.success) if run.success else "never"
+    return f"{_when(run.finished)}, FAILED: {run.error} (last success: {last_ok})"
+
+
+def _print_volume(d: VolumeDetails, as_json: bool) -> None:
+    v = d.info
     if as_json:
-        print(json.dumps(_volume_doc(v), indent=2))
+        print(json.dumps({**_volume_doc(v), "files": v.used_inodes, "snapshots": d.snapshots,
+                          "clones": d.clones, "backups": d.backups,
+                          "last_gc": d.last_gc.as_dict() if d.last_gc else None}, indent=2))
         return
     print(f"name:       {v.name}\nid:         {v.id}\ncapacity:   {format_size(v.capacity)}"
           f" ({v.capacity} bytes)\nused:       {format_size(v.used_bytes)} ({v.used_bytes} bytes)"
-          f"\ninodes:     {v.used_inodes} of {v.max_inodes}\nepoch:      {v.epoch}"
-          f"\nwriter:     {v.writer or '-'}"
-          f"\nsource:     {v.source or '-'}\ncreated:    "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
+          f"\nfiles:      {v.used_inodes} inodes of {v.max_inodes} (files, directories, links)"
+          f"\nepoch:      {v.epoch}\nwriter:     {v.writer or '-'}"
+          f"\nsource:     {v.source or '-'}\ncreated:    {_when(v.created)}"
+          f"\nsnapshots:  {', '.join(d.snapshots) or '-'}"
+          f"\nclones:     {', '.join(d.clones) or '-'}"
+          f"\nbackups:    {'-' if d.backups is None else ', '.join(d.backups) or '-'}"
+          f"\nlast gc:    {_gc_line(d.last_gc)}")
 
 
 async def cmd_volume_create(args: argparse.Namespace) -> int:
@@ -135,7 +163,7 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
 
 async def cmd_volume_info(args: argparse.Namespace) -> int:
     async def act(svc: VolumeService) -> int:
-        _print_volume(await svc.get_volume(args.name), args.json)
+        _print_volume(await svc.volume_details(args.name), args.json)
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -470,16 +498,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---- maintenance ---------------------------------------------------------------------
 async def cmd_gc(args: argparse.Namespace) -> int:
     from chunkfs.gc import collect_garbage
+    from chunkfs.progress import TerminalProgress
 
     async def act(svc: VolumeService) -> int:
-        report = await collect_garbage(svc.r, svc.store, grace=args.grace, dry_run=args.dry_run,
-                                       session_grace=args.session_grace)
+        progress = TerminalProgress(sys.stderr)
+        try:
+            report = await collect_garbage(svc.r, svc.store, grace=args.grace,
+                                           dry_run=args.dry_run,
+                                           session_grace=args.session_grace,
+                                           work_dir=args.work_dir, progress=progress)
+        finally:
+            progress.close()
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{report.objects} block objects, {report.referenced} referenced by "
               f"{report.namespaces} namespaces and {report.manifests} manifests, "
               f"{report.protected} protected as uploads in flight; {verb} {report.deleted} "
               f"({format_size(report.deleted_bytes)}); kept {report.young} objects younger "
-              f"than the grace period and {report.reprieved} uploaded again while GC ran")
+              f"than the grace period and {report.reprieved} uploaded again while GC ran "
+              f"({report.seconds:.1f}s)")
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -594,7 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-grace", type=_seconds_arg, default=600.0,
                    help="a mount silent this many seconds past its session's expiry is declared "
                         "dead: its uncommitted uploads are collected (default 600)")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="find what would be deleted, delete and forget nothing")
+    p.add_argument("--work-dir", type=_directory_arg, default=None,
+                   help="where the run keeps its sorted sets of object keys (about 100 bytes "
+                        "per object; default: $TMPDIR or /tmp)")
     p.set_defaults(run=cmd_gc)
 
     p = sub.add_parser("fsck", parents=[backend],
