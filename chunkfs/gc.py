@@ -82,7 +82,7 @@ class GcReport:
     deleted_bytes: int = 0
     kept_bytes: int = 0
     seconds: float = 0.0
-    spill_bytes: int = 0    # local disk the run's sorted sets took (at the end)
+    spill_bytes: int = 0    # the most local disk the run's sorted sets took at once
 
 
 async def all_namespaces(r: aioredis.Redis) -> list[str]:
@@ -347,6 +347,9 @@ async def _reprieve(r: aioredis.Redis, doomed: spill.Spill, run_start_ms: int,
     await protected.seal()
     final, spared = ws.spill("delete"), ws.spill("spared")
     gone, kept = await asyncio.to_thread(_split, doomed, protected, final, spared)
+    ws.disk_bytes()
+    doomed.discard()
+    protected.discard()
     async for batch in spared.batches(_BATCH):
         await r.srem(GC_DOOMED, *[key for key, _ in batch])
     return final, gone, kept
@@ -407,20 +410,23 @@ async def _run(r: aioredis.Redis, store: ObjectStore, lease: Lease, ws: spill.Wo
     progress("manifests", report.manifests, report.manifests)
     found = await asyncio.to_thread(_sweep, candidates, marks, doomed, report)
     progress("sweep", report.objects, report.objects)
-    report.spill_bytes = ws.disk_bytes()
+    ws.disk_bytes()
+    candidates.discard()
+    marks.discard()
     if found.count and not dry_run:
         await _publish_doomed(r, lease, doomed, progress, found.count)
         final, found, spared = await _reprieve(r, doomed, run_start, ws,
                                                session_grace=session_grace, progress=progress)
         report.reprieved = spared.count
         report.kept_bytes += spared.bytes
-        report.spill_bytes = ws.disk_bytes()
         await check_layout(r, shape)
         if await read_marker(store) != engine:
             raise StorageClaimed("the storage prefix changed hands during garbage collection")
         await _delete(r, store, lease, final, found.count, progress)
     report.deleted = found.count
     report.deleted_bytes = found.bytes
+    ws.disk_bytes()
+    report.spill_bytes = ws.peak_disk_bytes
 
 
 async def _record(r: aioredis.Redis, report: GcReport, *, started: float, dry_run: bool,

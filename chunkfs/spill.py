@@ -56,6 +56,7 @@ class Workspace:
         self.batch = batch
         self.fan_in = fan_in
         self.path = ""
+        self.peak_disk_bytes = 0
         self._spills: list[Spill] = []
 
     def __enter__(self) -> Workspace:
@@ -71,7 +72,10 @@ class Workspace:
         return spill
 
     def disk_bytes(self) -> int:
-        return sum(s.disk_bytes() for s in self._spills)
+        """What the spills take on disk now; ``peak_disk_bytes`` the most they took."""
+        now = sum(s.disk_bytes() for s in self._spills)
+        self.peak_disk_bytes = max(self.peak_disk_bytes, now)
+        return now
 
 
 class Spill:
@@ -165,6 +169,13 @@ class Spill:
             close = getattr(it, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)
+
+    def discard(self) -> None:
+        """Delete the runs now (disk space back before the workspace ends)."""
+        for path in self._runs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._runs, self._tiers, self._buffer = [], {}, []
 
     def disk_bytes(self) -> int:
         total = 0

@@ -18,6 +18,7 @@ import pytest
 from chunkfs import gc, spill
 from chunkfs.blocks.store import BlockStore, object_key
 from chunkfs.cache import BlockCache
+from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig
 from chunkfs.errors import NoSpace, SessionExpired, StorageClaimed
 from chunkfs.fsck import check_namespace
@@ -449,3 +450,29 @@ async def test_progress_reports_every_phase_and_ends_each_with_its_total(svc, wr
     phases = list(dict.fromkeys(phase for phase, _, _ in seen))
     assert phases == ["list", "mark", "manifests", "sweep", "publish", "reprieve", "delete"]
     assert ("delete", 3, 3) in seen and ("list", 3, 3) in seen
+
+
+async def test_first_uses_of_a_fresh_storage_prefix_at_once_all_succeed(svc) -> None:
+    """GC, volume creation and mounts may claim a new prefix at the same moment (the
+    controller's GC starts as soon as a Secret names a backend): none is refused, even
+    one whose read of the prefix's marker is slow (a new S3 connection)."""
+    class SlowReads:
+        def __init__(self, store) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str):
+            return getattr(self.store, name)
+
+        async def get(self, key: str, deadline: float | None = None) -> bytes:
+            await asyncio.sleep(0.5)
+            return await self.store.get(key, deadline)
+
+    async def claim(delay: float) -> str:
+        await asyncio.sleep(delay)
+        return await claim_storage(svc.r, svc.store)
+
+    slow = asyncio.create_task(claim_storage(svc.r, SlowReads(svc.store)))
+    engines = await asyncio.gather(*(claim(i * 0.01) for i in range(20)), slow,
+                                   return_exceptions=True)
+    assert [e for e in engines if isinstance(e, BaseException)] == []
+    assert len(set(engines)) == 1

@@ -58,9 +58,13 @@ async def test_tiered_merging_rewrites_each_record_a_logarithmic_number_of_times
 
 async def test_a_workspace_is_private_and_leaves_nothing_behind(tmp_path) -> None:
     with spill.Workspace(str(tmp_path), batch=10) as ws:
-        await filled(ws, "x", [(k, 0) for k in keys(100)])
+        s = await filled(ws, "x", [(k, 0) for k in keys(100)])
+        await filled(ws, "y", [(k, 0) for k in keys(10)])
         assert os.stat(ws.path).st_mode & 0o077 == 0
-        assert ws.disk_bytes() > 0
+        both = ws.disk_bytes()
+        s.discard()  # a set no longer needed gives its disk back at once
+        assert 0 < ws.disk_bytes() < both and ws.peak_disk_bytes == both
+        assert list(s.records()) == []
     assert os.listdir(tmp_path) == []
 
 
