@@ -474,6 +474,28 @@ def _durability_lines(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency_line(stats: dict[str, Any], requests: int) -> str:
+    lat = stats.get("latency", {})
+    line = (f"{requests} requests, avg {stats.get('avg_latency_ms', 0)} ms, recent "
+            f"{lat.get('recent_ms', 0)} ms, max {lat.get('max_ms', 0)} ms, "
+            f"{stats.get('errors', 0)} errors")
+    if lat.get("last_error"):
+        line += f" (last: {lat['last_error']} at {_when(lat.get('last_error_at', 0))})"
+    return line
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    holder = lease.get("holder") or "no single writer"
+    return (f"{holder}, epoch {lease.get('epoch')} "
+            f"({'this mount writes' if lease.get('writes') else 'this mount does not write'})")
+
+
+def _status_gc_line(doc: dict[str, Any] | None) -> str:
+    if not doc:
+        return _gc_line(None)
+    return _gc_line(GcRun(**{k: v for k, v in doc.items() if k != "age_s"}))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _read_status(os.path.abspath(args.mountpoint), args.run_dir)
     if args.json:
@@ -482,15 +504,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     cache, s3, redis = status.get("cache", {}), status.get("s3", {}), status.get("redis", {})
     print(f"volume:        {status.get('volume')}  (pid {status.get('pid')}, epoch "
           f"{status.get('epoch')}{', FENCED' if status.get('fenced') else ''})\n"
-          f"dirty bytes:   {status.get('dirty_bytes')}\n"
+          f"dirty bytes:   {status.get('dirty_bytes')} in {status.get('dirty_files', 0)} files"
+          f", oldest {status.get('dirty_age_s', 0)}s\n"
+          f"writer lease:  {_lease_line(status.get('lease', {}))}\n"
           f"cache:         {format_size(cache.get('bytes', 0))} of {format_size(cache.get('limit', 0))}"
           f", hit ratio {cache.get('hit_ratio', 0):.2%} ({cache.get('hits', 0)} hits, "
           f"{cache.get('misses', 0)} misses, {cache.get('corrupt', 0)} corrupt)\n"
-          f"s3:            {sum(s3.get('requests', {}).values())} requests, avg "
-          f"{s3.get('avg_latency_ms', 0)} ms, {s3.get('errors', 0)} errors\n"
-          f"redis:         {redis.get('requests', 0)} requests, avg {redis.get('avg_latency_ms', 0)} ms"
-          f", {redis.get('errors', 0)} errors\n"
+          f"s3:            {_latency_line(s3, sum(s3.get('requests', {}).values()))}\n"
+          f"redis:         {_latency_line(redis, redis.get('requests', 0))}\n"
           f"{_durability_lines(status.get('redis_durability', {}))}"
+          f"last gc:       {_status_gc_line(status.get('last_gc'))}\n"
+          f"last backup:   {status.get('last_backup') or '- (no backups yet)'}\n"
           f"errors:        {status.get('errors', 0)} {status.get('last_error', '')}")
     return EXIT_OK
 
