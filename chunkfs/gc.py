@@ -338,7 +338,7 @@ async def _reprieve(r: aioredis.Redis, doomed: spill.Spill, run_start_ms: int,
                     progress: Progress = _quiet) -> tuple[spill.Spill, _Tally, _Tally]:
     """Spare what an upload registered while the doomed set was being published:
     returns what is left to delete (a spill), its tally, and the tally of the spared."""
-    protected = ws.spill("reprieve")
+    protected = ws.spill("reprieve", min)
     namespaces = await all_namespaces(r)
     for i, ns in enumerate(namespaces, 1):
         await protected_uploads(r, ns, run_start_ms, protected, session_grace=session_grace,
@@ -347,7 +347,7 @@ async def _reprieve(r: aioredis.Redis, doomed: spill.Spill, run_start_ms: int,
     await protected.seal()
     final, spared = ws.spill("delete"), ws.spill("spared")
     gone, kept = await asyncio.to_thread(_split, doomed, protected, final, spared)
-    ws.disk_bytes()
+    ws.measure_disk()
     doomed.discard()
     protected.discard()
     async for batch in spared.batches(_BATCH):
@@ -355,8 +355,8 @@ async def _reprieve(r: aioredis.Redis, doomed: spill.Spill, run_start_ms: int,
     return final, gone, kept
 
 
-async def _delete(r: aioredis.Redis, store: ObjectStore, lease: Lease, final: spill.Spill,
-                  total: int, progress: Progress) -> None:
+async def _delete(store: ObjectStore, lease: Lease, final: spill.Spill, total: int,
+                  progress: Progress) -> None:
     done = 0
     progress("delete", 0, total)
     async for batch in final.batches(_BATCH):
@@ -370,8 +370,8 @@ async def collect_garbage(r: aioredis.Redis, store: ObjectStore, *, grace: float
                           dry_run: bool = False, session_grace: float = SESSION_GRACE_S,
                           work_dir: str | None = None, progress: Progress | None = None,
                           spill_batch: int = spill.BATCH) -> GcReport:
-    """One GC run (docs/dev/gc.md). ``work_dir`` holds the run's sorted sets (about 100
-    bytes per object listed or marked; default: the system's temporary directory);
+    """One GC run (docs/dev/gc.md). ``work_dir`` holds the run's sorted sets (at most
+    about 300 bytes per object; default: the system's temporary directory);
     ``progress`` is told each phase's advance; the outcome is recorded in Redis."""
     if grace < 0 or session_grace < 0:
         raise ValueError("grace periods must not be negative")
@@ -401,7 +401,7 @@ async def _run(r: aioredis.Redis, store: ObjectStore, lease: Lease, ws: spill.Wo
     # every shard stamps settlements with its own clock: the earliest of them, read
     # after the lease began, is at or before "now" on each (docs/dev/gc.md)
     run_start = min(lease.started_ms, await topology.earliest_clock_ms(r))
-    candidates, marks, doomed = ws.spill("candidates"), ws.spill("marks"), ws.spill("doomed")
+    candidates, marks, doomed = ws.spill("candidates"), ws.spill("marks", min), ws.spill("doomed")
     await _list_candidates(store, time.time() - grace, candidates, report, progress)
     await _mark(r, run_start, report, marks, session_grace=session_grace, prune=not dry_run,
                 progress=progress)
@@ -410,7 +410,7 @@ async def _run(r: aioredis.Redis, store: ObjectStore, lease: Lease, ws: spill.Wo
     progress("manifests", report.manifests, report.manifests)
     found = await asyncio.to_thread(_sweep, candidates, marks, doomed, report)
     progress("sweep", report.objects, report.objects)
-    ws.disk_bytes()
+    ws.measure_disk()
     candidates.discard()
     marks.discard()
     if found.count and not dry_run:
@@ -422,10 +422,10 @@ async def _run(r: aioredis.Redis, store: ObjectStore, lease: Lease, ws: spill.Wo
         await check_layout(r, shape)
         if await read_marker(store) != engine:
             raise StorageClaimed("the storage prefix changed hands during garbage collection")
-        await _delete(r, store, lease, final, found.count, progress)
+        await _delete(store, lease, final, found.count, progress)
     report.deleted = found.count
     report.deleted_bytes = found.bytes
-    ws.disk_bytes()
+    ws.measure_disk()
     report.spill_bytes = ws.peak_disk_bytes
 
 

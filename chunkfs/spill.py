@@ -12,6 +12,8 @@ times and at most ``fan_in - 1`` runs per tier are open at once. Disk use is abo
 bytes per record.
 
 A record is ``(key, value)``: an object key and an int (a size, or what marked the key).
+A spill made with ``combine`` is a set: each run it writes holds a key once, so a key
+marked by every snapshot of a volume costs disk once per tier, not once per mark.
 Keys compare as Python strings, by code point, which is the order of their UTF-8 bytes
 and so S3 ListObjectsV2's order: a listing arrives sorted, its buffers sort in linear
 time and its runs follow each other. Nothing here depends on that.
@@ -66,13 +68,15 @@ class Workspace:
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def spill(self, name: str) -> Spill:
-        spill = Spill(os.path.join(self.path, name), self.batch, self.fan_in)
+    def spill(self, name: str, combine: Callable[[int, int], int] | None = None) -> Spill:
+        """A new spill; with ``combine``, a set: duplicate keys are collapsed (their values
+        combined) whenever a run is written, so repeats cost no disk."""
+        spill = Spill(os.path.join(self.path, name), self.batch, self.fan_in, combine)
         self._spills.append(spill)
         return spill
 
-    def disk_bytes(self) -> int:
-        """What the spills take on disk now; ``peak_disk_bytes`` the most they took."""
+    def measure_disk(self) -> int:
+        """What the spills take on disk now; ``peak_disk_bytes``: the most measured."""
         now = sum(s.disk_bytes() for s in self._spills)
         self.peak_disk_bytes = max(self.peak_disk_bytes, now)
         return now
@@ -81,10 +85,12 @@ class Workspace:
 class Spill:
     """A multiset of records, added in any order, read back sorted by key."""
 
-    def __init__(self, stem: str, batch: int, fan_in: int) -> None:
+    def __init__(self, stem: str, batch: int, fan_in: int,
+                 combine: Callable[[int, int], int] | None = None) -> None:
         self.stem = stem
         self.batch = batch
         self.fan_in = fan_in
+        self.combine = combine
         self.added = 0
         self.peak_buffered = 0   # the most records ever held in memory at once
         self._buffer: list[Record] = []
@@ -116,7 +122,7 @@ class Spill:
         self.added += len(buffer)
         self.peak_buffered = max(self.peak_buffered, len(buffer))
         path = self._path()
-        await asyncio.to_thread(_write_sorted, path, buffer)
+        await asyncio.to_thread(_write_sorted, path, buffer, self.combine)
         self._add_run(path, 0)
         await asyncio.to_thread(self._compact)
 
@@ -138,8 +144,9 @@ class Spill:
                 return
             tier, runs = min(full)
             merged = self._path()
+            records = _merge(runs)
             with _RunWriter(merged) as out:
-                for record in _merge(runs):
+                for record in distinct(records, self.combine) if self.combine else records:
                     out.write(record)
             for path in runs:
                 os.unlink(path)
@@ -211,10 +218,11 @@ class _RunWriter:
             self.spill.added += self.count
 
 
-def _write_sorted(path: str, records: list[Record]) -> None:
+def _write_sorted(path: str, records: list[Record],
+                  combine: Callable[[int, int], int] | None = None) -> None:
     records.sort()
     with _RunWriter(path) as out:
-        for record in records:
+        for record in distinct(records, combine) if combine else records:
             out.write(record)
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import prometheus_client
 from prometheus_client import Counter, Gauge, Histogram
 
+from chunkfs.config import redact_url
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.logs import scrub
 from chunkfs.meta import scripts
@@ -134,6 +135,7 @@ class _Tracked:
     backend: Backend
     label: str
     svc: Any = None
+    reopen: bool = False  # newer credentials arrived: open a new service before the next run
     loop: asyncio.Task[None] | None = None
     run: asyncio.Task[None] | None = None
     error_type: str = ""
@@ -151,7 +153,7 @@ class GcRunner:
         self.metrics = metrics
         self.replica = replica or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
         self._opener = opener
-        self._tracked: dict[Backend, _Tracked] = {}
+        self._tracked: dict[tuple[str, str], _Tracked] = {}
         self._started = False
         self._warned_full = False
         metrics.interval.set(settings.interval if settings.enabled else 0)
@@ -160,8 +162,16 @@ class GcRunner:
     # --- which backends ---------------------------------------------------------------
 
     def track(self, backend: Backend) -> None:
-        """A backend this process served: collect it from now on (idempotent, cheap)."""
-        if backend in self._tracked or not self.settings.enabled:
+        """A backend this process served: collect it from now on (idempotent, cheap).
+        One backend is one Redis database and storage prefix: credentials that change
+        (a rotated Secret) replace the old ones for the next run."""
+        if not self.settings.enabled:
+            return
+        key = (redact_url(backend.meta_url), backend.storage.url)
+        known = self._tracked.get(key)
+        if known is not None:
+            if known.backend != backend:
+                known.backend, known.reopen = backend, True
             return
         if len(self._tracked) >= MAX_BACKENDS:
             if not self._warned_full:
@@ -169,7 +179,7 @@ class GcRunner:
                 self._warned_full = True
             return
         tracked = _Tracked(backend, backend.storage.url)
-        self._tracked[backend] = tracked
+        self._tracked[key] = tracked
         self.metrics.backends.set(len(self._tracked))
         log.info("collecting garbage of %s every %.0fs%s", backend.describe(),
                  self.settings.interval, " (dry run)" if self.settings.dry_run else "")
@@ -179,12 +189,13 @@ class GcRunner:
     def start(self) -> None:
         self._started = True
         for tracked in self._tracked.values():
-            if tracked.loop is None:
+            if tracked.loop is None or tracked.loop.done():
                 tracked.loop = asyncio.create_task(self._schedule(tracked))
 
     async def stop(self) -> None:
         """Stop scheduling, cancel runs in progress (each releases its GC lease), and hand
         every schedule this replica holds to the others right away."""
+        self._started = False
         tasks = [t for tr in self._tracked.values() for t in (tr.loop, tr.run) if t]
         for task in tasks:
             task.cancel()
@@ -209,6 +220,12 @@ class GcRunner:
     # --- the schedule ----------------------------------------------------------------
 
     async def _service(self, tracked: _Tracked) -> Any:
+        if tracked.reopen and (tracked.run is None or tracked.run.done()):
+            tracked.reopen = False
+            old, tracked.svc = tracked.svc, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
         if tracked.svc is None:
             opener = self._opener
             if opener is None:

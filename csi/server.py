@@ -126,8 +126,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parse_networks(args.secret_deny_networks.split(","))
     except ValueError as exc:
         p.error(f"--secret-deny-networks: {exc}")
-    if args.gc_work_dir and not os.path.isdir(args.gc_work_dir):
-        p.error(f"--gc-work-dir {args.gc_work_dir!r} is not an existing directory")
     if args.metrics_address:
         try:
             metrics_bind(args.metrics_address)
@@ -315,8 +313,21 @@ async def serve(args: argparse.Namespace) -> None:
     await plugin.stop()
 
 
+def check_paths(args: argparse.Namespace) -> str | None:
+    """What is wrong with the directories the flags name (checked where the plugin runs,
+    not by ``parse_args``: a chart's flags are parsed anywhere)."""
+    if args.role in ("controller", "all") and args.gc_work_dir and not os.path.isdir(
+            args.gc_work_dir):
+        return f"--gc-work-dir {args.gc_work_dir!r} is not an existing directory"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = check_paths(args)
+    if problem:
+        print(f"chunkfs-csi: error: {problem}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, args.log_format)
     try:
         if args.role == "mounter":

@@ -228,3 +228,39 @@ async def test_one_leader_per_backend_takes_over_when_the_holder_goes_silent(bac
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_rotated_credentials_replace_the_old_ones_for_the_next_run(backend_env) -> None:
+    """A Secret whose keys changed names the same backend: one schedule, new credentials."""
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry
+
+    opened: list[VolumeService] = []
+
+    async def opener(meta: str, storage: StorageConfig) -> VolumeService:
+        svc = await VolumeService.open(meta, storage)
+        opened.append(svc)
+        return svc
+
+    backend = resolve({}, backend_env)
+    rotated = dataclasses.replace(backend, overrides=(("AWS_SECRET_ACCESS_KEY", "new"),))
+    runner = GcRunner(GcSettings(interval=0.4, grace=3600), GcMetrics(CollectorRegistry()),
+                      opener=opener, replica="r")
+    runner.track(backend)
+    runner.start()
+    try:
+        async def runs(n: int) -> None:
+            for _ in range(200):
+                if runner.status()[0]["runs"] >= n and not runner.status()[0]["running"]:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(runner.status())
+
+        await runs(1)
+        runner.track(rotated)
+        before = runner.status()[0]["runs"]
+        await runs(before + 1)
+        assert len(opened) == 2 and len(runner.status()) == 1
+    finally:
+        await runner.stop()

@@ -61,9 +61,9 @@ async def test_a_workspace_is_private_and_leaves_nothing_behind(tmp_path) -> Non
         s = await filled(ws, "x", [(k, 0) for k in keys(100)])
         await filled(ws, "y", [(k, 0) for k in keys(10)])
         assert os.stat(ws.path).st_mode & 0o077 == 0
-        both = ws.disk_bytes()
+        both = ws.measure_disk()
         s.discard()  # a set no longer needed gives its disk back at once
-        assert 0 < ws.disk_bytes() < both and ws.peak_disk_bytes == both
+        assert 0 < ws.measure_disk() < both and ws.peak_disk_bytes == both
         assert list(s.records()) == []
     assert os.listdir(tmp_path) == []
 
@@ -123,3 +123,17 @@ def test_bad_limits_are_refused() -> None:
         spill.Workspace(batch=0)
     with pytest.raises(ValueError):
         spill.Workspace(fan_in=1)
+
+
+async def test_a_set_spill_keeps_each_key_once_per_run_whatever_the_repeats(tmp_path) -> None:
+    """Every snapshot of a volume marks the same blocks: a key marked a hundred times
+    costs disk once per tier, not a hundred times."""
+    universe = keys(200)
+    with spill.Workspace(str(tmp_path), batch=100, fan_in=4) as ws:
+        s = ws.spill("marks", min)
+        for copy in range(100):
+            await s.add_keys(universe, copy % 2)
+        await s.seal()
+        assert list(spill.distinct(s.records())) == sorted((k, 0) for k in universe)
+        stored = len(list(s.records()))  # each run holds a key at most once
+        assert stored <= 200 * s.runs and s.runs <= 3 * 3 and stored < 20_000 / 10
