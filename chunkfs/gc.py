@@ -58,7 +58,7 @@ SESSION_GRACE_S = 600.0        # a session silent this long past its expiry is d
 TOMBSTONE_KEEP_MS = 30 * 24 * 3600 * 1000
 _BATCH = 1000
 _MAPS_PER_ROUND = 500          # block maps asked for per pipelined round trip ...
-_ENTRIES_PER_ROUND = 50_000    # ... holding at most this many entries; a bigger map: HSCAN
+_ENTRIES_PER_ROUND = 10_000    # ... holding at most this many entries; a bigger map: HSCAN
 REFERENCED, PROTECTED = 0, 1   # what marked a key (both: referenced)
 
 # progress(phase, done, total or None): list, mark, manifests, sweep, publish, reprieve, delete

@@ -96,6 +96,7 @@ class Spill:
         self._buffer: list[Record] = []
         self._runs: list[str] = []
         self._tiers: dict[str, int] = {}  # run -> tier (0: written from a buffer)
+        self._bounds: dict[str, tuple[str, str]] = {}  # run -> its first and last key
         self._names = itertools.count()
 
     @property
@@ -122,16 +123,18 @@ class Spill:
         self.added += len(buffer)
         self.peak_buffered = max(self.peak_buffered, len(buffer))
         path = self._path()
-        await asyncio.to_thread(_write_sorted, path, buffer, self.combine)
-        self._add_run(path, 0)
+        bounds = await asyncio.to_thread(_write_sorted, path, buffer, self.combine)
+        self._add_run(path, 0, bounds)
         await asyncio.to_thread(self._compact)
 
     def _path(self) -> str:
         return f"{self.stem}.{next(self._names)}"
 
-    def _add_run(self, path: str, tier: int) -> None:
+    def _add_run(self, path: str, tier: int, bounds: tuple[str, str] | None = None) -> None:
         self._runs.append(path)
         self._tiers[path] = tier
+        if bounds is not None:
+            self._bounds[path] = bounds
 
     def _compact(self) -> None:
         """While some tier has ``fan_in`` runs, merge them into one run of the next tier."""
@@ -144,7 +147,7 @@ class Spill:
                 return
             tier, runs = min(full)
             merged = self._path()
-            records = _merge(runs)
+            records = self._merge(runs)
             with _RunWriter(merged) as out:
                 for record in distinct(records, self.combine) if self.combine else records:
                     out.write(record)
@@ -152,13 +155,26 @@ class Spill:
                 os.unlink(path)
                 self._runs.remove(path)
                 del self._tiers[path]
-            self._add_run(merged, tier + 1)
+                self._bounds.pop(path, None)
+            self._add_run(merged, tier + 1, out.bounds())
+
+    def _merge(self, paths: list[str]) -> Iterator[Record]:
+        """The records of ``paths`` in key order: runs whose key ranges follow each other
+        (a sorted listing's) are read one after the other, others through a heap."""
+        if all(p in self._bounds for p in paths):
+            ordered = sorted(paths, key=lambda p: self._bounds[p])
+            if all(self._bounds[a][1] <= self._bounds[b][0]
+                   for a, b in itertools.pairwise(ordered)):
+                return itertools.chain.from_iterable(_read(p) for p in ordered)
+        if len(paths) == 1:
+            return _read(paths[0])
+        return heapq.merge(*(_read(p) for p in paths))
 
     def records(self) -> Iterator[Record]:
         """Every sealed record in key order, duplicates included (blocking: in a thread)."""
         if self._buffer:
             raise RuntimeError("records() of a spill that is not sealed")
-        return _merge(self._runs)
+        return self._merge(self._runs)
 
     def writer(self) -> _RunWriter:
         """Append records that come in key order straight into one new run (blocking)."""
@@ -182,7 +198,7 @@ class Spill:
         for path in self._runs:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        self._runs, self._tiers, self._buffer = [], {}, []
+        self._runs, self._tiers, self._bounds, self._buffer = [], {}, {}, []
 
     def disk_bytes(self) -> int:
         total = 0
@@ -197,49 +213,73 @@ class _RunWriter:
         self.path = path
         self.spill = spill
         self.count = 0
+        self.first: str | None = None
         self.last: str | None = None
-        self._file: BinaryIO = open(path, "wb", buffering=_READ_BUFFER)  # noqa: SIM115 - closed in __exit__
+        self._pending = bytearray()
+        self._file: BinaryIO = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in __exit__
 
     def write(self, record: Record) -> None:
         key, value = record
         if self.last is not None and key < self.last:
             raise ValueError("records written to a run must come in key order")
         data = key.encode()
-        self._file.write(_HEAD.pack(len(data)) + data + _VALUE.pack(value))
+        self._pending += _HEAD.pack(len(data))
+        self._pending += data
+        self._pending += _VALUE.pack(value)
+        if len(self._pending) >= _READ_BUFFER:
+            self._file.write(self._pending)
+            self._pending.clear()
+        if self.first is None:
+            self.first = key
         self.last = key
         self.count += 1
+
+    def bounds(self) -> tuple[str, str] | None:
+        return None if self.first is None or self.last is None else (self.first, self.last)
 
     def __enter__(self) -> _RunWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        try:
+            if self._pending:
+                self._file.write(self._pending)
+        finally:
+            self._file.close()
         if self.spill is not None:
             self.spill.added += self.count
+            bounds = self.bounds()
+            if bounds is not None:
+                self.spill._bounds[self.path] = bounds  # noqa: SLF001 - its own spill
 
 
 def _write_sorted(path: str, records: list[Record],
-                  combine: Callable[[int, int], int] | None = None) -> None:
+                  combine: Callable[[int, int], int] | None = None) -> tuple[str, str] | None:
     records.sort()
     with _RunWriter(path) as out:
         for record in distinct(records, combine) if combine else records:
             out.write(record)
+    return out.bounds()
 
 
 def _read(path: str) -> Iterator[Record]:
-    with open(path, "rb", buffering=_READ_BUFFER) as f:
-        read = f.read
-        while head := read(2):
-            (length,) = _HEAD.unpack(head)
-            key = read(length).decode()
-            (value,) = _VALUE.unpack(read(8))
-            yield key, value
-
-
-def _merge(paths: list[str]) -> Iterator[Record]:
-    if len(paths) == 1:
-        return _read(paths[0])
-    return heapq.merge(*(_read(p) for p in paths))
+    """A run's records, parsed a buffer (``_READ_BUFFER``) at a time."""
+    head, value_at = _HEAD.unpack_from, _VALUE.unpack_from
+    with open(path, "rb", buffering=0) as f:
+        buf = b""
+        while chunk := f.read(_READ_BUFFER):
+            buf = buf + chunk if buf else chunk
+            pos, end = 0, len(buf)
+            while pos + 2 <= end:
+                (length,) = head(buf, pos)
+                stop = pos + 10 + length
+                if stop > end:
+                    break
+                yield buf[pos + 2:pos + 2 + length].decode(), value_at(buf, pos + 2 + length)[0]
+                pos = stop
+            buf = buf[pos:]
+        if buf:
+            raise ValueError(f"{path}: a truncated record at its end")
 
 
 def distinct(records: Iterable[Record], combine: Callable[[int, int], int] = min,
