@@ -7,7 +7,9 @@ gRPC server: it is the process the node's chunkfs mounts live in (``csi/mounter.
 and a node plugin started with ``--mounter-socket`` runs its mounts there. SIGTERM stops it gracefully:
 in-flight RPCs get ``--grace`` seconds, and chunkfs mounts are left running (they
 belong to the pods, not to the plugin). A node plugin re-establishes dead mounts from
-its state directory at start and every ``--recover-interval`` seconds.
+its state directory at start and every ``--recover-interval`` seconds. A controller
+collects garbage on every backend it served, every ``--gc-interval`` seconds
+(``csi/gc_runner.py``).
 """
 
 from __future__ import annotations
