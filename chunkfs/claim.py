@@ -59,8 +59,11 @@ async def claim_storage(r: aioredis.Redis, store: ObjectStore, *, adopt: bool = 
     Claims an unclaimed prefix (and gives the engine an id if it has none yet). Raises
     ``StorageClaimed`` when the prefix belongs to another engine.
     """
-    mine: bytes | None = await r.get(ENGINE)
+    # the marker first: every claimant sets the engine's identity before it writes the
+    # marker, so a marker read before the identity is never newer than it (the other
+    # order refuses a claimant that started first and read the marker late)
     marker = await read_marker(store)
+    mine: bytes | None = await r.get(ENGINE)
     where = store.config.url
     if marker is not None:
         if mine is not None and mine.decode() == marker:

@@ -30,7 +30,8 @@ from chunkfs.errors import (
     VolumeExists,
     VolumeNotFound,
 )
-from chunkfs.volumes import SnapshotInfo, VolumeInfo, VolumeService
+from chunkfs.meta.schema import GcRun
+from chunkfs.volumes import SnapshotInfo, VolumeDetails, VolumeInfo, VolumeService
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 STATUS_FILE = ".chunkfs.status"
@@ -65,6 +66,12 @@ def _seconds_arg(text: str) -> float:
     return value
 
 
+def _directory_arg(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
 def _parse_mount_options(text: str | None) -> dict[str, str]:
     opts: dict[str, str] = {}
     for part in (text or "").split(","):
@@ -93,16 +100,37 @@ def _volume_doc(v: VolumeInfo) -> dict[str, Any]:
             "max_inodes": v.max_inodes}
 
 
-def _print_volume(v: VolumeInfo, as_json: bool) -> None:
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _gc_line(run: GcRun | None) -> str:
+    if run is None:
+        return "never (no garbage collection recorded in this metadata engine)"
+    what = "dry run, would delete" if run.dry_run else "deleted"
+    if run.ok:
+        return (f"{_when(run.finished)}, ok: {what} {run.deleted} of {run.objects} objects "
+                f"({format_size(run.deleted_bytes)}) in {run.seconds:.1f}s")
+    last_ok = _when(run.success) if run.success else "never"
+    return f"{_when(run.finished)}, FAILED: {run.error} (last success: {last_ok})"
+
+
+def _print_volume(d: VolumeDetails, as_json: bool) -> None:
+    v = d.info
     if as_json:
-        print(json.dumps(_volume_doc(v), indent=2))
+        print(json.dumps({**_volume_doc(v), "files": v.used_inodes, "snapshots": d.snapshots,
+                          "clones": d.clones, "backups": d.backups,
+                          "last_gc": d.last_gc.as_dict() if d.last_gc else None}, indent=2))
         return
     print(f"name:       {v.name}\nid:         {v.id}\ncapacity:   {format_size(v.capacity)}"
           f" ({v.capacity} bytes)\nused:       {format_size(v.used_bytes)} ({v.used_bytes} bytes)"
-          f"\ninodes:     {v.used_inodes} of {v.max_inodes}\nepoch:      {v.epoch}"
-          f"\nwriter:     {v.writer or '-'}"
-          f"\nsource:     {v.source or '-'}\ncreated:    "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}")
+          f"\nfiles:      {v.used_inodes} inodes of {v.max_inodes} (files, directories, links)"
+          f"\nepoch:      {v.epoch}\nwriter:     {v.writer or '-'}"
+          f"\nsource:     {v.source or '-'}\ncreated:    {_when(v.created)}"
+          f"\nsnapshots:  {', '.join(d.snapshots) or '-'}"
+          f"\nclones:     {', '.join(d.clones) or '-'}"
+          f"\nbackups:    {'-' if d.backups is None else ', '.join(d.backups) or '-'}"
+          f"\nlast gc:    {_gc_line(d.last_gc)}")
 
 
 async def cmd_volume_create(args: argparse.Namespace) -> int:
@@ -135,7 +163,7 @@ async def cmd_volume_list(args: argparse.Namespace) -> int:
 
 async def cmd_volume_info(args: argparse.Namespace) -> int:
     async def act(svc: VolumeService) -> int:
-        _print_volume(await svc.get_volume(args.name), args.json)
+        _print_volume(await svc.volume_details(args.name), args.json)
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -446,6 +474,28 @@ def _durability_lines(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency_line(stats: dict[str, Any], requests: int) -> str:
+    lat = stats.get("latency", {})
+    line = (f"{requests} requests, avg {stats.get('avg_latency_ms', 0)} ms, recent "
+            f"{lat.get('recent_ms', 0)} ms, max {lat.get('max_ms', 0)} ms, "
+            f"{stats.get('errors', 0)} errors")
+    if lat.get("last_error"):
+        line += f" (last: {lat['last_error']} at {_when(lat.get('last_error_at', 0))})"
+    return line
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    holder = lease.get("holder") or "no single writer"
+    return (f"{holder}, epoch {lease.get('epoch')} "
+            f"({'this mount writes' if lease.get('writes') else 'this mount does not write'})")
+
+
+def _status_gc_line(doc: dict[str, Any] | None) -> str:
+    if not doc:
+        return _gc_line(None)
+    return _gc_line(GcRun(**{k: v for k, v in doc.items() if k != "age_s"}))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _read_status(os.path.abspath(args.mountpoint), args.run_dir)
     if args.json:
@@ -454,15 +504,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     cache, s3, redis = status.get("cache", {}), status.get("s3", {}), status.get("redis", {})
     print(f"volume:        {status.get('volume')}  (pid {status.get('pid')}, epoch "
           f"{status.get('epoch')}{', FENCED' if status.get('fenced') else ''})\n"
-          f"dirty bytes:   {status.get('dirty_bytes')}\n"
+          f"dirty bytes:   {status.get('dirty_bytes')} in {status.get('dirty_files', 0)} files"
+          f", oldest {status.get('dirty_age_s', 0)}s\n"
+          f"writer lease:  {_lease_line(status.get('lease', {}))}\n"
           f"cache:         {format_size(cache.get('bytes', 0))} of {format_size(cache.get('limit', 0))}"
           f", hit ratio {cache.get('hit_ratio', 0):.2%} ({cache.get('hits', 0)} hits, "
           f"{cache.get('misses', 0)} misses, {cache.get('corrupt', 0)} corrupt)\n"
-          f"s3:            {sum(s3.get('requests', {}).values())} requests, avg "
-          f"{s3.get('avg_latency_ms', 0)} ms, {s3.get('errors', 0)} errors\n"
-          f"redis:         {redis.get('requests', 0)} requests, avg {redis.get('avg_latency_ms', 0)} ms"
-          f", {redis.get('errors', 0)} errors\n"
+          f"s3:            {_latency_line(s3, sum(s3.get('requests', {}).values()))}\n"
+          f"redis:         {_latency_line(redis, redis.get('requests', 0))}\n"
           f"{_durability_lines(status.get('redis_durability', {}))}"
+          f"last gc:       {_status_gc_line(status.get('last_gc'))}\n"
+          f"last backup:   {status.get('last_backup') or '- (no backups yet)'}\n"
           f"errors:        {status.get('errors', 0)} {status.get('last_error', '')}")
     return EXIT_OK
 
@@ -470,16 +522,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 # ---- maintenance ---------------------------------------------------------------------
 async def cmd_gc(args: argparse.Namespace) -> int:
     from chunkfs.gc import collect_garbage
+    from chunkfs.progress import TerminalProgress
 
     async def act(svc: VolumeService) -> int:
-        report = await collect_garbage(svc.r, svc.store, grace=args.grace, dry_run=args.dry_run,
-                                       session_grace=args.session_grace)
+        progress = TerminalProgress(sys.stderr)
+        try:
+            report = await collect_garbage(svc.r, svc.store, grace=args.grace,
+                                           dry_run=args.dry_run,
+                                           session_grace=args.session_grace,
+                                           work_dir=args.work_dir, progress=progress)
+        finally:
+            progress.close()
         verb = "would delete" if args.dry_run else "deleted"
         print(f"{report.objects} block objects, {report.referenced} referenced by "
               f"{report.namespaces} namespaces and {report.manifests} manifests, "
               f"{report.protected} protected as uploads in flight; {verb} {report.deleted} "
               f"({format_size(report.deleted_bytes)}); kept {report.young} objects younger "
-              f"than the grace period and {report.reprieved} uploaded again while GC ran")
+              f"than the grace period and {report.reprieved} uploaded again while GC ran "
+              f"({report.seconds:.1f}s)")
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -594,7 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session-grace", type=_seconds_arg, default=600.0,
                    help="a mount silent this many seconds past its session's expiry is declared "
                         "dead: its uncommitted uploads are collected (default 600)")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="find what would be deleted, delete and forget nothing")
+    p.add_argument("--work-dir", type=_directory_arg, default=None,
+                   help="where the run keeps its sorted sets of object keys (about 100 bytes "
+                        "per object; default: $TMPDIR or /tmp)")
     p.set_defaults(run=cmd_gc)
 
     p = sub.add_parser("fsck", parents=[backend],

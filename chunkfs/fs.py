@@ -235,6 +235,10 @@ class ChunkFS(pyfuse3.Operations):
     def dirty_bytes(self) -> int:
         return sum(f.dirty_bytes for f in self.files.values())
 
+    def unflushed(self) -> dict[int, int]:
+        """For the status: inode -> bytes not durable yet, of every file that is not clean."""
+        return {ino: f.dirty_bytes for ino, f in self.files.items() if not f.is_clean}
+
     def status_document(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "volume": self.volume.get("name", ""), "fenced": self.fenced,
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,

@@ -39,6 +39,7 @@ from chunkfs.fs import ChunkFS, MountOptions
 from chunkfs.meta import durability, redis_url
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
 from chunkfs.meta.schema import VOLUMES, Keys
+from chunkfs.mountstatus import MountState
 from chunkfs.objstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,14 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
                                readahead_blocks=cfg.readahead_blocks,
                                block_size=int(state.get("block_size", 4 << 20)))
 
+        state_of_mount = MountState(meta)
+
         def extra() -> dict[str, Any]:
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
                     "s3": store.stats.as_dict(), "session": session,
-                    "redis_durability": durable.as_dict()}
+                    "redis_durability": durable.as_dict(),
+                    **state_of_mount.document(fs.volume, read_only=meta.read_only,
+                                              fenced=fs.fenced)}
 
         if not meta.read_only:
             try:
@@ -171,7 +176,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             pyfuse3.close(unmount=True)
             on_ready(f"cannot open the control socket in {os.path.dirname(control.path)}: {exc}")
             return 1
-        refresher = asyncio.create_task(_refresh_volume(fs, meta))
+        refresher = asyncio.create_task(_refresh_volume(fs, meta, state_of_mount))
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
                                    "epoch": epoch, "session": session})
         on_ready(None)
@@ -219,13 +224,14 @@ def tune_kernel_readahead(mountpoint: str, kb: int) -> None:
         log.warning("could not raise the kernel readahead", extra={"error": str(exc)})
 
 
-async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta) -> None:
-    """Pick up capacity changes (live resize), notice a revoked writer lease, and keep
-    this mount's session alive."""
+async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta, status: MountState) -> None:
+    """Pick up capacity changes (live resize), notice a revoked writer lease, keep this
+    mount's session alive, and the status's clocks going."""
     beats = 0
     while True:
         await asyncio.sleep(1.0)
         beats += 1
+        await status.refresh(fs.unflushed())
         if beats % 20 == 0 and not fs.fenced:
             try:
                 await meta.heartbeat()

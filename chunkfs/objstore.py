@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from chunkfs.config import StorageConfig
 from chunkfs.errors import InvalidArgument, NoSuchObject, StorageUnavailable
+from chunkfs.latency import Latency
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,17 +46,23 @@ class StoreStats:
     bytes_out: int = 0
     latency_sum: float = 0.0
     latency_count: int = 0
+    latency: Latency = field(default_factory=Latency)
 
     def observe(self, op: str, seconds: float) -> None:
         self.requests[op] = self.requests.get(op, 0) + 1
         self.latency_sum += seconds
         self.latency_count += 1
+        self.latency.observe(seconds)
+
+    def failed(self, op: str, err: BaseException) -> None:
+        self.errors += 1
+        self.latency.error(f"{op}: {type(err).__name__}")
 
     def as_dict(self) -> dict[str, Any]:
         avg = self.latency_sum / self.latency_count if self.latency_count else 0.0
         return {"requests": dict(self.requests), "errors": self.errors, "retries": self.retries,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                "avg_latency_ms": round(avg * 1000, 3)}
+                "avg_latency_ms": round(avg * 1000, 3), "latency": self.latency.as_dict()}
 
 
 _BLOCK_PATH = re.compile(r"/blocks/[0-9a-f]{2}/[0-9a-f]{2}/([0-9a-f]{64})_\d+$")
@@ -147,12 +154,12 @@ class ObjectStore:
                 if code in _NOT_FOUND or status == 404:
                     self.stats.observe(op, time.monotonic() - start)
                     raise NoSuchObject(f"{op}: no such object") from exc
-                self.stats.errors += 1
+                self.stats.failed(op, exc)
                 if code in _PERMANENT or status in (400, 403):
                     raise StorageUnavailable(f"S3 {op} refused: {code or status}") from exc
                 err: Exception = exc
             except (TimeoutError, BotoCoreError, OSError) as exc:
-                self.stats.errors += 1
+                self.stats.failed(op, exc)
                 err = exc
             if time.monotonic() + delay > limit:
                 raise StorageUnavailable(

@@ -32,7 +32,7 @@ from chunkfs.errors import (
 )
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.redis_meta import connect, with_retries
-from chunkfs.meta.schema import SNAPSHOTS, VOLUMES, Keys, inode_limit
+from chunkfs.meta.schema import GC_LAST, SNAPSHOTS, VOLUMES, GcRun, Keys, inode_limit
 from chunkfs.objstore import ObjectStore
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
@@ -52,6 +52,17 @@ class VolumeInfo:
     source: str | None
     block_size: int
     max_inodes: int = 0
+
+
+@dataclass(frozen=True)
+class VolumeDetails:
+    """What ``volume info`` shows: the volume, what was made from it, and its upkeep."""
+
+    info: VolumeInfo
+    snapshots: list[str]        # snapshots taken of it
+    clones: list[str]           # volumes cloned from it (source volume:<name>)
+    backups: list[str] | None   # None: this release makes no backups yet
+    last_gc: GcRun | None       # the engine's last GC run (None: none recorded)
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,13 @@ class VolumeService:
         if not raw:
             raise VolumeNotFound(f"volume {name!r} not found")
         return _volume_info(name, ns, raw)
+
+    async def volume_details(self, name: str) -> VolumeDetails:
+        info = await self.get_volume(name)
+        snapshots = [s.name for s in await self.list_snapshots(name)]
+        clones = [v.name for v in await self.list_volumes() if v.source == f"volume:{name}"]
+        last_gc = GcRun.parse(await self._redis(lambda: self.r.hgetall(GC_LAST)))
+        return VolumeDetails(info, snapshots, clones, None, last_gc)
 
     async def list_volumes(self) -> list[VolumeInfo]:
         registry = await self._redis(lambda: self.r.hgetall(VOLUMES))

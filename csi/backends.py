@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,8 +136,12 @@ class ServiceCache:
         self.policy = policy or AddressPolicy()
         self._services: OrderedDict[Backend, Any] = OrderedDict()
         self._opening: dict[Backend, asyncio.Future[Any]] = {}
+        # told of every backend a request used (the controller's GC runs each of them)
+        self.observers: list[Callable[[Backend], None]] = []
 
     async def get(self, backend: Backend) -> Any:
+        for observe in self.observers:
+            observe(backend)
         svc = self._services.get(backend)
         if svc is not None:
             self._services.move_to_end(backend)

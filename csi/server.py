@@ -7,7 +7,9 @@ gRPC server: it is the process the node's chunkfs mounts live in (``csi/mounter.
 and a node plugin started with ``--mounter-socket`` runs its mounts there. SIGTERM stops it gracefully:
 in-flight RPCs get ``--grace`` seconds, and chunkfs mounts are left running (they
 belong to the pods, not to the plugin). A node plugin re-establishes dead mounts from
-its state directory at start and every ``--recover-interval`` seconds.
+its state directory at start and every ``--recover-interval`` seconds. A controller
+collects garbage on every backend it served, every ``--gc-interval`` seconds
+(``csi/gc_runner.py``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import prometheus_client
 from chunkfs.config import parse_size
 from chunkfs.errors import InvalidArgument
 from csi import validate
-from csi.backends import ServiceCache
+from csi.backends import ServiceCache, default_configured, resolve
 from csi.controller import ControllerServicer
+from csi.gc_runner import GcMetrics, GcRunner, GcSettings
 from csi.identity import DRIVER_NAME, IdentityServicer, vendor_version
 from csi.launcher import MounterClient
 from csi.mounts import Mounter, NodeMounts
@@ -85,6 +88,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-volume-size", default="1GiB",
                    help="controller: size of a volume created without a capacity range")
     p.add_argument("--max-volume-size", default="1PiB")
+    p.add_argument("--gc-interval", type=_seconds, default=3600.0,
+                   help="controller: seconds between two garbage collections of each backend "
+                   "it serves (one replica runs them); 0 turns automatic GC off "
+                   "(default: %(default)s)")
+    p.add_argument("--gc-grace", type=_seconds, default=3600.0,
+                   help="controller: GC never deletes objects younger than this many seconds "
+                   "(default: %(default)s)")
+    p.add_argument("--gc-session-grace", type=_seconds, default=600.0,
+                   help="controller: a mount silent this long past its session's expiry is "
+                   "declared dead by GC (default: %(default)s)")
+    p.add_argument("--gc-dry-run", action="store_true",
+                   help="controller: GC runs only report what they would delete")
+    p.add_argument("--gc-work-dir",
+                   help="controller: where a GC run keeps its sorted sets of object keys, about "
+                   "100 bytes per object in the bucket (default: $TMPDIR or /tmp)")
     p.add_argument("--metrics-address",
                    help="[host]:port to serve Prometheus metrics on (no authentication); "
                    "without a host, loopback only (127.0.0.1:port). Give the pod IP or "
@@ -130,6 +148,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _size_arg(text: str) -> str:
     """A size as chunkfs takes it (checked here, passed on as written)."""
     try:
@@ -153,6 +181,7 @@ class Plugin:
             interceptors=[Observer(metrics)],
             options=[("grpc.max_receive_message_length", args.max_request_bytes)])
         self.mounts: NodeMounts | None = None
+        self.gc: GcRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         controller = args.role in ("controller", "all")
         csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -163,6 +192,7 @@ class Plugin:
                                            maximum=_size(args.max_volume_size))
             csi_pb2_grpc.add_ControllerServicer_to_server(
                 ControllerServicer(self.services, rules, self.registry), self.server)
+            self.gc = self._gc_runner(args, registry)
         if args.role in ("node", "all"):
             locks = KeyLocks()
             launcher = MounterClient(args.mounter_socket) if args.mounter_socket else None
@@ -177,6 +207,20 @@ class Plugin:
                 self.server)
             if registry is not None:
                 registry.register(MountCollector(self.mounts))
+
+    def _gc_runner(self, args: argparse.Namespace,
+                   registry: prometheus_client.CollectorRegistry | None) -> GcRunner:
+        settings = GcSettings(interval=args.gc_interval, grace=args.gc_grace,
+                              session_grace=args.gc_session_grace, dry_run=args.gc_dry_run,
+                              work_dir=args.gc_work_dir)
+        runner = GcRunner(settings, GcMetrics(registry or prometheus_client.CollectorRegistry()))
+        if not settings.enabled:
+            log.info("automatic garbage collection is off (--gc-interval 0)")
+            return runner
+        self.services.observers.append(runner.track)
+        if default_configured():
+            runner.track(resolve({}))
+        return runner
 
     async def start(self) -> None:
         if self.mounts is not None:
@@ -198,6 +242,8 @@ class Plugin:
                  extra={"fields": {"role": self.args.role, "endpoint": path,
                                    "node_id": self.args.node_id,
                                    "driver": self.args.driver_name}})
+        if self.gc is not None:
+            self.gc.start()
         if self.mounts is not None:
             self._tasks.append(asyncio.create_task(self._recover()))
             if self.registry.available():
@@ -231,6 +277,8 @@ class Plugin:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(self.args.grace)
+        if self.gc is not None:
+            await self.gc.stop()
         await self.services.close()
         if self.mounts is not None:
             self.mounts.close()
@@ -267,8 +315,21 @@ async def serve(args: argparse.Namespace) -> None:
     await plugin.stop()
 
 
+def check_paths(args: argparse.Namespace) -> str | None:
+    """What is wrong with the directories the flags name (checked where the plugin runs,
+    not by ``parse_args``: a chart's flags are parsed anywhere)."""
+    if args.role in ("controller", "all") and args.gc_work_dir and not os.path.isdir(
+            args.gc_work_dir):
+        return f"--gc-work-dir {args.gc_work_dir!r} is not an existing directory"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = check_paths(args)
+    if problem:
+        print(f"chunkfs-csi: error: {problem}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level, args.log_format)
     try:
         if args.role == "mounter":

@@ -42,14 +42,17 @@ from chunkfs.errors import (
     SliceConflict,
     VolumeFrozen,
 )
+from chunkfs.latency import Latency
 from chunkfs.meta import redis_url, scripts
 from chunkfs.meta.resp import RespClient, TlsFailure, pairs_to_dict
 from chunkfs.meta.schema import (
     ATTR_FIELDS,
     FREEZE_SECONDS,
     GC_DOOMED,
+    GC_LAST,
     GC_STATE,
     Attr,
+    GcRun,
     Keys,
 )
 
@@ -166,11 +169,23 @@ class MetaStats:
     errors: int = 0
     latency_sum: float = 0.0
     by_op: dict[str, int] = field(default_factory=dict)
+    latency: Latency = field(default_factory=Latency)
+
+    def observe(self, op: str, seconds: float) -> None:
+        self.requests += 1
+        self.latency_sum += seconds
+        self.by_op[op] = self.by_op.get(op, 0) + 1
+        self.latency.observe(seconds)
+
+    def failed(self, op: str, err: BaseException) -> None:
+        self.errors += 1
+        self.latency.error(f"{op}: {type(err).__name__}")
 
     def as_dict(self) -> dict[str, Any]:
         avg = self.latency_sum / self.requests if self.requests else 0.0
         return {"requests": self.requests, "errors": self.errors,
-                "avg_latency_ms": round(avg * 1000, 3), "by_op": dict(self.by_op)}
+                "avg_latency_ms": round(avg * 1000, 3), "by_op": dict(self.by_op),
+                "latency": self.latency.as_dict()}
 
 
 async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
@@ -189,9 +204,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
         try:
             result = await call()
             if stats is not None:
-                stats.requests += 1
-                stats.latency_sum += time.monotonic() - start
-                stats.by_op[op] = stats.by_op.get(op, 0) + 1
+                stats.observe(op, time.monotonic() - start)
             return result
         except TlsFailure as exc:  # retrying cannot help
             raise MetaUnavailable(f"{exc} (check ssl_ca_certs and the host name in the "
@@ -213,7 +226,7 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, deadline: float,
                 raise MetaUnavailable(f"TLS handshake with Redis failed: {tls} (check "
                                       "ssl_ca_certs and the host name in the URL)") from exc
             if stats is not None:
-                stats.errors += 1
+                stats.failed(op, exc)
             down_since = getattr(client, "down_since", None)
             if down_since is not None:
                 limit = min(limit, down_since + deadline)
@@ -288,6 +301,11 @@ class VolumeMeta:
     async def volume_state(self) -> dict[str, bytes]:
         raw = await self._call("vol", lambda: self.r.execute("HGETALL", self.keys.vol))
         return {k.decode(): v for k, v in pairs_to_dict(raw).items()}
+
+    async def gc_record(self) -> GcRun | None:
+        """The engine's last GC run (``cfs{_gc}:last``), for the mount's status."""
+        raw = await self._call("gc", lambda: self.r.execute("HGETALL", GC_LAST))
+        return GcRun.parse(pairs_to_dict(raw))
 
     async def getattr(self, ino: int) -> Attr:
         values = await self._call("getattr",

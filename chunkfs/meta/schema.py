@@ -16,6 +16,14 @@ Garbage collection (one hash-tag slot of their own; the protocol is docs/dev/gc.
                                  lease (unix ms until which the owner's lease holds), started
     cfs{_gc}:doomed        SET   object keys that the running GC is about to delete; an upload
                                  of one of them waits until GC is done
+    cfs{_gc}:last          HASH  the last GC run that held the lease (``GcRun``): started,
+                                 finished (unix s), seconds, ok (1|0), dry_run (1|0), objects,
+                                 deleted, deleted_bytes, error ("" or its type and message),
+                                 success (unix s when a run last ended well); read by mounts
+                                 and `volume info` for their status
+    cfs{_gc}:sched         HASH  the CSI controllers' GC schedule (csi/gc_runner.py): owner
+                                 (the replica that runs GC here), held (unix ms until which its
+                                 claim holds), next (unix ms when the next run is due)
 
 Per namespace (a volume or a snapshot); every key carries the namespace id as its
 Redis Cluster hash tag, so every multi-key script of one volume runs on one shard:
@@ -69,7 +77,8 @@ Objects (in the bucket, under the storage prefix):
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 ROOT_INODE = 1
 VOLUMES = "cfs:volumes"
@@ -77,6 +86,8 @@ SNAPSHOTS = "cfs:snapshots"
 ENGINE = "cfs:engine"
 GC_STATE = "cfs{_gc}:state"
 GC_DOOMED = "cfs{_gc}:doomed"
+GC_LAST = "cfs{_gc}:last"
+GC_SCHEDULE = "cfs{_gc}:sched"
 FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was last renewed
 BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
 MAX_SLICE_BYTES = 16 << 20  # inline slice bytes a volume may keep in Redis (at most 1/64 of it)
@@ -168,3 +179,49 @@ class Attr:
     @property
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class GcRun:
+    """The record of the last GC run of a metadata engine (``cfs{_gc}:last``)."""
+
+    started: float
+    finished: float
+    seconds: float
+    ok: bool
+    dry_run: bool
+    objects: int
+    deleted: int
+    deleted_bytes: int
+    error: str
+    success: float | None  # when a run last ended well (this one or an earlier one)
+
+    @classmethod
+    def parse(cls, raw: dict[bytes, bytes]) -> GcRun | None:
+        """From an HGETALL; None when no run has been recorded yet."""
+        if not raw or b"finished" not in raw:
+            return None
+
+        def num(name: str) -> float:
+            return float(raw.get(name.encode(), b"0") or 0)
+
+        return cls(started=num("started"), finished=num("finished"), seconds=num("seconds"),
+                   ok=raw.get(b"ok") == b"1", dry_run=raw.get(b"dry_run") == b"1",
+                   objects=int(num("objects")), deleted=int(num("deleted")),
+                   deleted_bytes=int(num("deleted_bytes")),
+                   error=raw.get(b"error", b"").decode(errors="replace"),
+                   success=num("success") if raw.get(b"success") else None)
+
+    def fields(self) -> dict[str, str | int]:
+        """The hash fields to write (``success`` only when there is one)."""
+        out: dict[str, str | int] = {
+            "started": f"{self.started:.3f}", "finished": f"{self.finished:.3f}",
+            "seconds": f"{self.seconds:.3f}", "ok": int(self.ok), "dry_run": int(self.dry_run),
+            "objects": self.objects, "deleted": self.deleted,
+            "deleted_bytes": self.deleted_bytes, "error": self.error}
+        if self.success is not None:
+            out["success"] = f"{self.success:.3f}"
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -99,6 +99,25 @@ def test_controller_runs_every_sidecar_with_leader_election():
     assert pod["securityContext"]["runAsUser"] != 0
 
 
+def test_the_controller_collects_garbage_with_a_disk_of_its_own_unless_turned_off():
+    deploy = chart.find(chart.render(), "Deployment", "-controller")
+    plugin = chart.container(deploy, "chunkfs-csi")
+    args = parse_args(plugin["args"])
+    assert (args.gc_interval, args.gc_grace, args.gc_dry_run) == (3600, 3600, False)
+    mounts = {m["name"]: m["mountPath"] for m in plugin["volumeMounts"]}
+    assert mounts["gc-work"] == args.gc_work_dir  # not /tmp: a small memory-backed dir
+    work = next(v for v in chart.pod_spec(deploy)["volumes"] if v["name"] == "gc-work")
+    assert work["emptyDir"] == {"sizeLimit": "2Gi"}
+    dry = chart.find(chart.render({"controller": {"gc": {"dryRun": True, "interval": 600}}}),
+                     "Deployment", "-controller")
+    args = parse_args(chart.container(dry, "chunkfs-csi")["args"])
+    assert args.gc_dry_run and args.gc_interval == 600
+    off = chart.find(chart.render({"controller": {"gc": {"enabled": False}}}),
+                     "Deployment", "-controller")
+    assert parse_args(chart.container(off, "chunkfs-csi")["args"]).gc_interval == 0
+    assert "gc-work" not in {v["name"] for v in chart.pod_spec(off)["volumes"]}
+
+
 def test_node_plugin_and_mounter_have_what_mounts_need():
     objects = chart.render()
     node = chart.find(objects, "DaemonSet", "-node")
@@ -255,6 +274,8 @@ def test_pod_disruption_budgets_follow_the_replicas():
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"node": {"recoverInterval": 0}}, "/node/recoverInterval"),
     ({"mounter": {"grace": 5}}, "/mounter/grace"),
+    ({"controller": {"gc": {"interval": 0}}}, "/controller/gc/interval"),
+    ({"controller": {"gc": {"workDirSizeLimit": "lots"}}}, "/controller/gc/workDirSizeLimit"),
     ({"colour": "blue"}, "additional properties 'colour' not allowed"),
     ({"storageClass": {"mountOptions": ["suid"]}}, "suid and dev would let pods"),
     ({"storageClass": {"mountOptions": ["epoch=3"]}}, "epoch= is set by the controller"),

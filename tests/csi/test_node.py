@@ -378,9 +378,19 @@ def test_metrics_per_rpc_and_per_mount(plugin, staged) -> None:
     assert plugin.metric("chunkfs_csi_staged_volumes") == 1
     assert plugin.metric("chunkfs_csi_mount_up", volume="pvc-1") == 1
     for name in ("dirty_bytes", "cache_hits", "cache_misses", "s3_errors", "redis_errors",
-                 "fenced"):
+                 "fenced", "dirty_files", "dirty_age_s", "lease_epoch", "lease_writes",
+                 "cache_bytes", "cache_limit", "s3_latency_recent_ms", "s3_latency_max_ms",
+                 "s3_latency_le_ms_inf", "redis_latency_recent_ms", "redis_latency_le_ms_50",
+                 "redis_latency_last_error_at"):
         assert f'chunkfs_mount_{name}{{volume="pvc-1"}}' in text, name
     assert plugin.metric("chunkfs_mount_fenced", volume="pvc-1") == 0
+    assert plugin.metric("chunkfs_mount_lease_writes", volume="pvc-1") == 1
+    # the plugin's controller side collected garbage at its start: the mount shows it
+    deadline = time.monotonic() + 40
+    while plugin.metric("chunkfs_mount_last_gc_finished", volume="pvc-1") == 0:
+        assert time.monotonic() < deadline, "the mount never showed the last GC run"
+        time.sleep(0.5)
+    assert plugin.metric("chunkfs_mount_last_gc_ok", volume="pvc-1") == 1
 
 
 def test_stage_with_an_unknown_chunkfs_option_is_invalid_argument(plugin, kubelet) -> None:

@@ -15,18 +15,19 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from chunkfs import gc
+from chunkfs import gc, spill
 from chunkfs.blocks import slices
 from chunkfs.blocks.slices import Slice
 from chunkfs.blocks.store import BlockStore, ObjectRef
 from chunkfs.cache import BlockCache
+from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig
 from chunkfs.errors import NoSpace, SessionExpired, StorageClaimed
 from chunkfs.fsck import check_namespace
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.meta import topology
 from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
-from chunkfs.meta.schema import ROOT_INODE
+from chunkfs.meta.schema import GC_DOOMED, ROOT_INODE
 from chunkfs.volumes import VolumeService
 from tests.integration.conftest import open_svc
 
@@ -189,12 +190,16 @@ async def test_an_upload_of_a_doomed_object_waits_for_gc_then_uploads_again(svc,
     body = os.urandom(70_000)
     key = await w.write(b"a", body)
     await w.unlink(b"a")
-    async with gc.gc_lease(svc.r) as lease:  # a GC between publishing doomed and deleting
-        await gc._publish_doomed(svc.r, lease, {key})
-        late = asyncio.create_task(w.write(b"b", body))
-        await asyncio.sleep(1.0)
-        assert not late.done(), "an upload of an object GC is deleting went ahead"
-        await svc.store.delete_many([key])
+    with spill.Workspace() as ws:
+        doomed = ws.spill("doomed")
+        await doomed.add([(key, len(body))])
+        await doomed.seal()
+        async with gc.gc_lease(svc.r) as lease:  # a GC between publishing doomed and deleting
+            await gc._publish_doomed(svc.r, lease, doomed)
+            late = asyncio.create_task(w.write(b"b", body))
+            await asyncio.sleep(1.0)
+            assert not late.done(), "an upload of an object GC is deleting went ahead"
+            await svc.store.delete_many([key])
     await asyncio.wait_for(late, 30)
     assert key in await objects(svc)
     assert await fsck_objects(svc, info.id) == []
@@ -205,13 +210,19 @@ async def test_an_upload_registered_while_gc_publishes_doomed_is_spared(svc, wri
     w = await writer_for(info.id)
     key = await w.write(b"a", os.urandom(60_000))
     await w.unlink(b"a")
-    async with gc.gc_lease(svc.r) as lease:
-        run_start = lease.started_ms
-        await gc._publish_doomed(svc.r, lease, {key})
-        await w.meta.register_upload(key)  # checked doomed just before it was published
-        doomed = {key}
-        assert await gc._reprieve(svc.r, doomed, run_start, session_grace=600) == 1
-        assert doomed == set()
+    with spill.Workspace() as ws:
+        doomed = ws.spill("doomed")
+        await doomed.add([(key, 60_000)])
+        await doomed.seal()
+        async with gc.gc_lease(svc.r) as lease:
+            run_start = lease.started_ms
+            await gc._publish_doomed(svc.r, lease, doomed)
+            await w.meta.register_upload(key)  # checked doomed just before it was published
+            final, gone, spared = await gc._reprieve(svc.r, doomed, run_start, ws,
+                                                     session_grace=600)
+            assert (spared.count, spared.bytes) == (1, 60_000) and gone.count == 0
+            assert list(final.records()) == []
+            assert not await svc.r.sismember(GC_DOOMED, key)  # its uploader stops waiting
 
 
 @pytest.mark.parametrize("when", ["before the source is marked", "after the source is marked"])
@@ -227,10 +238,10 @@ async def test_a_clone_made_while_gc_marks_keeps_its_blocks(svc, writer_for, mon
             done.append((await svc.create_volume("clone", 1 << 30, source_volume="src")).id)
             await w.unlink(b"f")
 
-    async def marking(r, ns):
+    async def marking(r, ns, marks):
         if ns == src.id and when.startswith("before"):
             await clone_then_drop()
-        refs = await real(r, ns)
+        refs = await real(r, ns, marks)
         if ns == src.id and when.startswith("after"):
             await clone_then_drop()
         return refs
@@ -252,8 +263,8 @@ async def test_a_snapshot_made_while_gc_marks_keeps_its_blocks(svc, writer_for, 
     real = gc.referenced_blocks
     made: list[str] = []
 
-    async def marking(r, ns):
-        refs = await real(r, ns)
+    async def marking(r, ns, marks):
+        refs = await real(r, ns, marks)
         if ns == src.id and not made:
             made.append((await svc.create_snapshot("src", "snap")).id)
             await w.unlink(b"f")
@@ -330,3 +341,141 @@ async def test_two_gc_runs_never_overlap(svc) -> None:
         with pytest.raises(GcRefused, match="holds the lease"):
             await collect_garbage(svc.r, svc.store, grace=0)
     await collect_garbage(svc.r, svc.store, grace=0)  # free again
+
+
+async def test_a_deleted_volume_returns_its_bytes_except_what_its_snapshot_shares(
+        svc, writer_for) -> None:
+    """A PVC's life: written, snapshotted, written again, deleted. GC leaves exactly the
+    snapshot's blocks; once the snapshot goes too, blocks/ is empty."""
+    info = await svc.create_volume("pvc", 1 << 30)
+    w = await writer_for(info.id)
+    shared = {await w.write(b"a", os.urandom(300_000)), await w.write(b"b", os.urandom(5000))}
+    await svc.create_snapshot("pvc", "snap")
+    after = await w.write(b"c", os.urandom(200_000))  # only in the volume
+    await w.meta.end_session()
+    await svc.delete_volume("pvc")
+    await aged(svc)
+    report = await collect_garbage(svc.r, svc.store, grace=0)
+    assert await objects(svc) == shared and report.deleted == 1
+    assert after not in await objects(svc)
+    await svc.delete_snapshot("snap")
+    await aged(svc)
+    report = await collect_garbage(svc.r, svc.store, grace=0)
+    assert await objects(svc) == set() and report.deleted == 2
+    assert report.deleted_bytes == 305_000
+
+
+async def test_a_deleted_volume_keeps_what_its_clone_shares(svc, writer_for) -> None:
+    info = await svc.create_volume("pvc", 1 << 30)
+    w = await writer_for(info.id)
+    shared = await w.write(b"a", os.urandom(100_000))
+    clone = await svc.create_volume("clone", 1 << 30, source_volume="pvc")
+    only_source = await w.write(b"b", os.urandom(100_000))
+    await w.meta.end_session()
+    await svc.delete_volume("pvc")
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert await objects(svc) == {shared} and only_source not in await objects(svc)
+    assert await fsck_objects(svc, clone.id) == []
+    await svc.delete_volume("clone")
+    await aged(svc)
+    await collect_garbage(svc.r, svc.store, grace=0)
+    assert await objects(svc) == set()
+
+
+async def test_a_run_spilled_into_many_sorted_runs_deletes_exactly_the_garbage(
+        svc, writer_for, monkeypatch) -> None:
+    """Sets of a few keys per run, big block maps read in HSCAN steps: the streamed
+    path decides exactly what the in-memory one would."""
+    monkeypatch.setattr(gc, "_ENTRIES_PER_ROUND", 4)
+    monkeypatch.setattr(gc, "_MAPS_PER_ROUND", 3)
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    ino = await w.create(b"big")  # one file of 9 blocks: more than a round's entries
+    entries, big = {}, set()
+    for i in range(9):
+        entries[i], key = await w.upload(os.urandom(1000 + i))
+        big.add(key)
+    await w.meta.commit(ino, size=8 * (4 << 20) + 1008, entries=entries, settle=sorted(big))
+    kept, gone = set(), set()
+    for i in range(12):
+        key = await w.write(f"f{i}".encode(), os.urandom(2000 + i))
+        if i % 3:
+            await w.unlink(f"f{i}".encode())
+            gone.add(key)
+        else:
+            kept.add(key)
+    await aged(svc)
+    report = await collect_garbage(svc.r, svc.store, grace=0, spill_batch=2)
+    assert report.deleted == len(gone) and report.referenced == len(kept | big)
+    assert await objects(svc) == kept | big
+    assert await fsck_objects(svc, info.id) == []
+
+
+async def test_each_run_records_its_outcome_for_mounts_and_volume_info(svc, writer_for) -> None:
+    assert await gc.last_run(svc.r) is None
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    await w.write(b"a", os.urandom(4000))
+    await w.unlink(b"a")
+    await aged(svc)
+    before = time.time()
+    await collect_garbage(svc.r, svc.store, grace=0)
+    ok = await gc.last_run(svc.r)
+    assert ok is not None and ok.ok and not ok.dry_run and ok.error == ""
+    assert (ok.objects, ok.deleted, ok.deleted_bytes) == (1, 1, 4000)
+    assert before <= ok.started <= ok.finished and ok.success == ok.finished
+    # a run that fails once it holds the lease says why, and keeps the last success
+    await svc.store.put("snapshots/broken/manifest.json.gz", b"not gzip")
+    with pytest.raises(GcRefused, match="unreadable"):
+        await collect_garbage(svc.r, svc.store, grace=0, dry_run=True)
+    failed = await gc.last_run(svc.r)
+    assert failed is not None and not failed.ok and failed.dry_run
+    assert "GcRefused" in failed.error and "unreadable" in failed.error
+    assert failed.success == ok.success and failed.finished > ok.finished
+    # a run refused the lease records nothing: the record is the running run's
+    await svc.store.delete("snapshots/broken/manifest.json.gz")
+    async with gc.gc_lease(svc.r):
+        with pytest.raises(GcRefused, match="holds the lease"):
+            await collect_garbage(svc.r, svc.store, grace=0)
+    assert await gc.last_run(svc.r) == failed
+
+
+async def test_progress_reports_every_phase_and_ends_each_with_its_total(svc, writer_for) -> None:
+    info = await svc.create_volume("v", 1 << 30)
+    w = await writer_for(info.id)
+    for i in range(3):
+        await w.write(f"f{i}".encode(), os.urandom(3000 + i))
+        await w.unlink(f"f{i}".encode())
+    await aged(svc)
+    seen: list[tuple[str, int, int | None]] = []
+    await collect_garbage(svc.r, svc.store, grace=0, progress=lambda *a: seen.append(a))
+    phases = list(dict.fromkeys(phase for phase, _, _ in seen))
+    assert phases == ["list", "mark", "manifests", "sweep", "publish", "reprieve", "delete"]
+    assert ("delete", 3, 3) in seen and ("list", 3, 3) in seen
+
+
+async def test_first_uses_of_a_fresh_storage_prefix_at_once_all_succeed(svc) -> None:
+    """GC, volume creation and mounts may claim a new prefix at the same moment (the
+    controller's GC starts as soon as a Secret names a backend): none is refused, even
+    one whose read of the prefix's marker is slow (a new S3 connection)."""
+    class SlowReads:
+        def __init__(self, store) -> None:
+            self.store = store
+
+        def __getattr__(self, name: str):
+            return getattr(self.store, name)
+
+        async def get(self, key: str, deadline: float | None = None) -> bytes:
+            await asyncio.sleep(0.5)
+            return await self.store.get(key, deadline)
+
+    async def claim(delay: float) -> str:
+        await asyncio.sleep(delay)
+        return await claim_storage(svc.r, svc.store)
+
+    slow = asyncio.create_task(claim_storage(svc.r, SlowReads(svc.store)))
+    engines = await asyncio.gather(*(claim(d) for d in (0.02, 0.05, 0.1)), slow,
+                                   return_exceptions=True)
+    assert [e for e in engines if isinstance(e, BaseException)] == []
+    assert len(set(engines)) == 1
