@@ -61,8 +61,10 @@ async def claim_storage(r: aioredis.Redis, store: ObjectStore, *, adopt: bool = 
     Claims an unclaimed prefix (and gives the engine an id if it has none yet). Raises
     ``StorageClaimed`` when the prefix belongs to another engine.
     """
-    mine: bytes | None = await r.get(ENGINE)
+    # the marker first: an engine writes it only after its identity, so a marker of our
+    # own engine that a concurrent first claim just wrote is matched by the read below
     marker = await read_marker(store)
+    mine: bytes | None = await r.get(ENGINE)
     where = store.config.url
     if marker is not None:
         if mine is not None and mine.decode() == marker:
