@@ -389,13 +389,7 @@ def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str,
     code = 1
     try:
         os.setsid()
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(null_fd)
-        os.close(log_fd)
+        _redirect_std(log_path)
         logs.setup(args.log_level)
         code = asyncio.run(run_mount(cfg, on_ready))
     except BaseException:  # noqa: BLE001 - report, then leave without unwinding the parent's stack
@@ -406,6 +400,24 @@ def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str,
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _redirect_std(log_path: str) -> None:
+    """Standard input from /dev/null, output and errors to the log. Either may open as
+    descriptor 0-2 (a forking parent may have closed one): both are moved above those
+    first, so that no dup2 overwrites the other."""
+    import fcntl
+
+    opened = [os.open(os.devnull, os.O_RDONLY),
+              os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)]
+    null_fd, log_fd = (fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in opened)
+    for fd in opened:
+        os.close(fd)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
 
 
 def _wait_exit(pid: int, timeout: float) -> int | None:

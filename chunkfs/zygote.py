@@ -187,29 +187,98 @@ def request_mount(run_dir: str | None, argv: list[str], *, title: list[str],
         return _outcome(lines)
 
 
+class _Progress:
+    """The child's lines after ``accepted``: ``feed`` returns the final Reply, if that was it."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, Any] = {}
+
+    def feed(self, doc: dict[str, Any]) -> Reply | None:
+        if "started" in doc:
+            self.started = doc
+        elif "rc" in doc:
+            rc = int(doc["rc"])
+            return Reply(rc, str(doc.get("message" if rc == 0 else "error", "")),
+                         int(doc.get("pid", 0)))
+        return None
+
+    def ended(self, why: str) -> Reply:
+        """The connection ended without a final line: the mount process died."""
+        where = self.started.get("log")
+        return Reply(1, f"mount process {self.started.get('started', '?')} exited before it "
+                     f"was ready ({why})" + (f"; see {where}" if where else ""))
+
+
 def _outcome(lines: _Lines) -> Reply:
-    started: dict[str, Any] = {}
+    progress = _Progress()
     while True:
         try:
             doc = lines.next(None)  # the mount bounds its own startup (its deadlines)
         except (OSError, ValueError) as exc:
-            doc, why = None, str(exc)
-        else:
-            why = "it closed the connection"
+            return progress.ended(str(exc))
         if doc is None:
-            pid, where = started.get("started", "?"), started.get("log")
-            return Reply(1, f"mount process {pid} exited before it was ready ({why})"
-                         + (f"; see {where}" if where else ""))
-        if "started" in doc:
-            started = doc
-            continue
-        if "rc" in doc:
-            rc = int(doc["rc"])
-            return Reply(rc, str(doc.get("message" if rc == 0 else "error", "")),
-                         int(doc.get("pid", 0)))
+            return progress.ended("it closed the connection")
+        reply = progress.feed(doc)
+        if reply is not None:
+            return reply
+
+
+async def request_mount_async(run_dir: str | None, argv: list[str], *, title: list[str],
+                              env: Mapping[str, str], seconds: float) -> Reply | None:
+    """``request_mount`` for an event loop (the CSI launcher), bounded by ``seconds``:
+    a mount not ready by then is reported as rc -1 (it may still come up)."""
+    import asyncio
+
+    path = socket_path(run_dir)
+    try:
+        _check_private_dir(os.path.dirname(path))
+        with _reachable(path) as address:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(address, limit=MAX_REQUEST), ACCEPT_TIMEOUT)
+    except (OSError, ControlError, TimeoutError):
+        return None
+    try:
+        sock = writer.get_extra_info("socket")
+        if sock is None or not _peer_uid_ok(sock):
+            return None
+        request = {"version": PROTOCOL_VERSION, "op": "mount", "argv": argv, "title": title,
+                   "env": dict(env), "cwd": "/", "umask": _umask()}
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            first = await asyncio.wait_for(reader.readline(), ACCEPT_TIMEOUT)
+            accepted = json.loads(first) if first else None
+        except (OSError, ValueError, TimeoutError):
+            return None
+        if not isinstance(accepted, dict) or not accepted.get("accepted"):
+            return None
+        deadline = time.monotonic() + seconds
+        progress = _Progress()
+        while True:
+            try:
+                raw = await asyncio.wait_for(reader.readline(),
+                                             max(0.0, deadline - time.monotonic()))
+                doc = json.loads(raw) if raw else None
+            except TimeoutError:
+                return Reply(-1, "chunkfs mount did not finish in time",
+                             int(progress.started.get("started", 0)))
+            except (OSError, ValueError) as exc:
+                return progress.ended(str(exc))
+            if not isinstance(doc, dict):
+                return progress.ended("it closed the connection")
+            reply = progress.feed(doc)
+            if reply is not None:
+                return reply
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
 
 
 def _umask() -> int:
+    """This process's umask, read without changing it (other threads may create files)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -265,6 +334,7 @@ def serve(run_dir: str | None, *, lifeline: int | None = None) -> int:
     warm()
     path = socket_path(run_dir)
     listener = _listen(path)
+    bound = os.stat(path)  # the file, to remove at the end unless another zygote replaced it
 
     def stop(signum: int, _frame: Any) -> None:
         raise _Stop(signum)
@@ -288,8 +358,9 @@ def serve(run_dir: str | None, *, lifeline: int | None = None) -> int:
         return 0
     finally:
         with contextlib.suppress(OSError):
-            if os.stat(path).st_ino == os.fstat(listener.fileno()).st_ino:
-                os.unlink(path)  # ours still (a newer zygote may have replaced it)
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                os.unlink(path)
         listener.close()
 
 
@@ -385,7 +456,7 @@ def _become_mount(conn: socket.socket, listener: socket.socket, lifeline: int | 
     try:
         listener.close()
         if lifeline is not None:
-            os.close(lifeline)
+            _release(lifeline)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
         random.seed()  # (Python reseeds its global generator at a fork too; this is explicit)
@@ -409,6 +480,17 @@ def _become_mount(conn: socket.socket, listener: socket.socket, lifeline: int | 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _release(fd: int) -> None:
+    """Close ``fd``; a standard descriptor (the lifeline is standard input) gets
+    /dev/null instead, so that the next file opened does not become standard input."""
+    if fd > 2:
+        os.close(fd)
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def _reporter(conn: socket.socket) -> Callable[[dict[str, Any]], None]:

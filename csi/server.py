@@ -180,6 +180,7 @@ class Plugin:
 
     async def start(self) -> None:
         if self.mounts is not None:
+            await self.mounts.mounter.launcher.warm()  # first: the zygote imports meanwhile
             await self._register()
         path = socket_path(self.args.endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -233,6 +234,7 @@ class Plugin:
         await self.server.stop(self.args.grace)
         await self.services.close()
         if self.mounts is not None:
+            await self.mounts.mounter.launcher.close()
             self.mounts.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(self.args.endpoint))
