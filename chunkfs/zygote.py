@@ -310,8 +310,10 @@ def warm() -> None:
 
     import chunkfs.mount  # noqa: F401 - the mount's own modules and their libraries
     from chunkfs import cli, objstore
+    from chunkfs.meta import redis_meta
 
     cli.forked_mount_parser()
+    redis_meta.connect("redis://127.0.0.1:9/0")  # no connection: the client's one-time costs
     asyncio.run(objstore.preload())
     asyncio.set_event_loop(None)
     gc.collect()
