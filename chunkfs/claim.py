@@ -42,9 +42,11 @@ def _decode(data: bytes) -> str:
     return engine
 
 
-async def read_marker(store: ObjectStore) -> str | None:
+async def read_marker(store: ObjectStore, deadline: float | None = None) -> str | None:
+    """The engine the prefix belongs to, None if unclaimed. A mount reads it at start
+    (``chunkfs.startup``): that GET is also its check that the bucket answers."""
     try:
-        return _decode(await store.get(MARKER))
+        return _decode(await store.get(MARKER, deadline=deadline))
     except NoSuchObject:
         return None
 

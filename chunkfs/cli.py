@@ -7,17 +7,18 @@ Exit status: 0 success, 1 operational error (unreachable backend, failed mount),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from chunkfs import logs
 from chunkfs.config import backend_from_env, format_size, parse_size
@@ -31,7 +32,11 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.meta.schema import GcRun
-from chunkfs.volumes import SnapshotInfo, VolumeDetails, VolumeInfo, VolumeService
+
+if TYPE_CHECKING:  # the volume service pulls in both backends' clients (~0.5 s of imports):
+    # only the commands that use it import it, so that `chunkfs mount` handing its request
+    # to a zygote (chunkfs.zygote) starts in a few tens of milliseconds
+    from chunkfs.volumes import SnapshotInfo, VolumeDetails, VolumeInfo, VolumeService
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 STATUS_FILE = ".chunkfs.status"
@@ -85,6 +90,8 @@ def _parse_mount_options(text: str | None) -> dict[str, str]:
 # ---- volume commands ---------------------------------------------------------------
 async def _with_service(args: argparse.Namespace,
                         action: Callable[[VolumeService], Awaitable[int]]) -> int:
+    from chunkfs.volumes import VolumeService
+
     meta, storage = backend_from_env(args.meta, args.storage)
     svc = await VolumeService.open(meta, storage)
     try:
@@ -282,16 +289,22 @@ def _ready_reporter(ready_fd: int | None) -> Callable[[str | None], None]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from chunkfs.mount import check_mountpoint, run_mount
-
-    cfg = _mount_config(args)
     if args.foreground:
+        import asyncio
+
+        from chunkfs.mount import run_mount
+
+        cfg = _mount_config(args)
         logs.setup(args.log_level)
         os.makedirs(cfg.cache_dir, exist_ok=True)
         return asyncio.run(run_mount(cfg, _ready_reporter(args.ready_fd)))
-    check_mountpoint(cfg.mountpoint)
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    log_path = args.log_file or os.path.join(cfg.cache_dir, f"mount-{args.name}.log")
+    if not args.no_zygote:
+        code = _mount_through_zygote(args)
+        if code is not None:
+            return code
+    from chunkfs.mount import run_mount
+
+    cfg, log_path = _prepare_detached(args)
     read_end, write_end = os.pipe()
     if args.in_process or _without_backend_flags(args.raw_argv) != args.raw_argv:
         # a fresh interpreter whose argv carries no backend URL (it may hold a password)
@@ -302,16 +315,97 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pid = os.fork()
         if pid == 0:
             os.close(read_end)
-            _run_detached(args, cfg, log_path, write_end, run_mount)
+            _run_detached(args, cfg, log_path, _ready_reporter(write_end), run_mount)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         line = ready.readline().decode().strip()
     if line == "ok":
-        print(f"mounted {args.name} at {cfg.mountpoint} (pid {pid}, log {log_path})")
+        print(_mounted_line(args, cfg, pid, log_path))
+        if not args.in_process:
+            _leave(EXIT_OK)
         return EXIT_OK
     code = _wait_exit(pid, 30)
     raise CliError(line.removeprefix("error: ") if line.startswith("error: ")
                    else f"mount process exited with status {code}; see {log_path}")
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit without tearing the interpreter down: once the mount process is ready, this
+    one has nothing left to do, and unloading every backend library it imported to fork
+    it costs a few hundred milliseconds of the mount command's time (its output is
+    flushed; it holds nothing else)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _mounted_line(args: argparse.Namespace, cfg: Any, pid: int, log_path: str) -> str:
+    return f"mounted {args.name} at {cfg.mountpoint} (pid {pid}, log {log_path})"
+
+
+def _prepare_detached(args: argparse.Namespace) -> tuple[Any, str]:
+    """What a detached mount checks before its process starts: (config, log path)."""
+    cfg = _mount_config(args)
+    from chunkfs.mount import check_mountpoint
+
+    check_mountpoint(cfg.mountpoint)
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    return cfg, args.log_file or os.path.join(cfg.cache_dir, f"mount-{args.name}.log")
+
+
+def _mount_through_zygote(args: argparse.Namespace) -> int | None:
+    """Hand the mount to this installation's zygote (``chunkfs.zygote``), if one answers:
+    its fork is the mount process, with everything imported already. None: no zygote
+    took it, so this process starts the mount itself."""
+    from chunkfs import zygote
+
+    meta, storage = backend_from_env(args.meta, args.storage)
+    # as for a spawned mount: the backends in the environment, never in the argv
+    env = {**os.environ, "CHUNKFS_META": meta, "CHUNKFS_STORAGE": storage.url}
+    argv = _without_backend_flags(args.raw_argv)
+    launcher = ([sys.executable, "-m", "chunkfs.cli"] if args.in_process
+                else sys.orig_argv[:len(sys.orig_argv) - len(args.raw_argv)])
+    reply = zygote.request_mount(args.run_dir, argv, title=[*launcher, *argv], env=env)
+    if reply is None:
+        return None
+    if reply.rc != EXIT_OK:
+        raise CliError(reply.message or f"mount failed with status {reply.rc}", reply.rc)
+    print(reply.message)
+    return EXIT_OK
+
+
+@functools.cache
+def forked_mount_parser() -> argparse.ArgumentParser:
+    """The parser a zygote's forks use (built once, in the zygote)."""
+    return build_parser(_RaisingParser)
+
+
+def run_forked_mount(argv: list[str], report: Callable[[dict[str, Any]], None]) -> int:
+    """``chunkfs mount ARGV`` in a process the zygote forked for it: check the request as
+    the command would, then become the detached mount process (never returns once it
+    is one). ``report`` sends the zygote protocol's lines to the client."""
+    try:
+        args = forked_mount_parser().parse_args(argv)
+        if args.run is not cmd_mount or args.foreground:
+            raise CliError("the zygote only starts detached mounts", EXIT_USAGE)
+        args.raw_argv, args.in_process = list(argv), False
+        cfg, log_path = _prepare_detached(args)
+    except Exception as exc:  # noqa: BLE001 - each reported as the command would
+        code, message = _failure(exc)
+        report({"rc": code, "error": message})
+        return code
+    report({"started": os.getpid(), "log": log_path})
+
+    def on_ready(error: str | None) -> None:
+        if error:
+            report({"rc": EXIT_ERROR, "error": error})
+        else:
+            report({"rc": EXIT_OK, "pid": os.getpid(),
+                    "message": _mounted_line(args, cfg, os.getpid(), log_path)})
+
+    from chunkfs.mount import run_mount
+
+    _run_detached(args, cfg, log_path, on_ready, run_mount)
 
 
 def _spawn_mount_process(args: argparse.Namespace, cfg: Any, log_path: str, write_end: int) -> int:
@@ -326,19 +420,18 @@ def _spawn_mount_process(args: argparse.Namespace, cfg: Any, log_path: str, writ
     return proc.pid
 
 
-def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str, write_end: int,
-                  run_mount: Callable[..., Awaitable[int]]) -> None:
+def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str,
+                  on_ready: Callable[[str | None], None],
+                  run_mount: Callable[..., Awaitable[int]]) -> NoReturn:
     """The forked mount process: its own session, logs to the log file; never returns."""
+    import asyncio
+
     code = 1
     try:
         os.setsid()
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        _redirect_std(log_path)
         logs.setup(args.log_level)
-        code = asyncio.run(run_mount(cfg, _ready_reporter(write_end)))
+        code = asyncio.run(run_mount(cfg, on_ready))
     except BaseException:  # noqa: BLE001 - report, then leave without unwinding the parent's stack
         import traceback
 
@@ -347,6 +440,24 @@ def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str, write_end: 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _redirect_std(log_path: str) -> None:
+    """Standard input from /dev/null, output and errors to the log. Either may open as
+    descriptor 0-2 (a forking parent may have closed one): both are moved above those
+    first, so that no dup2 overwrites the other."""
+    import fcntl
+
+    opened = [os.open(os.devnull, os.O_RDONLY),
+              os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)]
+    null_fd, log_fd = (fcntl.fcntl(fd, fcntl.F_DUPFD, 3) for fd in opened)
+    for fd in opened:
+        os.close(fd)
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(null_fd)
+    os.close(log_fd)
 
 
 def _wait_exit(pid: int, timeout: float) -> int | None:
@@ -519,6 +630,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_zygote(args: argparse.Namespace) -> int:
+    from chunkfs import zygote
+
+    logs.setup(args.log_level)
+    return zygote.serve(args.run_dir, lifeline=0 if args.lifeline else None)
+
+
 # ---- maintenance ---------------------------------------------------------------------
 async def cmd_gc(args: argparse.Namespace) -> int:
     from chunkfs.gc import collect_garbage
@@ -572,13 +690,20 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _RaisingParser(OneLineParser):
+    """For argv that did not come from a terminal (a zygote's request): errors raise."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: error: {message}", EXIT_USAGE)
+
+
+def build_parser(parser_class: type[OneLineParser] = OneLineParser) -> argparse.ArgumentParser:
     backend = argparse.ArgumentParser(add_help=False)
     backend.add_argument("--meta", help="metadata engine URL, redis://[:password@]host:port/db "
                          "(default: $CHUNKFS_META)")
     backend.add_argument("--storage", help="object storage, s3://bucket/prefix (default: "
                          "$CHUNKFS_STORAGE; endpoint and credentials from AWS_* variables)")
-    parser = OneLineParser(prog="chunkfs", description="A POSIX filesystem whose data "
+    parser = parser_class(prog="chunkfs", description="A POSIX filesystem whose data "
                                      "lives in S3 and whose metadata lives in Redis.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -637,7 +762,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", help="where a detached mount logs (default: in the cache dir)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--no-zygote", action="store_true",
+                   help="start a new mount process even when a zygote (chunkfs zygote) runs")
     p.set_defaults(run=cmd_mount)
+
+    p = sub.add_parser("zygote", help="keep a pre-imported mount process ready: `chunkfs mount` "
+                       "forks it instead of starting Python (faster mounts on a new node)")
+    p.add_argument("--run-dir", default=None,
+                   help="root-only directory for its socket (default: $CHUNKFS_RUN_DIR, "
+                        "else /run/chunkfs); `chunkfs mount --run-dir` must name the same")
+    p.add_argument("--lifeline", action="store_true",
+                   help="exit when standard input reaches its end (its starter died)")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--room", default=None, help=argparse.SUPPRESS)  # chunkfs.proctitle
+    p.set_defaults(run=cmd_zygote)
 
     p = sub.add_parser("umount", help="flush, unmount, and wait for the mount process to exit")
     p.add_argument("--run-dir", default=None,
@@ -686,20 +824,28 @@ def main(argv: list[str] | None = None) -> int:
     args.in_process = argv is not None
     try:
         result = args.run(args)
-        if asyncio.iscoroutine(result):
+        if isinstance(result, types.CoroutineType):
+            import asyncio
+
             result = asyncio.run(result)
         return int(result)
-    except CliError as exc:
-        print(f"chunkfs: {exc}", file=sys.stderr)
-        return exc.code
-    except InvalidArgument as exc:
-        print(f"chunkfs: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ChunkfsError as exc:
-        print(f"chunkfs: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    except (CliError, ChunkfsError) as exc:
+        code, message = _failure(exc)
+        print(f"chunkfs: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """The exit status and the one line of a failed command."""
+    if isinstance(exc, CliError):
+        return exc.code, str(exc)
+    if isinstance(exc, InvalidArgument):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, ChunkfsError):
+        return EXIT_ERROR, str(exc)
+    return EXIT_ERROR, f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

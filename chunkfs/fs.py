@@ -91,6 +91,7 @@ class Handle:
     ino: int
     data: FileData | None
     next_offset: int = 0
+    streak: int = 0  # bytes read sequentially up to next_offset (sizes the readahead)
 
 
 class ChunkFS(pyfuse3.Operations):
@@ -478,14 +479,23 @@ class ChunkFS(pyfuse3.Operations):
         self.status.reads += 1
         self.status.read_bytes += size
         sequential = off == handle.next_offset
+        handle.streak = handle.streak + size if sequential else 0
         if sequential:
-            self._readahead(data, off + size)
+            self._readahead(data, off + size, handle.streak)
         handle.next_offset = off + size
         return await data.read(off, size, random=not sequential and size <= 128 * 1024)
 
-    def _readahead(self, data: FileData, pos: int) -> None:
-        if self.opt.readahead_blocks > 0:
-            data.readahead(pos // self.opt.block_size, self.opt.readahead_blocks)
+    def _readahead(self, data: FileData, pos: int, streak: int) -> None:
+        """Start loading the blocks a sequential reader reaches next: from the block under
+        ``pos`` on, as far as four times the bytes it read in a row so far, at most
+        ``readahead_blocks`` blocks. A reader of a file's first bytes gets the one block it
+        needs, alone on the link (the first byte of a new mount); a streaming reader has
+        the full window within its first block."""
+        if self.opt.readahead_blocks <= 0:
+            return
+        first = pos // data.bs
+        last = min(first + self.opt.readahead_blocks, (pos + 4 * streak) // data.bs + 1)
+        data.readahead(first, last - first)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:

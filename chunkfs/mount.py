@@ -12,7 +12,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import signal
 import subprocess
 from collections.abc import Callable
@@ -24,8 +23,6 @@ import pyfuse3.asyncio
 
 from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.store import BlockStore
-from chunkfs.cache import BlockCache
-from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig
 from chunkfs.control import ControlError, ControlServer, socket_path
 from chunkfs.errors import (
@@ -36,11 +33,9 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fs import ChunkFS, MountOptions
-from chunkfs.meta import durability, redis_url
-from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
-from chunkfs.meta.schema import VOLUMES, Keys
+from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.mountstatus import MountState
-from chunkfs.objstore import ObjectStore
+from chunkfs.startup import Timeline, connect_backends
 
 log = logging.getLogger(__name__)
 
@@ -87,46 +82,25 @@ def check_mountpoint(path: str) -> None:
         raise InvalidArgument(f"mountpoint {path} is not an empty directory")
 
 
-async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) -> int:
+async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
+                    clock: Timeline | None = None) -> int:
     """Mount and serve until unmounted or signalled. ``on_ready(None)`` once ready,
-    ``on_ready(message)`` if mounting failed."""
+    ``on_ready(message)`` if mounting failed. ``clock`` times the startup (logged with
+    ``mounted``); it starts now unless the caller started it earlier."""
+    clock = clock or Timeline()
     pyfuse3.asyncio.enable()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         try:
             check_mountpoint(cfg.mountpoint)
-            store = await ObjectStore.create(cfg.storage, deadline=cfg.io_timeout)
-            stack.push_async_callback(store.close)
-            admin = connect(cfg.meta_url)
-            try:
-                # first: a plain URL to a cluster node is refused before it meets a MOVED
-                durable = await with_retries(
-                    lambda: durability.check(admin, redis_url.parse(cfg.meta_url)), deadline=10)
-                durability.log_report(durable)
-                ns = await with_retries(lambda: admin.hget(VOLUMES, cfg.volume), deadline=10)
-                if ns is None:
-                    raise VolumeNotFound(f"volume {cfg.volume!r} not found")
-                keys = Keys(ns.decode())
-                state = {k.decode(): v.decode() for k, v in
-                         (await with_retries(lambda: admin.hgetall(keys.vol), deadline=10)).items()}
-                await store.ping(deadline=min(cfg.io_timeout, 15))
-                await with_retries(lambda: claim_storage(admin, store), deadline=10)
-            finally:
-                await admin.aclose()
-            client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))
-            stack.push_async_callback(client.aclose)
-            epoch = cfg.epoch if cfg.epoch is not None else state.get("epoch", "1")
-            cache = await BlockCache.open(cfg.cache_dir, cfg.cache_size)
+            backends = await connect_backends(cfg, stack, clock)
         except (MetaUnavailable, VolumeNotFound, InvalidArgument, StorageClaimed) as exc:
             on_ready(str(exc))
             return 1
         except Exception as exc:
             on_ready(f"{type(exc).__name__}: {exc}")
             return 1
-        session = secrets.token_hex(6)
-        meta = VolumeMeta(client, keys.ns, epoch=epoch, session=session,
-                          read_only=cfg.read_only or state.get("kind") == "snapshot",
-                          deadline=cfg.io_timeout)
+        store, meta, cache, state = backends.store, backends.meta, backends.cache, backends.state
         blocks = BlockStore(store, cache, meta, memory_limit=cfg.memory_cache)
         stack.push_async_callback(blocks.drain)
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
@@ -138,20 +112,11 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
 
         def extra() -> dict[str, Any]:
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
-                    "s3": store.stats.as_dict(), "session": session,
-                    "redis_durability": durable.as_dict(),
+                    "s3": store.stats.as_dict(), "session": meta.session,
+                    "redis_durability": backends.durable.as_dict(),
                     **state_of_mount.document(fs.volume, read_only=meta.read_only,
                                               fenced=fs.fenced)}
 
-        if not meta.read_only:
-            try:
-                await meta.heartbeat()
-                reaped = await meta.reap_orphans()
-                if reaped:
-                    log.info("reaped orphans of dead mounts", extra={"count": reaped})
-            except Exception as exc:
-                on_ready(f"{type(exc).__name__}: {exc}")
-                return 1
         fs = ChunkFS(meta, blocks, options, state, extra)
         fs.attach_budget(WriteBudget(cfg.buffer_size, stall_timeout=cfg.io_timeout))
         fuse_opts = set(pyfuse3.default_options)
@@ -165,6 +130,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
         except Exception as exc:
             on_ready(f"cannot mount {cfg.mountpoint}: {exc}")
             return 1
+        clock.mark("fuse mounted")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
         tune_kernel_readahead(cfg.mountpoint, cfg.kernel_readahead_kb)
@@ -177,8 +143,11 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             on_ready(f"cannot open the control socket in {os.path.dirname(control.path)}: {exc}")
             return 1
         refresher = asyncio.create_task(_refresh_volume(fs, meta, state_of_mount))
+        housekeeping = asyncio.create_task(_reap_orphans(meta))
+        clock.mark("ready")
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
-                                   "epoch": epoch, "session": session})
+                                   "epoch": meta.epoch, "session": meta.session,
+                                   "startup_ms": clock.as_dict()})
         on_ready(None)
         clean = False
         try:
@@ -186,6 +155,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             clean = True
         finally:
             refresher.cancel()
+            housekeeping.cancel()
             try:
                 await fs.flush_all()
             except Exception as exc:
@@ -201,6 +171,20 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None]) ->
             log.info("unmounted", extra={"mountpoint": cfg.mountpoint})
             await control.close(clean=clean)
         return 0 if clean else 1
+
+
+async def _reap_orphans(meta: VolumeMeta) -> None:
+    """Purge what mounts that died left unlinked-but-open: housekeeping that no read
+    waits for, so it runs once the mount serves."""
+    if meta.read_only:
+        return
+    try:
+        reaped = await meta.reap_orphans()
+    except Exception as exc:  # the next mount tries again
+        log.warning("reaping orphans of dead mounts failed", extra={"error": str(exc)})
+        return
+    if reaped:
+        log.info("reaped orphans of dead mounts", extra={"count": reaped})
 
 
 def tune_kernel_readahead(mountpoint: str, kb: int) -> None:

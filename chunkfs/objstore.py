@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import re
 import time
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
 from botocore.auth import S3SigV4Auth
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.httpsession import get_cert_path
 
 from chunkfs.config import StorageConfig
 from chunkfs.errors import InvalidArgument, NoSuchObject, StorageUnavailable
@@ -87,6 +90,69 @@ def _mark_block_digest(request: Any, **_: Any) -> None:
         request.context[_DIGEST] = match.group(1)
 
 
+# What an S3 client costs to make, and how a process that forks mounts (chunkfs.zygote)
+# pays it once (``preload``):
+# * botocore builds every client from JSON models (the S3 API, its endpoint rules) that
+#   a fresh session's loader reads and parses again: ~100 ms of CPU. The warm loader's
+#   caches hold only parsed data files (no credentials, no configuration, no connection);
+# * a new session registers ~130 event handlers, inspecting each one's signature: ~10
+#   ms. A spare session made in the zygote and never used there is exactly what a new
+#   one would be in the child that takes it (it has read no configuration, no
+#   credentials, no environment);
+# * aiohttp builds a TLS context per client and loads the CA bundle into it (~20 ms),
+#   even for an http:// endpoint. ``_HttpSession`` keeps one per CA file (its path,
+#   size and mtime: a replaced bundle is loaded again) without client certificates or
+#   proxies, which get their own as before.
+_warm_loader: Any = None
+_spare_session: Any = None
+_tls_contexts: dict[tuple[Any, ...], Any] = {}
+
+
+class _HttpSession(AIOHTTPSession):
+    """aiobotocore's HTTP session, with TLS contexts shared within the process."""
+
+    def _build_ssl_contexts(self, proxy_url: str | None) -> tuple[Any, Any]:
+        if self._cert_file or proxy_url:
+            return super()._build_ssl_contexts(proxy_url)
+        key: tuple[Any, ...] = (self._verify,)
+        if self._verify:
+            path = get_cert_path(self._verify)
+            with contextlib.suppress(OSError, TypeError):
+                st = os.stat(path)
+                key += (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        context = _tls_contexts.get(key)
+        if context is None:
+            context = _tls_contexts[key] = self._build_verify_context()
+        return context, None
+
+
+async def preload() -> None:
+    """Build one S3 client (imports, models, endpoint rules, a TLS context) without any
+    request, and keep a spare session: nothing of it stays open afterwards."""
+    global _warm_loader, _spare_session
+    session = get_session()
+    async with session.create_client(
+            "s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+            aws_access_key_id="preload", aws_secret_access_key="preload",
+            config=_config(1)) as client:
+        client._endpoint.http_session._build_ssl_contexts(None)  # the zygote may block
+    _warm_loader = session.get_component("data_loader")
+    _spare_session = get_session()
+
+
+def _config(max_connections: int) -> AioConfig:
+    return AioConfig(
+        max_pool_connections=max_connections,
+        connect_timeout=5,
+        read_timeout=20,
+        retries={"max_attempts": 1, "mode": "standard"},
+        s3={"addressing_style": "path"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        http_session_cls=_HttpSession,
+    )
+
+
 class ObjectStore:
     """One bucket + prefix on an S3 endpoint; keys passed in are relative to the prefix."""
 
@@ -107,16 +173,11 @@ class ObjectStore:
         return store
 
     async def _open(self) -> None:
-        session = get_session()
-        aio_config = AioConfig(
-            max_pool_connections=self._max_connections,
-            connect_timeout=5,
-            read_timeout=20,
-            retries={"max_attempts": 1, "mode": "standard"},
-            s3={"addressing_style": "path"},
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
+        global _spare_session
+        session, _spare_session = _spare_session or get_session(), None
+        if _warm_loader is not None:
+            session.register_component("data_loader", _warm_loader)
+        aio_config = _config(self._max_connections)
         self._client = await self._stack.enter_async_context(
             session.create_client(
                 "s3",
@@ -151,6 +212,10 @@ class ObjectStore:
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code == "NoSuchBucket":  # a 404 too, but no retry or caller can fix it
+                    self.stats.errors += 1
+                    raise StorageUnavailable(
+                        f"bucket {self.config.bucket!r} does not exist") from exc
                 if code in _NOT_FOUND or status == 404:
                     self.stats.observe(op, time.monotonic() - start)
                     raise NoSuchObject(f"{op}: no such object") from exc

@@ -23,13 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from chunkfs import zygote
+from chunkfs.control import default_run_dir
 from csi import errors
+
+log = logging.getLogger("chunkfs.csi.launcher")
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20            # one request or response line, bytes
@@ -70,6 +75,12 @@ class Outcome:
 class Launcher(Protocol):
     def describe(self) -> str: ...
 
+    async def warm(self) -> None:
+        """Get ready to mount fast (start a zygote); returns at once."""
+
+    async def close(self) -> None:
+        """Stop what ``warm`` started (never a mount)."""
+
     async def mount(self, spec: MountSpec, env: Mapping[str, str],
                     seconds: float) -> Outcome: ...
 
@@ -84,14 +95,36 @@ def backend_env(env: Mapping[str, str]) -> dict[str, str]:
 # --- here ----------------------------------------------------------------------------
 
 class ChildLauncher:
-    """``chunkfs mount`` / ``chunkfs umount`` as child processes of this process."""
+    """``chunkfs mount`` / ``chunkfs umount`` as child processes of this process.
 
-    def __init__(self, chunkfs: list[str], run_dir: str | None = None) -> None:
+    With ``zygote_log`` (and once ``warm`` was awaited) it keeps a chunkfs zygote
+    running (``chunkfs.zygote``) and hands each mount to it: the mount process is then a
+    fork of an already warm interpreter instead of a new ``chunkfs mount`` process, which
+    is most of the time to the first byte of a volume staged on a new node. Whenever the
+    zygote is not ready (starting, dead, refusing), a mount runs ``chunkfs mount`` as
+    before, and a dead zygote is started again.
+    """
+
+    def __init__(self, chunkfs: list[str], run_dir: str | None = None, *,
+                 zygote_log: str | None = None) -> None:
         self.chunkfs = chunkfs
         self.run_dir = run_dir  # the mounts' control sockets (chunkfs.control)
+        self.zygote = ZygoteKeeper(chunkfs, zygote_log) if zygote_log else None
 
     def describe(self) -> str:
-        return "child processes of the plugin"
+        how = " (forked from a zygote)" if self.zygote is not None else ""
+        return f"child processes of the plugin{how}"
+
+    def _run_dir(self) -> str:
+        return self.run_dir or default_run_dir()
+
+    async def warm(self) -> None:
+        if self.zygote is not None:
+            await self.zygote.start(self._run_dir())
+
+    async def close(self) -> None:
+        if self.zygote is not None:
+            await self.zygote.stop()
 
     def _env(self, env: Mapping[str, str]) -> dict[str, str]:
         env = dict(env)
@@ -105,6 +138,13 @@ class ChildLauncher:
                                 exist_ok=True)
         argv = spec.argv(self.chunkfs)
         out, offset = await asyncio.to_thread(_open_log, spec.log_file, argv)
+        if self.zygote is not None:
+            reply = await self.zygote.mount(self._run_dir(), argv, len(self.chunkfs),
+                                            self._env(env), seconds)
+            if reply is not None:
+                out.close()
+                return Outcome(reply.rc, reply.message if reply.rc != 0 else "",
+                               timed_out=reply.rc == -1)
         with out:
             # own session: the mount must not die with the plugin's process group
             proc = await asyncio.create_subprocess_exec(
@@ -131,6 +171,84 @@ class ChildLauncher:
             await proc.wait()
             return Outcome(-1, "chunkfs umount did not finish in time", timed_out=True)
         return Outcome(proc.returncode or 0, err.decode(errors="replace").strip())
+
+
+class ZygoteKeeper:
+    """A chunkfs zygote as a child process of this one, started again when it died.
+
+    Its standard input is a pipe this process never writes: the zygote exits when that
+    pipe closes (``--lifeline``), so a plugin that dies, however, takes its zygote along
+    -- never a mount (they run in sessions of their own). Its log is ``log_file``.
+    """
+
+    READY_TIMEOUT = 60.0
+
+    def __init__(self, chunkfs: list[str], log_file: str) -> None:
+        self.chunkfs = chunkfs
+        self.log_file = log_file
+        self.proc: asyncio.subprocess.Process | None = None
+        self.run_dir: str | None = None
+        self._ready: asyncio.Task[bool] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (self.proc is not None and self.proc.returncode is None
+                and self._ready is not None and self._ready.done()
+                and not self._ready.cancelled() and self._ready.result())
+
+    async def start(self, run_dir: str) -> None:
+        """Start the zygote (if it is not running); it gets ready in the background."""
+        if self.proc is not None and self.proc.returncode is None:
+            return
+        self.run_dir = run_dir
+        await asyncio.to_thread(os.makedirs, os.path.dirname(self.log_file), mode=0o700,
+                                exist_ok=True)
+        out = await asyncio.to_thread(
+            lambda: os.fdopen(os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                                      0o600), "ab"))
+        with out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.chunkfs, "zygote", "--run-dir", run_dir, "--lifeline",
+                stdin=asyncio.subprocess.PIPE, stdout=out, stderr=out, start_new_session=True)
+        self._ready = asyncio.create_task(self._wait_ready(self.proc))
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        while proc.returncode is None and time.monotonic() < deadline:
+            answer = await asyncio.to_thread(zygote.ping, self.run_dir, 1.0)
+            if answer is not None and answer.get("pid") == proc.pid:
+                log.info("chunkfs zygote %d ready: mounts are forked from it", proc.pid)
+                return True
+            await asyncio.sleep(0.05)
+        log.warning("the chunkfs zygote did not get ready (see %s): mounts start new "
+                    "processes", self.log_file)
+        return False
+
+    async def mount(self, run_dir: str, argv: list[str], skip: int, env: Mapping[str, str],
+                    seconds: float) -> zygote.Reply | None:
+        """Hand ``argv`` (``skip`` words of chunkfs command, then ``mount ...``) to the
+        zygote; None when it is not ready (it is started again if it died)."""
+        if not self.ready:
+            if self.proc is not None and self.proc.returncode is not None:
+                log.warning("the chunkfs zygote exited (%s); starting another",
+                            self.proc.returncode)
+                await self.start(run_dir)
+            return None
+        return await zygote.request_mount_async(run_dir, argv[skip:], title=argv, env=env,
+                                                seconds=seconds)
+
+    async def stop(self) -> None:
+        if self._ready is not None:
+            self._ready.cancel()
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def _open_log(path: str, argv: list[str]) -> tuple[Any, int]:
@@ -160,7 +278,8 @@ def _last_line(path: str, offset: int) -> str:
 
 class MounterClient:
     """Runs mounts in the mounter process listening on ``socket_path`` (one request per
-    connection, one JSON line each way; see ``csi/mounter.py``)."""
+    connection, one JSON line each way; see ``csi/mounter.py``). The mounter keeps its
+    own zygote warm."""
 
     CONNECT_TIMEOUT = 5.0
 
@@ -169,6 +288,12 @@ class MounterClient:
 
     def describe(self) -> str:
         return f"the mounter at {self.socket_path}"
+
+    async def warm(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
 
     async def mount(self, spec: MountSpec, env: Mapping[str, str], seconds: float) -> Outcome:
         request = {"op": "mount", "spec": asdict(spec), "env": backend_env(env),

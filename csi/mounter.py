@@ -74,8 +74,9 @@ class MounterServer:
         self.kubelet_dir = kubelet_dir
         self.cache_dir = cache_dir
         self.state_dir = state_dir
-        self.launcher = launcher or ChildLauncher(chunkfs_command(),
-                                                  run_dir=os.path.join(state_dir, "control"))
+        self.launcher = launcher or ChildLauncher(
+            chunkfs_command(), run_dir=os.path.join(state_dir, "control"),
+            zygote_log=os.path.join(state_dir, "logs", "zygote.log"))
         self.mounted: set[str] = set()
         self._server: asyncio.base_events.Server | None = None
         self._base_env = {k: v for k, v in os.environ.items()
@@ -94,6 +95,7 @@ class MounterServer:
         finally:
             os.umask(old)
         os.chmod(self.socket_path, 0o600)
+        await self.launcher.warm()  # a zygote: the first mount on this node is fast too
         log.info("mounter serving on %s", self.socket_path,
                  extra={"fields": {"socket": self.socket_path,
                                    "kubelet_dir": self.kubelet_dir}})
@@ -105,6 +107,7 @@ class MounterServer:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         await self.unmount_all(grace)
+        await self.launcher.close()
 
     async def unmount_all(self, grace: float) -> None:
         """Flush and unmount every live mount this process started, all at once."""

@@ -227,7 +227,8 @@ class Mounter:
                  prober: Prober | None = None, launcher: Launcher | None = None,
                  default_cache_size: str | None = None) -> None:
         self.chunkfs = chunkfs or chunkfs_command()
-        self.launcher = launcher or ChildLauncher(self.chunkfs)
+        self.launcher = launcher or ChildLauncher(
+            self.chunkfs, zygote_log=os.path.join(log_dir, "zygote.log"))
         self.default_cache_size = default_cache_size
         self.log_dir = log_dir
         self.prober = prober or Prober()

@@ -224,6 +224,7 @@ class Plugin:
 
     async def start(self) -> None:
         if self.mounts is not None:
+            await self.mounts.mounter.launcher.warm()  # first: the zygote imports meanwhile
             await self._register()
         path = socket_path(self.args.endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -281,6 +282,7 @@ class Plugin:
             await self.gc.stop()
         await self.services.close()
         if self.mounts is not None:
+            await self.mounts.mounter.launcher.close()
             self.mounts.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket_path(self.args.endpoint))

@@ -29,11 +29,14 @@ not silently drop TLS verification or replication safety.
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 from chunkfs.errors import InvalidArgument
+
+if TYPE_CHECKING:  # ssl is imported where a context is made: the CLI parses URLs without it
+    import ssl
 
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -56,6 +59,8 @@ class TlsOptions:
     def context(self) -> ssl.SSLContext:
         """A client context; certificate files are read now (a missing file is an error
         at mount, not at the first request)."""
+        import ssl
+
         ctx = ssl.create_default_context(cafile=self.ca_certs)
         if not self.verify:
             ctx.check_hostname = False

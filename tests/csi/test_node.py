@@ -116,6 +116,61 @@ def test_stage_mounts_chunkfs_with_the_epoch_and_is_idempotent(plugin, kubelet) 
     unstage(plugin, "pvc-1", staging)  # repeat: OK
 
 
+def _children(pid: int, word: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                words = f.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and word in words:
+            found.append(int(entry))
+    return found
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+def test_stage_forks_the_mount_from_the_plugins_zygote_and_it_outlives_both(plugin,
+                                                                           kubelet) -> None:
+    """The node plugin keeps a zygote: a staged volume's mount process is forked from it
+    (a warm interpreter: the first byte of a volume on a new node comes sooner), is a
+    mount like any other, and survives the plugin and the zygote dying."""
+    zygote = _wait(lambda: _children(plugin.pid, "zygote"), 60, "the plugin's zygote")[0]
+    plugin.wait_for_log(f"chunkfs zygote {zygote} ready", timeout=60)
+    ctx = make_volume(plugin)
+    staging = kubelet.staging("pvc-1")
+    stage(plugin, "pvc-1", staging, ctx)
+    pids = mount_pids(staging)
+    assert len(pids) == 1
+    with open(f"/proc/{pids[0]}/stat") as f:
+        assert int(f.read().rsplit(")", 1)[1].split()[1]) == zygote
+    with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
+        assert f"epoch={ctx['epoch']}".encode() in f.read()
+    with open(os.path.join(staging, "f"), "wb") as f:
+        f.write(b"staged through a zygote")
+        f.flush()
+        os.fsync(f.fileno())
+    plugin.kill()  # SIGKILL: its zygote goes with it (its lifeline closes) ...
+    _wait(lambda: not os.path.exists(f"/proc/{zygote}/cmdline")
+          or not open(f"/proc/{zygote}/cmdline", "rb").read(), 20, "the zygote to exit")
+    with open(os.path.join(staging, "f"), "rb") as f:  # ... the mount does not
+        assert f.read() == b"staged through a zygote"
+    assert mount_pids(staging) == pids
+    plugin.start()
+    _wait(lambda: _children(plugin.pid, "zygote"), 60, "the restarted plugin's zygote")
+    unstage(plugin, "pvc-1", staging)
+    assert staging not in mount_table() and not mount_pids(staging)
+
+
 @pytest.mark.parametrize("field", ["volume_id", "staging_target_path", "volume_capability"])
 def test_stage_missing_field_is_invalid_argument(plugin, kubelet, field) -> None:
     req = csi_pb2.NodeStageVolumeRequest(volume_id="pvc-1",

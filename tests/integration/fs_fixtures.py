@@ -276,11 +276,13 @@ class Mounter:
 
     def mount(self, volume: str, *, mountpoint: Path | None = None, cache_dir: Path | None = None,
               options: str | None = None, cache_size: str | None = None,
-              env: dict[str, str] | None = None, timeout: float = 120) -> Mount:
+              env: dict[str, str] | None = None, timeout: float = 120,
+              flags: tuple[str, ...] = ()) -> Mount:
         mp = mountpoint or self.new_dir("mp")
         cache = cache_dir or self.new_dir("cache")
         log_file = (self.log_dir or self.base) / f"mount-{mp.name}.log"
-        args = ["mount", volume, str(mp), "--cache-dir", str(cache), "--log-file", str(log_file)]
+        args = ["mount", volume, str(mp), "--cache-dir", str(cache), "--log-file", str(log_file),
+                *flags]
         if cache_size:
             args += ["--cache-size", cache_size]
         if options:

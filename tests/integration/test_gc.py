@@ -7,11 +7,13 @@ different shards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -20,14 +22,15 @@ from chunkfs.blocks import slices
 from chunkfs.blocks.slices import Slice
 from chunkfs.blocks.store import BlockStore, ObjectRef
 from chunkfs.cache import BlockCache
-from chunkfs.claim import claim_storage
+from chunkfs.claim import claim_storage, read_marker
 from chunkfs.config import StorageConfig
 from chunkfs.errors import NoSpace, SessionExpired, StorageClaimed
 from chunkfs.fsck import check_namespace
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.meta import topology
 from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
-from chunkfs.meta.schema import GC_DOOMED, ROOT_INODE
+from chunkfs.meta.schema import ENGINE, GC_DOOMED, ROOT_INODE
+from chunkfs.objstore import ObjectStore
 from chunkfs.volumes import VolumeService
 from tests.integration.conftest import open_svc
 
@@ -333,6 +336,60 @@ async def test_a_storage_prefix_serves_exactly_one_redis_database(svc, local_ser
     finally:
         await other.r.flushdb()
         await other.close()
+
+
+class GatedS3:
+    """A TCP forwarder to S3 that holds every request until ``gate`` is set (a slow link
+    to the object store, for one client only)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.gate = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected.set()
+        await self.gate.wait()
+        up_r, up_w = await asyncio.open_connection(*self.target)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_claim_racing_the_first_claim_of_its_own_engine_succeeds(svc, s3_env) -> None:
+    """Two volume creations or mounts meet an unclaimed prefix at once; the one whose S3
+    is slower finds the marker the other wrote for their one engine, and is not told the
+    prefix belongs to another engine."""
+    endpoint = urlsplit(s3_env["AWS_ENDPOINT_URL"])
+    gated = GatedS3((endpoint.hostname, endpoint.port))
+    url = await gated.start()
+    slow = await ObjectStore.create(StorageConfig.from_url(
+        s3_env["CHUNKFS_STORAGE"], {**s3_env, "AWS_ENDPOINT_URL": url}))
+    try:
+        late = asyncio.create_task(claim_storage(svc.r, slow))
+        await asyncio.wait_for(gated.connected.wait(), 30)  # its S3 request is held
+        first = await claim_storage(svc.r, svc.store)       # the other claims meanwhile
+        gated.gate.set()
+        assert await asyncio.wait_for(late, 60) == first == (await svc.r.get(ENGINE)).decode()
+        assert await read_marker(svc.store) == first
+    finally:
+        await slow.close()
+        await gated.close()
 
 
 async def test_two_gc_runs_never_overlap(svc) -> None:

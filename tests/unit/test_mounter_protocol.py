@@ -33,6 +33,12 @@ class Recorder:
     def describe(self) -> str:
         return "recorder"
 
+    async def warm(self) -> None:
+        self.warmed = True
+
+    async def close(self) -> None:
+        self.closed = True
+
     async def mount(self, spec: MountSpec, env: Mapping[str, str], seconds: float) -> Outcome:
         self.mounts.append((spec, dict(env)))
         return self.outcome
