@@ -109,6 +109,9 @@ class ChunkFS(pyfuse3.Operations):
         self.loading: dict[int, asyncio.Future[None]] = {}
         self.orphans: set[int] = set()
         self.versions: dict[int, tuple[int, int]] = {}
+        # (mtime, size) of the attributes last handed to the kernel, per inode: what it may
+        # still serve from its attribute cache (for up to attr-timeout)
+        self.kernel_attrs: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
         self.volume = volume
         self.fenced = False
@@ -137,7 +140,20 @@ class ChunkFS(pyfuse3.Operations):
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.ctime_ns
+        if attr.ino != STATUS_INO:
+            self.kernel_attrs[attr.ino] = (e.st_mtime_ns, e.st_size)
         return e
+
+    def _expire_kernel_attrs(self, attr: Attr) -> None:
+        """Close-to-open across nodes: an open that loaded newer attributes than the
+        kernel holds (another node changed the file within attr-timeout) makes the kernel
+        ask again, so that fstat and reads see the new size, not the cached one."""
+        if self.kernel_attrs.get(attr.ino) == (attr.mtime_ns, attr.size):
+            return
+        try:
+            pyfuse3.invalidate_inode(attr.ino, attr_only=True)  # no writeback cache: no wait
+        except OSError:  # the kernel does not know the inode (any more): nothing is cached
+            pass
 
     def _known(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         """Count a reply that hands the kernel a reference to an inode (until ``forget``)."""
@@ -416,6 +432,7 @@ class ChunkFS(pyfuse3.Operations):
         if attr is None:  # another handle has it open here: the page cache is ours already
             info.keep_cache = True
             return info
+        self._expire_kernel_attrs(attr)
         version = (attr.mtime_ns, attr.size)
         info.keep_cache = self.versions.get(inode) == version and not shared
         self.versions[inode] = version
@@ -599,5 +616,6 @@ class ChunkFS(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
+            self.kernel_attrs.pop(ino, None)
             if ino in self.orphans:
                 await self._maybe_purge(ino)

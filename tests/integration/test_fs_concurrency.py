@@ -156,3 +156,23 @@ def test_two_mounts_writers_of_different_files(mounter: Mounter, volume: str) ->
         assert sorted(os.listdir(m.path)) == names
         for name in names:
             assert file_sha256(Path(m.path, name)) == sha256(rand_bytes(1_000_000, name))
+
+
+def test_open_sees_another_nodes_change_made_within_the_attribute_timeout(
+        mounter: Mounter, volume: str) -> None:
+    """Close-to-open holds however long the kernel may cache attributes: an open on A
+    after B changed the file sees B's size and bytes, even while A's kernel still had
+    the old attributes cached (found by fsx, two-mounts seed 5)."""
+    a = mounter.mount(volume, options="attr-timeout=60,entry-timeout=60")
+    b = mounter.mount(volume)
+    write_file(a / "f", b"v1")
+    assert (a / "f").stat().st_size == 2  # A's kernel now caches size 2, for a minute
+    write_file(b / "f", b"rewritten on b")
+    _same(a / "f", b"rewritten on b", "a opens the file b rewrote (longer)")
+    os.truncate(b / "f", 3)
+    with open(a / "f", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == 3, "fstat after open shows the cached size"
+        assert f.read() == b"rew"
+    with open(b / "f", "ab") as f:
+        f.write(b"+appended")
+    _same(a / "f", b"rew+appended", "a opens the file b appended to")
