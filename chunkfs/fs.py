@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 STATUS_NAME = b".chunkfs.status"
+NAME_MAX = 255  # bytes per name (statfs f_namemax): longer names fail with ENAMETOOLONG
 STATUS_INO = (1 << 62) + 1
 _RENAME_FLAGS = {0: 0, pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
 
@@ -178,6 +179,13 @@ class ChunkFS(pyfuse3.Operations):
         except ChunkfsError as exc:  # left in the orphan list: reaped at the next mount
             log.warning("purge of an unlinked inode failed", extra={"ino": ino, "error": str(exc)})
 
+    @staticmethod
+    def _check_name(*names: bytes) -> None:
+        """Every handler that takes a name calls this first: a name no entry can have is
+        ENAMETOOLONG, never a lookup that answers ENOENT (or a rename that succeeds)."""
+        if any(len(name) > NAME_MAX for name in names):
+            raise FsError(errno.ENAMETOOLONG)
+
     def _status_entry(self) -> pyfuse3.EntryAttributes:
         now = time.time_ns()
         return self._entry(Attr(STATUS_INO, stat.S_IFREG | 0o444, 0, 0, 1, 0, now, now, now))
@@ -274,6 +282,7 @@ class ChunkFS(pyfuse3.Operations):
     # ---- lookups ---------------------------------------------------------------------
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
         if parent_inode == ROOT_INODE and name == STATUS_NAME:
             return self._status_entry()
         if name == b".":
@@ -327,9 +336,8 @@ class ChunkFS(pyfuse3.Operations):
     # ---- namespace changes ------------------------------------------------------------
     async def _create(self, parent: int, name: bytes, mode: int, ctx: Any, *, rdev: int = 0,
                       target: bytes = b"") -> Attr:
+        self._check_name(name)
         self._check_writable()
-        if len(name) > 255:
-            raise FsError(errno.ENAMETOOLONG)
         if parent == ROOT_INODE and name == STATUS_NAME:
             raise FsError(errno.EEXIST)
         return await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
@@ -363,6 +371,7 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_name(new_name)
         self._check_writable()
         await self.meta.link(inode, new_parent_inode, new_name)
         return self._known(self._entry(await self.meta.getattr(inode)))
@@ -376,18 +385,21 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_name(name)
         self._check_writable()
         ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
         await self._after_unlink(ino, left)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_name(name)
         self._check_writable()
         await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_name(name_old, name_new)
         self._check_writable()
         if flags not in _RENAME_FLAGS:
             raise FsError(errno.EINVAL)
@@ -561,14 +573,14 @@ class ChunkFS(pyfuse3.Operations):
         inodes = int(state.get("inodes", 0))
         s.f_files = inodes + (1 << 32)
         s.f_ffree = s.f_favail = 1 << 32
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     # ---- xattrs ----------------------------------------------------------------------
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._check_writable()
-        if len(name) > 255 or len(value) > 65536:
+        if len(name) > NAME_MAX or len(value) > 65536:  # the VFS refuses these first
             raise FsError(errno.ERANGE)
         await self.meta.setxattr(inode, name, value)
 
