@@ -163,10 +163,11 @@ class FaultProxy:
         await asyncio.sleep(0.05)  # connections accepted just now get their callback first
         for conn in list(self._conns):
             conn.reset()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+            for task in conn.tasks:  # the pumps; each connection's own task then ends
+                task.cancel()
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=5)
 
     # ---- addresses -------------------------------------------------------------------
     @property

@@ -35,6 +35,8 @@ def _block_file_ok(p: Path) -> bool:
     return len(data) >= n and hashlib.sha256(data[:n]).hexdigest() == digest
 
 
+@pytest.mark.mount_log_allows("corrupt cache block removed",
+                              reason="the test corrupts cache files; the mount must say so")
 def test_corrupt_cache_file_is_detected_and_refetched(mounter: Mounter, volume: str) -> None:
     m = mounter.mount(volume)
     files = {f"f{i}": rand_bytes(5 * MiB, f"c{i}") for i in range(2)}
@@ -68,6 +70,8 @@ def test_corrupt_cache_file_is_detected_and_refetched(mounter: Mounter, volume: 
                what=lambda: f"the cache to hold 4 verified blocks again (has: {state()})")
 
 
+@pytest.mark.mount_log_allows("operation failed",
+                              reason="the test corrupts the S3 object: the read fails with EIO")
 def test_corrupt_object_in_s3_is_an_error_not_bad_bytes(mounter: Mounter, cli: Cli, volume: str,
                                                         s3_client) -> None:
     m = mounter.mount(volume)
