@@ -291,14 +291,15 @@ def report(variant: Variant, failed: Result, shrunk: Result, replays: int, secon
 
 
 def run_case(harness: Harness, seed: int, count: int, log_dir: Path, *, shrink_budget: float,
-             remount_every: int = 0) -> None:
+             remount_every: int = 0) -> str | None:
+    """Run one seed; on failure, shrink it and return the report (None: it passed)."""
     result = harness.run(seed=seed, count=count, remount_every=remount_every)
     if result.ok:
-        return
+        return None
     started = time.monotonic()
     shrunk, replays = shrink(harness, result, shrink_budget) if shrink_budget > 0 else (result, 0)
-    pytest.fail(report(harness.variant, result, shrunk, replays, time.monotonic() - started,
-                       log_dir, seed=seed), pytrace=False)
+    return report(harness.variant, result, shrunk, replays, time.monotonic() - started,
+                  log_dir, seed=seed)
 
 
 # --------------------------------------------------------------------------- the tests
@@ -317,8 +318,10 @@ def test_fsx_seed_matches_the_model(seed: int, variant: str, steps: int, remount
     holds, after every step and after a remount on an empty cache."""
     harness = Harness(mounter, cli, VARIANTS[variant], tmp_path)
     known_bug = request.node.get_closest_marker("xfail") is not None
-    run_case(harness, seed, steps, mount_logs, shrink_budget=0 if known_bug else 150,
-             remount_every=remount_every)
+    failure = run_case(harness, seed, steps, mount_logs, shrink_budget=0 if known_bug else 150,
+                       remount_every=remount_every)
+    if failure:
+        pytest.fail(failure, pytrace=False)
 
 
 @pytest.mark.timeout(0)
@@ -331,17 +334,24 @@ def test_fsx_long(mounter: Mounter, cli: Cli, tmp_path: Path, mount_logs: Path,
     minutes = config.getoption("--fsx-minutes") or float(os.environ.get("CHUNKFS_FSX_MINUTES", 30))
     seed = config.getoption("--fsx-seed")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 20)
+    keep_going = config.getoption("--fsx-keep-going")
     deadline = time.monotonic() + 60 * minutes
-    done = 0
+    done, failures = 0, []
     while time.monotonic() < deadline:
         variant = VARIANTS[list(VARIANTS)[seed % len(VARIANTS)]]
-        harness = Harness(mounter, cli, variant, tmp_path / f"s{seed}")
+        harness = Harness(mounter, cli, variant, tmp_path / f"s{seed}", volume=f"fsx{seed}")
         print(f"fsx long: seed {seed} variant {variant.name}", flush=True)
-        run_case(harness, seed, 1000, mount_logs, shrink_budget=900, remount_every=300)
-        mounter.cli.run("volume", "delete", harness.volume)
+        failure = run_case(harness, seed, 1000, mount_logs, shrink_budget=900, remount_every=300)
+        if failure:
+            print(failure, flush=True)
+            failures.append(failure)
+            if not keep_going:
+                break
         done += 1
         seed += 1
-    print(f"fsx long: {done} seeds passed", flush=True)
+    print(f"fsx long: {done} seeds run, {len(failures)} failed", flush=True)
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
 
 
 @pytest.mark.parametrize(("variant", "ops"), REGRESSIONS)
