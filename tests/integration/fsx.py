@@ -108,8 +108,9 @@ class Runner:
     """Applies ops to the real files and to the model, and checks after each."""
 
     def __init__(self, mounts: list[str], subdir: str, model_dir: str, files: int,
-                 slots: int) -> None:
+                 slots: int, *, enospc: bool = False) -> None:
         self.mounts = mounts
+        self.enospc = enospc  # a small volume: a write may fail with ENOSPC
         self.subdir = subdir
         self.model_dir = model_dir
         self.nfiles = files
@@ -205,6 +206,10 @@ class Runner:
         data = payload(op)
         before = os.fstat(s.model_fd).st_size
         real = outcome(lambda: os.pwrite(s.fd, data, op["off"]))
+        if self._refused(real):
+            return True
+        if self.enospc and isinstance(real, int) and real < len(data):
+            data = data[:real]  # the volume filled up during a write split into requests
         model = outcome(lambda: os.pwrite(s.model_fd, data, op["off"]))
         same(real, model, "pwrite")
         start = before if "append" in s.flags else op["off"]
@@ -284,6 +289,8 @@ class Runner:
         if src is None or dst is None or src.m != dst.m:
             return False
         real = outcome(lambda: os.copy_file_range(src.fd, dst.fd, op["len"], op["off"], op["off2"]))
+        if self._refused(real):
+            return True
         # a copy may legitimately be short: the model copies what the mount copied
         n = real if isinstance(real, int) else op["len"]
         model = outcome(lambda: os.copy_file_range(src.model_fd, dst.model_fd, n, op["off"],
@@ -291,6 +298,15 @@ class Runner:
         same(real, model, "copy_file_range")
         if isinstance(real, int):
             self._check_range(dst, op["off2"], real)
+        return True
+
+    def _refused(self, real: Any) -> bool:
+        """A write refused for lack of space changed nothing: legal on a small volume
+        (and only for writes: committing and freeing space must never say ENOSPC)."""
+        if not (isinstance(real, OSError) and real.errno == errno.ENOSPC):
+            return False
+        if not self.enospc:
+            raise Failure("errno", "ENOSPC on a volume with room to spare")
         return True
 
     def _op_sync(self, op: Op) -> bool:
@@ -494,6 +510,8 @@ class Generator:
         open_slots = [h for h, s in enumerate(self.r.slots) if s is not None]
         free = [h for h, s in enumerate(self.r.slots) if s is None]
         kinds = [k for k in WEIGHTS if open_slots or k in ("open", "trunc", "verify")]
+        if self.r.enospc:  # page writeback into a hole has no write() that could refuse it
+            kinds = [k for k in kinds if k != "mwrite"]
         if not free:
             kinds.remove("open")
         kind = self.rng.choices(kinds, [WEIGHTS[k] for k in kinds])[0]
@@ -639,7 +657,7 @@ def remount(runner: Runner) -> None:
 
 def run(spec: dict[str, Any]) -> int:
     runner = Runner(spec["mounts"], spec["dir"], spec["model"], spec.get("files", 3),
-                    spec.get("slots", 4))
+                    spec.get("slots", 4), enospc=spec.get("enospc", False))
     gen = Generator(spec["seed"], runner) if spec.get("ops") is None else None
     ops: list[Op] | None = spec.get("ops")
     count = spec.get("count", 100) if ops is None else len(ops)
