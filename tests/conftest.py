@@ -67,6 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   help="how long the long mode runs (default 30, or CHUNKFS_FSX_MINUTES)")
     fsx.addoption("--fsx-seed", type=int, default=None,
                   help="long mode: the first seed (default: random; printed)")
+    fsx.addoption("--fsx-variants", default=None,
+                  help="long mode: comma-separated mount variants to cycle through (default: all)")
     fsx.addoption("--fsx-keep-going", action="store_true",
                   help="long mode: report a failing seed and go on with the next one")
     fsx.addoption("--fsx-replay", default=None,

@@ -391,10 +391,14 @@ def test_fsx_long(mounter: Mounter, cli: Cli, tmp_path: Path, mount_logs: Path,
     seed = config.getoption("--fsx-seed")
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 20)
     keep_going = config.getoption("--fsx-keep-going")
+    names = (config.getoption("--fsx-variants") or ",".join(VARIANTS)).split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        pytest.fail(f"unknown fsx variants {unknown}; known: {sorted(VARIANTS)}", pytrace=False)
     deadline = time.monotonic() + 60 * minutes
     done, failures = 0, []
     while time.monotonic() < deadline:
-        variant = VARIANTS[list(VARIANTS)[seed % len(VARIANTS)]]
+        variant = VARIANTS[names[seed % len(names)]]
         harness = Harness(mounter, cli, variant, tmp_path / f"s{seed}", volume=f"fsx{seed}")
         print(f"fsx long: seed {seed} variant {variant.name}", flush=True)
         failure = run_case(harness, seed, 1000, mount_logs, shrink_budget=900, remount_every=300)
