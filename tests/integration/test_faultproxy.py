@@ -90,6 +90,9 @@ def test_dropped_connections_reconnect_and_refused_ones_fail(redis_proxy: FaultP
     client.close()
 
 
+@pytest.mark.mount_log_allows("redis retry", "s3 retry",
+                              reason="the test drops the mount's connections: the next "
+                                     "request on each fails once and is retried")
 def test_a_mount_through_proxies_survives_dropped_idle_connections(
         redis_proxy: FaultProxy, s3_proxy: FaultProxy, mounter: Mounter,
         s3_env: dict[str, str]) -> None:
