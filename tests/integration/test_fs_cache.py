@@ -149,3 +149,31 @@ def test_cache_dir_deleted_while_mounted(mounter: Mounter, volume: str) -> None:
     m = mounter.remount(m)
     assert file_sha256(m / "a") == sha256(b"still writable" + a[14:])
     assert file_sha256(m / "b") == sha256(b)
+
+
+def test_cache_accounting_matches_the_disk_after_a_wipe(mounter: Mounter, volume: str) -> None:
+    """The cache's byte count is what its directory holds, also after the directory was
+    deleted under a running mount (issue 6 item 9: it drifted until the cache believed
+    it was full while holding nothing)."""
+    m = mounter.mount(volume, options="memory-cache=0")
+    files = {f"f{i}": rand_bytes(MiB + i, f"acct{i}") for i in range(3)}
+    for name, data in files.items():
+        write_file(m / name, data)
+
+    def accounted() -> bool:
+        cache = m.status_direct()["cache"]
+        blocks = cache_block_files(m.cache_dir)
+        return cache["bytes"] == tree_size(m.cache_dir / "blocks") and cache["entries"] == len(blocks)
+
+    wait_until(lambda: accounted() and len(cache_block_files(m.cache_dir)) == 3, 10,
+               what=lambda: f"3 cached blocks, counted exactly: {m.status_direct()['cache']}")
+    shutil.rmtree(m.cache_dir)
+    write_file(m / "after", rand_bytes(MiB, "after"))  # finds the directory gone
+    # f0 is read again (refetched, cached again); f1 and f2 are not: their old entries
+    # must not count any more
+    assert file_sha256(m / "f0") == sha256(files["f0"])
+    wait_until(lambda: accounted() and len(cache_block_files(m.cache_dir)) == 2, 10,
+               what=lambda: (f"the cache to count what its directory holds: "
+                             f"{m.status_direct()['cache']} vs {tree_size(m.cache_dir / 'blocks')} "
+                             f"bytes in {len(cache_block_files(m.cache_dir))} files"))
+    assert m.status_direct()["cache"]["rescans"] >= 1
