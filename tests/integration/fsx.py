@@ -35,6 +35,7 @@ import mmap
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,24 @@ class Runner:
         for m in mounts:
             os.makedirs(os.path.join(m, subdir), exist_ok=True)
         os.makedirs(model_dir, exist_ok=True)
+        global ORIGIN
+        ORIGIN = self.origin
+
+    def origin(self, needle: bytes) -> str:
+        """Where the model holds ``needle`` (stale, shifted or another file's bytes)."""
+        if len(needle) < 16 or needle == bytes(len(needle)):
+            return ""
+        found = []
+        for f in range(self.nfiles):
+            try:
+                with open(self.model_path(f), "rb") as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            at = data.find(needle)
+            if at >= 0:
+                found.append(f"f{f}'s bytes at {at}")
+        return f" = {', '.join(found)} in the model" if found else " found nowhere in the model"
 
     # ---- paths and state ----------------------------------------------------------
     def real_path(self, f: int, m: int) -> str:
@@ -350,7 +369,15 @@ class Runner:
         with direct(s.fd):
             got = outcome(lambda: os.pread(s.fd, hi - lo, lo))
         expected = os.pread(s.model_fd, hi - lo, lo)
-        same(got, expected, "check read (O_DIRECT)", base=lo)
+        try:
+            same(got, expected, "check read (O_DIRECT)", base=lo)
+        except Failure as exc:  # is it a race that settles, or what the file now holds?
+            time.sleep(0.5)
+            with direct(s.fd):
+                again = outcome(lambda: os.pread(s.fd, hi - lo, lo))
+            later = ("right" if again == expected else "the same wrong" if again == got
+                     else "other wrong")
+            raise Failure(exc.kind, f"{exc.msg}; read again 0.5 s later: {later} bytes") from None
 
     def _check_file(self, f: int, m: int, around: list[tuple[int, int]] | None = None) -> None:
         """The whole file (or the ranges ``around``) through its open handle or a new one."""
@@ -441,8 +468,14 @@ def diff(got: bytes, want: bytes, base: int) -> str:
     looks = "zeros" if span == bytes(len(span)) else "data"
     if looks == "data" and want[first:last] == bytes(last - first):
         looks = "data where the model has zeros (a hole)"
+    if looks != "zeros" and ORIGIN is not None:
+        looks += ORIGIN(span[:64])
     return (f"bytes differ at file offsets {base + first}..{base + last} "
             f"({last - first} bytes; the mount returned {looks}){_where(base + first, last - first)}")
+
+
+# set by the Runner: where else the model holds some bytes (" = f1's bytes at 123")
+ORIGIN: Any = None
 
 
 class direct:
