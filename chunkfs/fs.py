@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 STATUS_NAME = b".chunkfs.status"
+NAME_MAX = 255  # bytes per name (statfs f_namemax): longer names fail with ENAMETOOLONG
 STATUS_INO = (1 << 62) + 1
 _RENAME_FLAGS = {0: 0, pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
 _NEAR_FULL = 1 << 20  # closer to the capacity than this, a write checks the usage in Redis
@@ -112,6 +113,9 @@ class ChunkFS(pyfuse3.Operations):
         self.orphans: set[int] = set()
         self.upkeep: set[FileData] = set()  # closed files whose slices are being moved
         self.versions: dict[int, tuple[int, int]] = {}
+        # (mtime, size) of the attributes last handed to the kernel, per inode: what it may
+        # still serve from its attribute cache (for up to attr-timeout)
+        self.kernel_attrs: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
         self.volume = volume
         self.fenced = False
@@ -153,7 +157,20 @@ class ChunkFS(pyfuse3.Operations):
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.ctime_ns
+        if attr.ino != STATUS_INO:
+            self.kernel_attrs[attr.ino] = (e.st_mtime_ns, e.st_size)
         return e
+
+    def _expire_kernel_attrs(self, attr: Attr) -> None:
+        """Close-to-open across nodes: an open that loaded newer attributes than the
+        kernel holds (another node changed the file within attr-timeout) makes the kernel
+        ask again, so that fstat and reads see the new size, not the cached one."""
+        if self.kernel_attrs.get(attr.ino) == (attr.mtime_ns, attr.size):
+            return
+        try:
+            pyfuse3.invalidate_inode(attr.ino, attr_only=True)  # no writeback cache: no wait
+        except OSError:  # the kernel does not know the inode (any more): nothing is cached
+            pass
 
     def _known(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         """Count a reply that hands the kernel a reference to an inode (until ``forget``)."""
@@ -179,6 +196,13 @@ class ChunkFS(pyfuse3.Operations):
             await self.meta.purge(ino)
         except ChunkfsError as exc:  # left in the orphan list: reaped at the next mount
             log.warning("purge of an unlinked inode failed", extra={"ino": ino, "error": str(exc)})
+
+    @staticmethod
+    def _check_name(*names: bytes) -> None:
+        """Every handler that takes a name calls this first: a name no entry can have is
+        ENAMETOOLONG, never a lookup that answers ENOENT (or a rename that succeeds)."""
+        if any(len(name) > NAME_MAX for name in names):
+            raise FsError(errno.ENAMETOOLONG)
 
     def _status_entry(self) -> pyfuse3.EntryAttributes:
         now = time.time_ns()
@@ -300,6 +324,7 @@ class ChunkFS(pyfuse3.Operations):
     # ---- lookups ---------------------------------------------------------------------
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_name(name)
         if parent_inode == ROOT_INODE and name == STATUS_NAME:
             return self._status_entry()
         if name == b".":
@@ -354,9 +379,8 @@ class ChunkFS(pyfuse3.Operations):
     # ---- namespace changes ------------------------------------------------------------
     async def _create(self, parent: int, name: bytes, mode: int, ctx: Any, *, rdev: int = 0,
                       target: bytes = b"") -> Attr:
+        self._check_name(name)
         self._check_writable()
-        if len(name) > 255:
-            raise FsError(errno.ENAMETOOLONG)
         self._not_reserved(parent, name, errno.EEXIST)
         return await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
                                       target=target, inline=stat.S_ISREG(mode))
@@ -389,6 +413,7 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
+        self._check_name(new_name)
         self._not_status(inode)
         self._not_reserved(new_parent_inode, new_name, errno.EEXIST)
         self._check_writable()
@@ -404,6 +429,7 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_name(name)
         self._not_reserved(parent_inode, name)
         self._check_writable()
         ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
@@ -411,6 +437,7 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._check_name(name)
         self._not_reserved(parent_inode, name, errno.ENOTDIR)
         self._check_writable()
         await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
@@ -418,6 +445,7 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
+        self._check_name(name_old, name_new)
         self._not_reserved(parent_inode_old, name_old)
         self._not_reserved(parent_inode_new, name_new)
         self._check_writable()
@@ -464,6 +492,7 @@ class ChunkFS(pyfuse3.Operations):
         if attr is None:  # another handle has it open here: the page cache is ours already
             info.keep_cache = True
             return info
+        self._expire_kernel_attrs(attr)
         version = (attr.mtime_ns, attr.size)
         info.keep_cache = self.versions.get(inode) == version and not shared
         self.versions[inode] = version
@@ -595,7 +624,7 @@ class ChunkFS(pyfuse3.Operations):
         inodes = int(state.get("inodes", 0))
         s.f_files = inode_limit(capacity, int(state.get("max_inodes", 0) or 0))
         s.f_ffree = s.f_favail = max(0, s.f_files - inodes)
-        s.f_namemax = 255
+        s.f_namemax = NAME_MAX
         return s
 
     # ---- xattrs ----------------------------------------------------------------------
@@ -603,7 +632,7 @@ class ChunkFS(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         self._not_status(inode)
         self._check_writable()
-        if len(name) > 255 or len(value) > 65536:
+        if len(name) > NAME_MAX or len(value) > 65536:  # the VFS refuses these first
             raise FsError(errno.ERANGE)
         await self.meta.setxattr(inode, name, value)
 
@@ -657,5 +686,6 @@ class ChunkFS(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
+            self.kernel_attrs.pop(ino, None)
             if ino in self.orphans:
                 await self._maybe_purge(ino)

@@ -68,6 +68,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="leave the services running at the end (with --services-dir: reused next run)",
     )
+    fsx = parser.getgroup("fsx", "the randomized operation tester (tests/integration/test_fsx.py)")
+    fsx.addoption("--fsx-long", action="store_true",
+                  help="run the long fsx mode (also CHUNKFS_FSX_LONG=1): random seeds for "
+                       "--fsx-minutes, for the benchmark machine")
+    fsx.addoption("--fsx-minutes", type=float, default=None,
+                  help="how long the long mode runs (default 30, or CHUNKFS_FSX_MINUTES)")
+    fsx.addoption("--fsx-seed", type=int, default=None,
+                  help="long mode: the first seed (default: random; printed)")
+    fsx.addoption("--fsx-variants", default=None,
+                  help="long mode: comma-separated mount variants to cycle through (default: all)")
+    fsx.addoption("--fsx-keep-going", action="store_true",
+                  help="long mode: report a failing seed and go on with the next one")
+    fsx.addoption("--fsx-replay", default=None,
+                  help="replay an fsx op log (the JSON file a failure names) in test_fsx_replay")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -85,6 +99,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("services")
             if config.getoption("--no-services"):
                 item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Keep each phase's report on the item: fixture teardowns run self-checks (fsck,
+    mount logs) only after a test body that passed (tests/integration/fs_fixtures.py)."""
+    outcome = yield
+    reports = item.__dict__.setdefault("chunkfs_reports", {})
+    reports[call.when] = outcome.get_result()
 
 
 # --------------------------------------------------------------------------- backends

@@ -64,8 +64,9 @@ def _assert_secret_free(m: Mount, *secret_values: str) -> None:
 
 
 @pytest.mark.parametrize("via", ["env", "argv"])
-def test_secrets_not_in_ps_logs_or_status(mounter: Mounter, s3_env: dict[str, str],
-                                          redis_with_password: RedisService, via: str) -> None:
+def test_secrets_not_in_ps_logs_or_status(redis_with_password: RedisService, mounter: Mounter,
+                                          s3_env: dict[str, str], via: str) -> None:
+    # (the private Redis first: torn down after the mounter, it outlives every mount)
     password = redis_with_password.password
     aws_secret = s3_env["AWS_SECRET_ACCESS_KEY"]
     assert password and aws_secret
@@ -98,8 +99,9 @@ def test_secrets_not_in_ps_logs_or_status(mounter: Mounter, s3_env: dict[str, st
     assert password not in cache_files and aws_secret not in cache_files
 
 
-def test_wrong_redis_password_error_does_not_echo_it(mounter: Mounter, s3_env: dict[str, str],
-                                                     redis_with_password: RedisService) -> None:
+def test_wrong_redis_password_error_does_not_echo_it(redis_with_password: RedisService,
+                                                     mounter: Mounter,
+                                                     s3_env: dict[str, str]) -> None:
     good = redis_with_password.url
     wrong = good.replace(redis_with_password.password or "", "not-the-pw-" + secrets.token_hex(4))
     env = make_env(s3_env, CHUNKFS_META=wrong)

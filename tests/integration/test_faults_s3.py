@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
+
 from chunkfs.localstack import LocalStack
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
@@ -22,6 +24,12 @@ IO_TIMEOUT = 5
 SLACK = 5  # how much longer than io-timeout an operation may take to fail
 
 
+S3_STOPPED = pytest.mark.mount_log_allows(
+    "block upload failed", "operation failed",
+    reason="S3 is stopped on purpose: uploads fail, fsync/close report EIO and the mount logs why")
+
+
+@S3_STOPPED
 def test_fsync_fails_with_eio_while_s3_is_stopped_and_recovers(
         mounter: Mounter, volume: str, local_services: LocalStack) -> None:
     s3 = local_services.s3
@@ -66,6 +74,7 @@ def test_fsync_fails_with_eio_while_s3_is_stopped_and_recovers(
     assert (m / "after").read_bytes() == b"after the outage" * 10000
 
 
+@S3_STOPPED
 def test_close_while_s3_is_stopped_keeps_data_for_a_later_fsync(
         mounter: Mounter, volume: str, local_services: LocalStack) -> None:
     """close() reports EIO when the data cannot be stored; the mount keeps it and a later

@@ -35,6 +35,8 @@ def _block_file_ok(p: Path) -> bool:
     return len(data) >= n and hashlib.sha256(data[:n]).hexdigest() == digest
 
 
+@pytest.mark.mount_log_allows("corrupt cache block removed",
+                              reason="the test corrupts cache files; the mount must say so")
 def test_corrupt_cache_file_is_detected_and_refetched(mounter: Mounter, volume: str) -> None:
     m = mounter.mount(volume)
     files = {f"f{i}": rand_bytes(5 * MiB, f"c{i}") for i in range(2)}
@@ -68,6 +70,8 @@ def test_corrupt_cache_file_is_detected_and_refetched(mounter: Mounter, volume: 
                what=lambda: f"the cache to hold 4 verified blocks again (has: {state()})")
 
 
+@pytest.mark.mount_log_allows("operation failed",
+                              reason="the test corrupts the S3 object: the read fails with EIO")
 def test_corrupt_object_in_s3_is_an_error_not_bad_bytes(mounter: Mounter, cli: Cli, volume: str,
                                                         s3_client) -> None:
     m = mounter.mount(volume)
@@ -119,6 +123,9 @@ def test_warm_remount_reads_from_the_cache(mounter: Mounter, volume: str) -> Non
     assert st["s3"]["requests"].get("get", 0) == gets_at_mount, f"a warm read went to S3: {st['s3']}"
 
 
+@pytest.mark.mount_log_allows("cache write failed",
+                              reason="the test deletes the cache dir again and again while "
+                                     "the mount writes into it: a block may not get cached")
 def test_cache_dir_deleted_while_mounted(mounter: Mounter, volume: str) -> None:
     m = mounter.mount(volume)
     a, b = rand_bytes(5 * MiB, "a"), rand_bytes(5 * MiB, "b")
@@ -143,3 +150,31 @@ def test_cache_dir_deleted_while_mounted(mounter: Mounter, volume: str) -> None:
     m = mounter.remount(m)
     assert file_sha256(m / "a") == sha256(b"still writable" + a[14:])
     assert file_sha256(m / "b") == sha256(b)
+
+
+def test_cache_accounting_matches_the_disk_after_a_wipe(mounter: Mounter, volume: str) -> None:
+    """The cache's byte count is what its directory holds, also after the directory was
+    deleted under a running mount (issue 6 item 9: it drifted until the cache believed
+    it was full while holding nothing)."""
+    m = mounter.mount(volume, options="memory-cache=0")
+    files = {f"f{i}": rand_bytes(MiB + i, f"acct{i}") for i in range(3)}
+    for name, data in files.items():
+        write_file(m / name, data)
+
+    def accounted() -> bool:
+        cache = m.status_direct()["cache"]
+        blocks = cache_block_files(m.cache_dir)
+        return cache["bytes"] == tree_size(m.cache_dir / "blocks") and cache["entries"] == len(blocks)
+
+    wait_until(lambda: accounted() and len(cache_block_files(m.cache_dir)) == 3, 10,
+               what=lambda: f"3 cached blocks, counted exactly: {m.status_direct()['cache']}")
+    shutil.rmtree(m.cache_dir)
+    write_file(m / "after", rand_bytes(MiB, "after"))  # finds the directory gone
+    # f0 is read again (refetched, cached again); f1 and f2 are not: their old entries
+    # must not count any more
+    assert file_sha256(m / "f0") == sha256(files["f0"])
+    wait_until(lambda: accounted() and len(cache_block_files(m.cache_dir)) == 2, 10,
+               what=lambda: (f"the cache to count what its directory holds: "
+                             f"{m.status_direct()['cache']} vs {tree_size(m.cache_dir / 'blocks')} "
+                             f"bytes in {len(cache_block_files(m.cache_dir))} files"))
+    assert m.status_direct()["cache"]["rescans"] >= 1

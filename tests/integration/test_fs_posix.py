@@ -113,6 +113,91 @@ def test_long_names_and_odd_bytes(work: Path) -> None:
     assert b"bad-\xff\xfe-utf8" in os.listdir(os.fsencode(str(work)))
 
 
+LONG_NAMES = [("n" * 256, "256 ASCII bytes"), ("\u00e9" * 128, "128 two-byte characters = 256 bytes"),
+              ("x" * 1000, "1000 bytes"), ("y" * 1100, "1100 bytes (past the FUSE limit)")]
+
+
+@pytest.mark.parametrize("long", [n for n, _ in LONG_NAMES], ids=[i for _, i in LONG_NAMES])
+def test_names_longer_than_255_bytes_fail_with_enametoolong_everywhere(work: Path, long: str) -> None:
+    """Every call that takes a name refuses one longer than NAME_MAX (255 bytes) with
+    ENAMETOOLONG (not ENOENT, not success) and changes nothing (issue 6 item 11)."""
+    (work / "file").write_bytes(b"data")
+    (work / "dir").mkdir()
+    (work / "empty").mkdir()
+    before = sorted(os.listdir(work))
+    calls = {
+        "create": lambda: open(work / long, "wb"),  # noqa: SIM115 - it must fail
+        "open": lambda: open(work / long, "rb"),  # noqa: SIM115
+        "mknod": lambda: os.mknod(work / long, 0o644 | stat.S_IFIFO),
+        "mkdir": lambda: os.mkdir(work / long),
+        "symlink": lambda: os.symlink("file", work / long),
+        "link": lambda: os.link(work / "file", work / long),
+        "rename to": lambda: os.rename(work / "file", work / long),
+        "rename dir to": lambda: os.rename(work / "empty", work / long),
+        "rename from": lambda: os.rename(work / long, work / "other"),
+        "stat": lambda: os.stat(work / long),
+        "lstat": lambda: os.lstat(work / long),
+        "access": lambda: os.access(work / long, os.R_OK) or os.stat(work / long),
+        "unlink": lambda: os.unlink(work / long),
+        "rmdir": lambda: os.rmdir(work / long),
+        "chmod": lambda: os.chmod(work / long, 0o600),
+        "truncate": lambda: os.truncate(work / long, 0),
+        "getxattr": lambda: os.getxattr(work / long, "user.x"),
+        "readlink": lambda: os.readlink(work / long),
+        "a component in the middle": lambda: os.stat(work / long / "below"),
+    }
+    wrong = {}
+    for what, call in calls.items():
+        try:
+            call()
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                wrong[what] = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        else:
+            wrong[what] = "success"
+    assert not wrong, f"expected ENAMETOOLONG for a name of {len(long.encode())} bytes: {wrong}"
+    assert sorted(os.listdir(work)) == before, "a refused call changed the directory"
+    assert (work / "file").read_bytes() == b"data"
+
+
+def test_names_of_exactly_255_bytes_work_everywhere(work: Path) -> None:
+    for name in ("m" * 255, "\u00e9" * 127 + "a"):
+        assert len(name.encode()) == 255
+        p = work / name
+        p.write_bytes(b"ok")
+        assert p.read_bytes() == b"ok" and p.stat().st_size == 2
+        os.link(p, work / "hard")
+        os.unlink(work / "hard")
+        os.rename(p, work / "short")
+        os.rename(work / "short", p)
+        os.setxattr(p, "user.k", b"v")
+        os.unlink(p)
+        os.mkdir(p)
+        os.symlink(name, p / name)
+        assert os.readlink(p / name) == name
+        os.unlink(p / name)
+        os.mknod(p / name, 0o644 | stat.S_IFIFO)
+        assert stat.S_ISFIFO(os.lstat(p / name).st_mode)
+        os.unlink(p / name)
+        os.rmdir(p)
+    assert os.listdir(work) == []
+
+
+def test_xattr_names_longer_than_255_bytes_are_refused(work: Path) -> None:
+    """Linux bounds xattr names at 255 bytes in the VFS itself (ERANGE, as on ext4);
+    no such name is ever stored."""
+    p = work / "f"
+    p.write_bytes(b"x")
+    os.setxattr(p, "user." + "k" * 250, b"fits")  # 255 bytes
+    assert os.getxattr(p, "user." + "k" * 250) == b"fits"
+    for call in (lambda: os.setxattr(p, "user." + "k" * 251, b"v"),
+                 lambda: os.getxattr(p, "user." + "k" * 251),
+                 lambda: os.removexattr(p, "user." + "k" * 251)):
+        expect_errno(errno.ERANGE, call)
+    assert os.listxattr(p) == ["user." + "k" * 250]
+    assert os.statvfs(work).f_namemax == 255
+
+
 def test_symlinks(work: Path) -> None:
     (work / "target").write_bytes(b"pointed at")
     os.symlink("target", work / "rel")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+import random
 from pathlib import Path
+
+import pytest
 
 from chunkfs.cache import BlockCache
 
@@ -84,3 +88,158 @@ async def test_range_reads_verify_only_the_chunks_they_touch(tmp_path: Path) -> 
     assert await cache.read_range(digest(data), len(data), 199_000, 2000) is None
     assert cache.stats.corrupt == 1 and not path.exists()
     assert await cache.get(digest(data), len(data)) is None
+
+
+# --------------------------------------------------------------------------- ranges (issue 6 item 8)
+
+
+async def test_range_reads_of_every_shape_return_the_bytes_or_nothing_never_fail(tmp_path: Path) -> None:
+    """A range may start past the cached object's bytes (a hole past a block's valid
+    length) or be empty: that is no bytes, never a negative read size or an error."""
+    cache = await BlockCache.open(str(tmp_path), 1 << 24)
+    chunk = 64 * 1024
+    for length in (1, chunk - 1, chunk, chunk + 1, 3 * chunk + 5):
+        data = os.urandom(length)
+        await cache.put(digest(data), data)
+        points = sorted({0, 1, chunk - 1, chunk, chunk + 1, length - 1, length, length + 1,
+                         2 * length, 300 * 1024, 2 << 20})
+        for start in points:
+            for size in (0, 1, 4096, chunk, length, 4 << 20):
+                got = await cache.read_range(digest(data), length, start, size)
+                assert got == data[start:start + size], (length, start, size)
+    assert cache.stats.corrupt == 0
+
+
+async def test_range_read_arguments_are_validated(tmp_path: Path) -> None:
+    cache = await BlockCache.open(str(tmp_path), 1 << 20)
+    data = os.urandom(1000)
+    await cache.put(digest(data), data)
+    for start, size in ((-1, 10), (0, -1)):
+        with pytest.raises(ValueError):
+            await cache.read_range(digest(data), 1000, start, size)
+    for bad in ("../../etc/passwd", "ab", digest(data).upper(), ""):
+        with pytest.raises(ValueError):
+            await cache.read_range(bad, 1000, 0, 10)
+        with pytest.raises(ValueError):
+            await cache.get(bad, 1000)
+        with pytest.raises(ValueError):
+            await cache.put(bad, data)
+    with pytest.raises(ValueError):
+        await cache.get(digest(data), -1)
+
+
+# --------------------------------------------------------------------------- accounting (item 9)
+
+
+def disk_truth(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in root.joinpath("blocks").rglob("*") if p.is_file()}
+
+
+def assert_exact(cache: BlockCache, root: Path) -> None:
+    """What the cache believes is what the directory holds, byte for byte."""
+    truth = disk_truth(root)
+    index = cache.entries()
+    assert index == truth, f"index {sorted(index)} vs disk {sorted(truth)}"
+    assert cache.used == sum(truth.values())
+    assert cache.used <= cache.limit
+
+
+async def test_concurrent_puts_of_one_block_count_it_once(tmp_path: Path) -> None:
+    cache = await BlockCache.open(str(tmp_path), 1 << 24)
+    data = os.urandom(300_000)
+    results = await asyncio.gather(*(cache.put(digest(data), data) for _ in range(8)))
+    assert any(results)
+    assert_exact(cache, tmp_path)
+    assert len(disk_truth(tmp_path)) == 1
+    assert cache.stats.writes == 1
+
+
+async def test_accounting_stays_exact_under_interleaved_puts_gets_and_evictions(tmp_path: Path) -> None:
+    """Puts (often of the same blocks), gets, range reads and evictions in random
+    interleavings on a real directory: afterwards index == disk, used == bytes on disk."""
+    blobs = [os.urandom(random.Random(i).randint(1, 200_000)) for i in range(12)]
+    for seed in range(6):
+        rng = random.Random(seed)
+        root = tmp_path / f"c{seed}"
+        cache = await BlockCache.open(str(root), 700_000)
+        calls = []
+        for _ in range(60):
+            blob = rng.choice(blobs)
+            pick = rng.random()
+            if pick < 0.6:
+                calls.append(cache.put(digest(blob), blob))
+            elif pick < 0.8:
+                calls.append(cache.get(digest(blob), len(blob)))
+            else:
+                calls.append(cache.read_range(digest(blob), len(blob), rng.randrange(len(blob)), 4096))
+        rng.shuffle(calls)
+        await asyncio.gather(*calls)
+        assert_exact(cache, root)
+        # and what it holds reads back
+        for name in cache.entries():
+            d, _, n = name.partition("_")
+            assert await cache.get(d, int(n)) is not None
+
+
+async def test_wiped_cache_dir_is_rescanned_and_accounting_is_exact(tmp_path: Path) -> None:
+    import shutil
+
+    cache = await BlockCache.open(str(tmp_path / "c"), 1 << 24)
+    old = [os.urandom(100_000) for _ in range(3)]
+    for blob in old:
+        await cache.put(digest(blob), blob)
+    shutil.rmtree(tmp_path / "c")  # an operator (or the CSI plugin) deletes the cache
+    new = os.urandom(50_000)
+    await asyncio.gather(cache.put(digest(new), new), cache.put(digest(new), new))
+    await cache.drain()
+    assert_exact(cache, tmp_path / "c")
+    assert list(cache.entries()) == [f"{digest(new)}_{len(new)}"]
+    # an old block can be cached again (the stale index entry would have refused it)
+    assert await cache.put(digest(old[0]), old[0])
+    assert_exact(cache, tmp_path / "c")
+
+
+async def test_rescan_rebuilds_from_what_is_on_disk(tmp_path: Path) -> None:
+    cache = await BlockCache.open(str(tmp_path), 1 << 24)
+    blobs = [os.urandom(10_000 + i) for i in range(4)]
+    for blob in blobs:
+        await cache.put(digest(blob), blob)
+    victim = next(p for p in tmp_path.joinpath("blocks").rglob("*") if p.is_file())
+    victim.unlink()  # files deleted behind the cache's back
+    await cache.rescan()
+    assert_exact(cache, tmp_path)
+    assert len(cache.entries()) == 3
+
+
+# --------------------------------------------------------------------------- bounded offers
+
+
+async def test_offer_refuses_when_too_many_writes_are_pending(tmp_path: Path) -> None:
+    """The fetch path offers every block it fetched: a slow cache disk must make the
+    cache refuse (the block is simply not cached), not hold one more block in memory."""
+    cache = await BlockCache.open(str(tmp_path), 1 << 26, max_pending=2, max_pending_bytes=1 << 30)
+    blobs = [os.urandom(100_000) for _ in range(10)]
+    accepted = [cache.offer(digest(b), b) for b in blobs]  # no await: nothing has run yet
+    assert accepted == [True, True] + [False] * 8
+    assert cache.pending_writes == 2
+    await cache.drain()
+    assert cache.pending_writes == 0 and cache.pending_bytes == 0
+    assert len(cache.entries()) == 2 and cache.stats.skipped == 8
+    assert_exact(cache, tmp_path)
+    # once the writes are done, offers are taken again
+    assert cache.offer(digest(blobs[5]), blobs[5])
+    await cache.drain()
+    assert len(cache.entries()) == 3
+
+
+async def test_offer_is_bounded_in_bytes_and_skips_what_is_cached_or_in_flight(tmp_path: Path) -> None:
+    cache = await BlockCache.open(str(tmp_path), 1 << 26, max_pending=100, max_pending_bytes=250_000)
+    blobs = [os.urandom(100_000) for _ in range(4)]
+    assert cache.offer(digest(blobs[0]), blobs[0])
+    assert not cache.offer(digest(blobs[0]), blobs[0])  # already on its way
+    assert cache.offer(digest(blobs[1]), blobs[1])
+    assert not cache.offer(digest(blobs[2]), blobs[2])  # would exceed 250 kB in flight
+    assert cache.pending_bytes <= 250_000
+    await cache.drain()
+    assert not cache.offer(digest(blobs[0]), blobs[0])  # cached already
+    assert_exact(cache, tmp_path)
