@@ -236,7 +236,7 @@ class ChunkFS(pyfuse3.Operations):
         if not growth:
             return 1 << 62
         capacity = int(self.volume.get("capacity", 0))
-        return capacity - int(self.volume.get("used", 0)) - self.uncommitted_growth() - growth
+        return capacity - self._known_used() - self.uncommitted_growth() - growth
 
     async def _check_space(self, data: FileData, off: int, n: int) -> None:
         """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
@@ -246,8 +246,12 @@ class ChunkFS(pyfuse3.Operations):
             await self._refresh_usage()
             left = self._space_left(data, off, n)
         if left < 0:
-            used = int(self.volume.get("used", 0)) + self.uncommitted_growth()
+            used = self._known_used() + self.uncommitted_growth()
             raise NoSpace(f"volume full: {used} of {self.volume.get('capacity')} bytes in use")
+
+    def _known_used(self) -> int:
+        """The usage last read from Redis plus what our commits added since."""
+        return int(self.volume.get("used", 0)) + self.meta.charged
 
     async def _refresh_usage(self) -> dict[str, bytes]:
         state = await self.meta.volume_state()

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import get_session
@@ -223,7 +224,9 @@ class ObjectStore:
                 if code in _PERMANENT or status in (400, 403):
                     raise StorageUnavailable(f"S3 {op} refused: {code or status}") from exc
                 err: Exception = exc
-            except (TimeoutError, BotoCoreError, OSError) as exc:
+            except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as exc:
+                # aiohttp's errors: a body cut midway (ClientPayloadError) or a dropped
+                # connection while streaming it
                 self.stats.failed(op, exc)
                 err = exc
             if time.monotonic() + delay > limit:

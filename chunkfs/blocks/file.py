@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -50,7 +51,14 @@ from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.slices import Slice
 from chunkfs.blocks.sparse import Sparse
 from chunkfs.blocks.store import BlockStore, ObjectRef, all_zero
-from chunkfs.errors import BlockMissing, ChunkfsError, InlineFull, MetaUnavailable, SliceConflict
+from chunkfs.errors import (
+    BlockMissing,
+    ChunkfsError,
+    FsError,
+    InlineFull,
+    MetaUnavailable,
+    SliceConflict,
+)
 from chunkfs.faults import crash_point
 from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
 
@@ -579,10 +587,16 @@ class FileData:
                     continue  # written meanwhile (the next commit looks again), or done
                 try:
                     await self._rewrite(idx, work)
-                except SliceConflict:  # another writer changed it: read what it is now
+                except (SliceConflict, BlockMissing):
+                    # another commit changed the block (the compare-and-set refused, or a
+                    # piece of our view was freed meanwhile): read what it is now
                     with contextlib.suppress(ChunkfsError):
                         await self._refresh_committed()
                 except ChunkfsError as exc:  # a later commit or close tries again
+                    if isinstance(exc, FsError) and exc.errno == errno.ENOENT:
+                        # the file is gone (last link removed, purged): nothing to keep up
+                        log.debug("slice upkeep: file gone", extra={"ino": self.ino})
+                        return
                     log.warning("slice upkeep failed", extra={"ino": self.ino, "block": idx,
                                                               "work": work, "error": str(exc)})
                     return

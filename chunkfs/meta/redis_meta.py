@@ -283,6 +283,8 @@ class VolumeMeta:
         self.stats = MetaStats()
         self._requests = 0
         self._instance = secrets.token_hex(6)
+        # bytes our commits added to the volume's usage since volume_state() last read it
+        self.charged = 0
 
     def _request_key(self) -> str:
         """A reply key unique to one logical request (kept across its retries)."""
@@ -312,7 +314,12 @@ class VolumeMeta:
 
     # ---- reads -------------------------------------------------------------------
     async def volume_state(self) -> dict[str, bytes]:
+        """The volume's hash. Its ``used`` includes every commit of ours counted in
+        ``charged`` when the read began; those are forgotten (a commit that lands during
+        the read stays counted until the next one: usage is overestimated, never under)."""
+        counted = self.charged
         raw = await self._call("vol", lambda: self.r.execute("HGETALL", self.keys.vol))
+        self.charged -= counted
         return {k.decode(): v for k, v in pairs_to_dict(raw).items()}
 
     async def gc_record(self) -> GcRun | None:
@@ -475,8 +482,10 @@ class VolumeMeta:
         for blob_id, data in store.items():
             args += [blob_id, data]
         k = self.keys
-        await self._run("COMMIT", [k.vol, k.inode(ino), k.blocks(ino), k.pending, k.settled,
-                                   k.sessions, k.slices(ino)], args, request_key)
+        grew = await self._run("COMMIT", [k.vol, k.inode(ino), k.blocks(ino), k.pending,
+                                          k.settled, k.sessions, k.slices(ino)], args, request_key)
+        if isinstance(grew, int) and grew > 0:
+            self.charged += grew
 
     @property
     def instance(self) -> str:

@@ -553,7 +553,7 @@ if not string.find(ARGV[4], 'K', 1, true) then  -- 'K': the same bytes, stored o
   redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
 end
 if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
-return 1
+return delta  -- what the volume's usage grew by (an integer reply)
 """)
 
 # KEYS: vol, inode, xattrs, reply ; ARGV: epoch, name, value, flags (1 create, 2 replace), now, remove

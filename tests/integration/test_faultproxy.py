@@ -153,13 +153,6 @@ def test_an_s3_reply_cut_in_its_headers_is_retried(
     _cut_reads(s3_proxy, mounter, s3_env, cli, keep)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "chunkfs/objstore.py (not the tester's to change): ObjectStore._retry retries "
-    "TimeoutError, BotoCoreError and OSError, but a GET whose body is cut midway raises "
-    "aiohttp.ClientPayloadError (an aiohttp.ClientError) from stream.read(): it escapes "
-    "the retry loop, fs.py logs 'unexpected error' and the read fails with EIO although "
-    "S3 is fine (a buffered reader only survives because the kernel retries the page). "
-    "Fix: retry aiohttp.ClientError too (found with the fault proxy)"))
 @pytest.mark.mount_log_allows("s3 retry", reason="the test cuts an S3 reply: the GET is retried")
 def test_an_s3_reply_cut_in_its_body_is_retried(
         s3_proxy: FaultProxy, mounter: Mounter, s3_env: dict[str, str], cli: Cli) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 
+import pytest
+
 from chunkfs.localstack import LocalStack
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
@@ -67,6 +69,8 @@ def test_many_open_files_with_partial_blocks_share_a_small_budget(mounter: Mount
         assert file_sha256(m / f"g{i}") == sha256(body)
 
 
+@pytest.mark.mount_log_allows("block upload failed", "operation failed",
+                              reason="S3 is stopped on purpose: uploads and the write fail")
 def test_a_write_waiting_on_a_full_budget_fails_with_eio_when_s3_takes_nothing(
         mounter: Mounter, volume: str, local_services: LocalStack) -> None:
     s3 = local_services.s3
@@ -167,6 +171,8 @@ def test_two_mounts_rewriting_one_file_leave_the_last_closed_version_whole(
         big, small = small, big
 
 
+@pytest.mark.mount_log_allows("writer lease revoked: fencing this mount", "operation failed",
+                              reason="the test fences the mount: its flushes fail")
 def test_a_fenced_mount_gives_back_the_buffers_of_the_files_it_can_no_longer_commit(
         mounter: Mounter, cli: Cli, volume: str) -> None:
     m = mounter.mount(volume, options="epoch=1,buffer-size=8MiB")

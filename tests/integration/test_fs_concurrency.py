@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     MiB,
@@ -207,16 +205,6 @@ class LostWrite(AssertionError):
     """Bytes of an acknowledged write are missing, or the write never returned."""
 
 
-@pytest.mark.xfail(strict=True, raises=LostWrite, reason=(
-    "blocks/file.py (lead): FileData._new_dirty installs its new buffer with "
-    "`self.dirty[idx] = block` after `await self.budget.acquire(...)` without checking "
-    "whether another writer of the same block installed one during that wait. The kernel "
-    "splits one O_DIRECT write into several FUSE requests and sends them in parallel; under "
-    "write-buffer pressure two of them wait in _new_dirty for the same block, the second "
-    "overwrites the buffer the first already wrote into: those bytes are lost (found by "
-    "fsx: --fsx-long seed 319, variant lean, step 782, 2.4 MB of a write read back wrong, "
-    "under load) and the overwritten buffer's budget is never released, so later writes wait "
-    "forever with no dirty data left (this test usually hangs that way)"))
 def test_one_direct_write_sent_as_parallel_requests_keeps_every_byte(
         mounter: Mounter, volume: str) -> None:
     m = mounter.mount(volume, options="buffer-size=8MiB,io-timeout=20")

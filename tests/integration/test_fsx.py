@@ -90,14 +90,10 @@ def _case(seed: int, variant: str, steps: int, remount_every: int, *,
 
 
 CASES = [
-    _case(1, "tight", 200, 0, bug=("hang", "write"), reason=(
-        "issue 6 item 4: step 144 of 200, a write waits forever for write-buffer budget "
-        "held by other files' partial blocks (see the item4 regression log)")),
+    _case(1, "tight", 200, 0),
     _case(2, "roomy", 200, 0), _case(3, "lean", 200, 100), _case(4, "tight", 200, 100),
     _case(5, "two-mounts", 200, 0), _case(6, "two-mounts", 200, 100),
-    _case(9, "full", 200, 0, bug=("errno", "error ENOSPC"), reason=(
-        "issue 6 item 7: ENOSPC at fsync/close for writes that write() accepted (see the "
-        "item7 regression log)")),
+    _case(9, "full", 200, 0),
 ]
 
 
@@ -124,15 +120,7 @@ REGRESSIONS: list[Any] = [
         {"op": "trunc", "h": None, "f": 2, "m": 0, "size": 13107200},
         {"op": "write", "h": 3, "off": 10875, "len": 766279, "seed": 575715635},
         {"op": "write", "h": 2, "off": 12338902, "len": 724992, "seed": 938072612},
-    ], ("hang", "write h2"), id="item4-write-buffer-deadlock-tight-seed200",
-        marks=pytest.mark.xfail(strict=True, raises=KnownBug, reason=(
-        "issue 6 item 4 (blocks/file.py + blocks/budget.py, lead): buffer-size=8MiB; f1 "
-        "holds a dirty 4 MiB block 0 (rebuilt from its in-flight upload) and a 1.7 MB "
-        "block 1; f2's write at 3950294 into the hole of block 2 makes a new buffer of "
-        "the whole block prefix (4 MiB of zeros + data) and waits in WriteBudget.acquire, "
-        "whose pressure callback uploads only f2's own dirty blocks (none): f1's never "
-        "leave and the write blocks forever (--fsx-long seed 200, step 37 of 38; also "
-        "seed 100 with three files: 12 of 415 steps)"))),
+    ], None, id="item4-write-buffer-deadlock-tight-seed200"),
     pytest.param("full", [
         {"op": "open", "h": 2, "f": 2, "m": 0, "flags": ["trunc"]},
         {"op": "write", "h": 2, "off": 4190208, "len": 61767, "seed": 435231834},
@@ -141,16 +129,7 @@ REGRESSIONS: list[Any] = [
         {"op": "sync", "h": 2, "data": False},
         {"op": "write", "h": 3, "off": 6904905, "len": 2361923, "seed": 28310953},
         {"op": "sync", "h": 3, "data": False},
-    ], ("errno", "fsync: mount gave error ENOSPC"),
-        id="item7-enospc-at-fsync-after-acknowledged-writes-full-seed4",
-        marks=pytest.mark.xfail(strict=True, raises=KnownBug, reason=(
-            "issue 6 item 7 (fs.py _check_space vs the COMMIT script's accounting, lead): "
-            "on a 12 MiB volume every write is accepted, because write() counts only bytes "
-            "past the end of the file (2.4 MB for f1's write at 6904905), but COMMIT charges "
-            "each block its valid length from the block start, zeros of the hole before the "
-            "data included (f1 block 1: 4194304, block 2: 878220): fsync fails with ENOSPC "
-            "for data that write() acknowledged (--fsx-long seed 4, full variant, step 53; "
-            "shrunk to 7 steps)"))),
+    ], None, id="item7-enospc-at-fsync-after-acknowledged-writes-full-seed4"),
 ]
 
 
