@@ -94,6 +94,16 @@ def _name(digest: str, length: int) -> str:
     return f"{digest}_{length}"
 
 
+
+def _private_dir(path: str) -> None:
+    """The cache holds the blocks of every volume that used it: only its owner may read
+    it (a pod's user on the node, or another tenant's process, must not). A directory we
+    own is tightened to 0700 whatever made it; the blocks in it are created 0600."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
 class BlockCache:
     """Content-addressed block files under ``root``; all disk I/O runs in threads."""
 
@@ -136,8 +146,9 @@ class BlockCache:
     # ---- the index ---------------------------------------------------------------------
     def _list(self) -> list[tuple[float, str, int]]:
         """What the directory holds (mtime, name, size); drops stray temporary files."""
-        os.makedirs(self._blocks, exist_ok=True)
-        os.makedirs(self._tmp, exist_ok=True)
+        _private_dir(self.root)
+        os.makedirs(self._blocks, mode=0o700, exist_ok=True)
+        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
         for entry in os.scandir(self._tmp):
             try:
                 os.unlink(entry.path)
@@ -329,10 +340,11 @@ class BlockCache:
         wiped = False
         for attempt in (1, 2):
             try:
-                with open(tmp, "wb") as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with open(fd, "wb") as f:
                     f.write(data)
                     f.write(trailer)
-                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
                 os.rename(tmp, final)
                 return wiped
             except FileNotFoundError:
@@ -340,8 +352,9 @@ class BlockCache:
                     raise
                 # the cache directory was deleted under us: recreate it and try once more
                 wiped = True
-                os.makedirs(self._tmp, exist_ok=True)
-                os.makedirs(os.path.dirname(final), exist_ok=True)
+                _private_dir(self.root)
+                os.makedirs(self._tmp, mode=0o700, exist_ok=True)
+                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
         return wiped
 
     # ---- eviction ----------------------------------------------------------------------

@@ -243,3 +243,22 @@ async def test_offer_is_bounded_in_bytes_and_skips_what_is_cached_or_in_flight(t
     await cache.drain()
     assert not cache.offer(digest(blobs[0]), blobs[0])  # cached already
     assert_exact(cache, tmp_path)
+
+
+async def test_the_cache_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    os.chmod(root, 0o755)  # as an operator's hostPath may come
+    old = os.umask(0)  # whatever the umask
+    try:
+        cache = await BlockCache.open(str(root), 1 << 20)
+        data = os.urandom(5000)
+        await cache.put(digest(data), data)
+    finally:
+        os.umask(old)
+    assert root.stat().st_mode & 0o777 == 0o700
+    found = list(root.rglob("*"))
+    assert any(p.is_file() for p in found)
+    for path in found:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
