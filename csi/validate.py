@@ -34,10 +34,10 @@ FS_TYPES = frozenset({"", "chunkfs", "fuse.chunkfs"})
 # What ValidateVolumeCapabilities says when it confirms MULTI_NODE_MULTI_WRITER (one line:
 # update it when the data path merges concurrent writers of one file; docs/dev/csi.md).
 MULTI_NODE_MULTI_WRITER_NOTE = (
-    "MULTI_NODE_MULTI_WRITER: safe when each file has one writing node at a time (nodes "
-    "may create, replace, rename and delete files concurrently; close-to-open consistency)"
-    "; NOT safe yet: several nodes writing one file at once (their writes are not merged: "
-    "the last commit of a block wins)")
+    "MULTI_NODE_MULTI_WRITER: nodes may create, replace, rename, delete and write files "
+    "concurrently; writers of one file keep each other's bytes (commits append slices; "
+    "for the same bytes the last commit wins); close-to-open consistency: a node sees "
+    "another's writes when it next opens the file")
 
 # Mount flags that apply to the publish bind mount; any other flag is a chunkfs mount
 # option, passed to `chunkfs mount -o` at NodeStageVolume. Publish mounts are always
