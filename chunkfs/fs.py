@@ -27,6 +27,7 @@ from chunkfs.blocks.store import BlockStore
 from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE, Attr, inode_limit
+from chunkfs.volume_state import VolumeState
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -51,7 +52,7 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(exc.errno) from None
         except ChunkfsError as exc:
             if isinstance(exc, (Fenced, SessionExpired)):
-                self.fenced = True
+                self.state.fenced = True
             if exc.errno == errno.EIO:
                 self.status.errors += 1
                 self.status.last_error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
@@ -117,8 +118,7 @@ class ChunkFS(pyfuse3.Operations):
         # still serve from its attribute cache (for up to attr-timeout)
         self.kernel_attrs: dict[int, tuple[int, int]] = {}
         self._next_fh = 1
-        self.volume = volume
-        self.fenced = False
+        self.state = VolumeState(meta, volume)  # capacity, usage, epoch, fenced
         self.status = MountStatus()
         self._status_extra = status_extra
 
@@ -225,7 +225,7 @@ class ChunkFS(pyfuse3.Operations):
             raise FsError(errno.EPERM)
 
     def _check_writable(self) -> None:
-        if self.fenced:
+        if self.state.fenced:
             raise Fenced("writer lease revoked: this node may no longer write the volume")
 
     def _space_left(self, data: FileData, off: int, n: int) -> int:
@@ -235,28 +235,18 @@ class ChunkFS(pyfuse3.Operations):
         growth = data.growth_of(off, n)
         if not growth:
             return 1 << 62
-        capacity = int(self.volume.get("capacity", 0))
-        return capacity - self._known_used() - self.uncommitted_growth() - growth
+        return self.state.capacity - self.state.used - self.uncommitted_growth() - growth
 
     async def _check_space(self, data: FileData, off: int, n: int) -> None:
         """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
         to a second old (space used or freed since): near the limit, ask Redis first."""
         left = self._space_left(data, off, n)
-        if left < max(_NEAR_FULL, int(self.volume.get("capacity", 0)) // 100):
-            await self._refresh_usage()
+        if left < max(_NEAR_FULL, self.state.capacity // 100):
+            await self.state.refresh_usage()
             left = self._space_left(data, off, n)
         if left < 0:
-            used = self._known_used() + self.uncommitted_growth()
-            raise NoSpace(f"volume full: {used} of {self.volume.get('capacity')} bytes in use")
-
-    def _known_used(self) -> int:
-        """The usage last read from Redis plus what our commits added since."""
-        return int(self.volume.get("used", 0)) + self.meta.charged
-
-    async def _refresh_usage(self) -> dict[str, bytes]:
-        state = await self.meta.volume_state()
-        self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
-        return state
+            used = self.state.used + self.uncommitted_growth()
+            raise NoSpace(f"volume full: {used} of {self.state.capacity} bytes in use")
 
     def uncommitted_growth(self) -> int:
         return sum(f.uncommitted_growth for f in self.files.values())
@@ -269,7 +259,7 @@ class ChunkFS(pyfuse3.Operations):
         return {ino: f.dirty_bytes for ino, f in self.files.items() if not f.is_clean}
 
     def status_document(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "volume": self.volume.get("name", ""), "fenced": self.fenced,
+        return {"pid": os.getpid(), "volume": self.state.name, "fenced": self.state.fenced,
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,
                 "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
                 "write_buffer": {"used": self.budget.used if self.budget else 0,
@@ -566,15 +556,15 @@ class ChunkFS(pyfuse3.Operations):
             return
         data.opens -= 1
         try:
-            if not data.is_clean and not self.fenced:
+            if not data.is_clean and not self.state.fenced:
                 await data.flush()
         finally:
             if data.opens <= 0:
-                if self.fenced and not data.is_clean and self.files.get(data.ino) is data:
+                if self.state.fenced and not data.is_clean and self.files.get(data.ino) is data:
                     # nothing of it can be committed any more: free its buffers and uploads
                     del self.files[data.ino]
                     await data.abandon()
-                elif not self.fenced and data.is_clean:
+                elif not self.state.fenced and data.is_clean:
                     # its last close: small writes kept in Redis move to S3 in the background
                     self.upkeep = {d for d in self.upkeep if d.busy}
                     if data.look_after(move_all=True):
@@ -617,7 +607,7 @@ class ChunkFS(pyfuse3.Operations):
 
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        state = await self._refresh_usage()
+        state = await self.state.refresh_usage()
         capacity = int(state.get("capacity", 0))
         used = min(capacity, int(state.get("used", 0)) + self.uncommitted_growth())
         s = pyfuse3.StatvfsData()

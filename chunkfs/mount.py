@@ -28,7 +28,6 @@ from chunkfs.control import ControlError, ControlServer, socket_path
 from chunkfs.errors import (
     InvalidArgument,
     MetaUnavailable,
-    SessionExpired,
     StorageClaimed,
     VolumeNotFound,
 )
@@ -114,8 +113,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
                     "s3": store.stats.as_dict(), "session": meta.session,
                     "redis_durability": backends.durable.as_dict(),
-                    **state_of_mount.document(fs.volume, read_only=meta.read_only,
-                                              fenced=fs.fenced)}
+                    **state_of_mount.document(fs.state.record, read_only=meta.read_only,
+                                              fenced=fs.state.fenced)}
 
         fs = ChunkFS(meta, blocks, options, state, extra)
         fs.attach_budget(WriteBudget(cfg.buffer_size, stall_timeout=cfg.io_timeout))
@@ -142,7 +141,9 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             pyfuse3.close(unmount=True)
             on_ready(f"cannot open the control socket in {os.path.dirname(control.path)}: {exc}")
             return 1
-        refresher = asyncio.create_task(_refresh_volume(fs, meta, state_of_mount))
+        refresher = asyncio.create_task(fs.state.run(
+            tick=lambda: state_of_mount.refresh(fs.unflushed()),
+            on_dead=lambda why: setattr(fs.status, "last_error", why)))
         housekeeping = asyncio.create_task(_reap_orphans(meta))
         clock.mark("ready")
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
@@ -206,35 +207,3 @@ def tune_kernel_readahead(mountpoint: str, kb: int) -> None:
             f.write(str(kb))
     except (OSError, UnboundLocalError) as exc:
         log.warning("could not raise the kernel readahead", extra={"error": str(exc)})
-
-
-async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta, status: MountState) -> None:
-    """Pick up capacity changes (live resize), notice a revoked writer lease, keep this
-    mount's session alive, and the status's clocks going."""
-    beats = 0
-    while True:
-        await asyncio.sleep(1.0)
-        beats += 1
-        await status.refresh(fs.unflushed())
-        if beats % 20 == 0 and not fs.fenced:
-            try:
-                await meta.heartbeat()
-            except SessionExpired as exc:
-                log.error("session declared dead: fencing this mount", extra={"error": str(exc)})
-                fs.fenced = True
-                fs.status.last_error = f"heartbeat: {exc}"
-            except Exception as exc:
-                log.warning("session heartbeat failed", extra={"error": str(exc)})
-        try:
-            state = await meta.volume_state()
-        except Exception as exc:  # keep serving; the next operation will report it
-            log.warning("volume refresh failed", extra={"error": str(exc)})
-            continue
-        if not state:
-            continue
-        fs.volume.update({k: v.decode() for k, v in state.items()})
-        if not meta.read_only and state.get("epoch", b"").decode() != meta.epoch:
-            if not fs.fenced:
-                log.error("writer lease revoked: fencing this mount",
-                          extra={"epoch": meta.epoch, "current": state.get("epoch", b"").decode()})
-            fs.fenced = True

@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from chunkfs.control import MAX_DEPTH, MAX_REPLY, _depth
 from chunkfs.gc import collect_garbage
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import Cli, Mounter, wait_until
 
 
+@pytest.mark.mount_log_allows("writer lease revoked: fencing this mount",
+                              reason="the test moves the lease to see the status show it")
 def test_status_shows_dirty_age_lease_last_gc_latencies_and_no_backup_yet(
         cli: Cli, mounter: Mounter, volume: str) -> None:
     cli.call(lambda svc: collect_garbage(svc.r, svc.store, grace=3600))

@@ -1,0 +1,90 @@
+"""The volume's live state as one mount knows it: capacity, usage, writer epoch, fenced.
+
+One object owns it, and one task (``run``) keeps it current: the volume's hash read
+every second (a live resize, a revoked writer lease), the session renewed every 20 s.
+The filesystem reads it for admission (ENOSPC before buffering, EIO once fenced) and
+for the status; nothing else writes it. Usage is what Redis said at the last read plus
+what this mount's own commits added since (``VolumeMeta.charged``), so a mount never
+admits bytes its own recent commits already spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chunkfs.errors import SessionExpired
+from chunkfs.meta.redis_meta import VolumeMeta
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 1.0
+HEARTBEAT_EVERY = 20  # refreshes between session renewals
+
+
+class VolumeState:
+    def __init__(self, meta: VolumeMeta, record: dict[str, Any]) -> None:
+        self.meta = meta
+        self.record: dict[str, Any] = dict(record)  # the volume's hash, decoded
+        self.fenced = False
+
+    @property
+    def name(self) -> str:
+        return str(self.record.get("name", ""))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.record.get("capacity", 0) or 0)
+
+    @property
+    def used(self) -> int:
+        """Bytes in use: the last read, plus our commits since."""
+        return int(self.record.get("used", 0) or 0) + self.meta.charged
+
+    def fence(self, why: str, **extra: Any) -> None:
+        """From now on this mount changes nothing (its lease or session is gone)."""
+        if not self.fenced:
+            log.error(why, extra=extra)
+        self.fenced = True
+
+    async def refresh_usage(self) -> dict[str, bytes]:
+        """Capacity and usage from Redis now (near the limit, before admitting a write)."""
+        state = await self.meta.volume_state()
+        self.record.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        return state
+
+    async def refresh(self) -> None:
+        """The whole hash; fences the mount when another writer holds the lease now."""
+        state = await self.meta.volume_state()
+        if not state:
+            return
+        self.record.update({k: v.decode() for k, v in state.items()})
+        current = state.get("epoch", b"").decode()
+        if not self.meta.read_only and current != self.meta.epoch:
+            self.fence("writer lease revoked: fencing this mount", epoch=self.meta.epoch,
+                       current=current)
+
+    async def run(self, tick: Callable[[], Awaitable[None]],
+                  on_dead: Callable[[str], None]) -> None:
+        """Until cancelled: ``tick`` (the status's clocks) and a refresh every second, the
+        session renewed every ``HEARTBEAT_EVERY``; ``on_dead`` hears why the session was
+        declared dead (the mount is fenced then)."""
+        beats = 0
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            beats += 1
+            await tick()
+            if beats % HEARTBEAT_EVERY == 0 and not self.fenced:
+                try:
+                    await self.meta.heartbeat()
+                except SessionExpired as exc:
+                    self.fence("session declared dead: fencing this mount", error=str(exc))
+                    on_dead(f"heartbeat: {exc}")
+                except Exception as exc:
+                    log.warning("session heartbeat failed", extra={"error": str(exc)})
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep serving; the next operation will report it
+                log.warning("volume refresh failed", extra={"error": str(exc)})
