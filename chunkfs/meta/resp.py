@@ -107,6 +107,11 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def _send(conn: _Connection, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Write ``commands`` at once; their replies in order (error replies as exceptions)."""
     loop = asyncio.get_running_loop()
@@ -231,6 +236,9 @@ class _Node:
         """One PING that gives up after ``patience`` s (and drops a connection that hangs)."""
         conn = await self.connection()
         fut = asyncio.get_running_loop().create_future()
+        # the PING's reply (or the connection's failure) may come after we gave up on it:
+        # nobody awaits it then, so its outcome is consumed here
+        fut.add_done_callback(_consume)
         if not conn.waiting:
             conn.busy_since = asyncio.get_running_loop().time()
         conn.waiting.append(fut)

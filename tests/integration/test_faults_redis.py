@@ -42,11 +42,8 @@ def private_redis(tmp_path: Path) -> Iterator[RedisService]:
 
 @pytest.mark.mount_log_allows(
     "operation failed", "volume refresh failed", "redis retry", "session heartbeat failed",
+    "reading the last gc run failed",
     reason="Redis is stopped on purpose: operations fail with EIO and the mount logs why")
-@pytest.mark.mount_log_allows(
-    "Future exception was never retrieved",
-    reason="DEFECT (chunkfs/meta/resp.py, lead): a pipelined request's future fails with "
-           "TimeoutError during the outage and nobody awaits it; allowed until fixed")
 def test_redis_stopped_operations_fail_with_eio_then_recover(
         private_redis: RedisService, mounter: Mounter, s3_env: dict[str, str]) -> None:
     # (private_redis first: torn down after the mounter, it outlives every mount)
