@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyfuse3
-import pyfuse3.asyncio
 
+from chunkfs import fuse_asyncio
 from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.store import BlockStore
 from chunkfs.config import StorageConfig
@@ -87,7 +87,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
     ``on_ready(message)`` if mounting failed. ``clock`` times the startup (logged with
     ``mounted``); it starts now unless the caller started it earlier."""
     clock = clock or Timeline()
-    pyfuse3.asyncio.enable()
+    fuse_asyncio.enable()
     loop = asyncio.get_running_loop()
     async with contextlib.AsyncExitStack() as stack:
         try:

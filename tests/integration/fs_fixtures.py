@@ -558,18 +558,9 @@ def _log_line(doc: dict[str, Any]) -> str:
 # Defects outside the tests' reach that every mount may log, each matched by its exact
 # message and a piece of its traceback, with the reason it is not a test failure. Keep
 # this list short: an entry is a bug report, to be removed with the fix.
-_PYFUSE3_SHUTDOWN_RACE = (
-    "pyfuse3 3.5's asyncio shim at unmount: notify_closing() (from pyfuse3.close() or the "
-    "SIGTERM handler pyfuse3.terminate()) sets an exception on the /dev/fuse read futures "
-    "without checking whether add_reader already completed them (or vice versa); asyncio "
-    "logs the InvalidStateError. Harmless (the session is over); fix in chunkfs/mount.py by "
-    "replacing pyfuse3.asyncio.wait_readable/notify_closing with done()-checking versions.")
-KNOWN_DEFECTS = {
-    "Exception in callback Future.set_result(None)\nhandle: <Handle Future.set_result(None)>":
-        ("InvalidStateError", _PYFUSE3_SHUTDOWN_RACE),
-    "Exception in callback terminate()\nhandle: <Handle terminate()>":
-        ("in notify_closing", _PYFUSE3_SHUTDOWN_RACE),
-}
+# Defects outside the tests' reach that any mount may log: message -> (text the record's
+# exception must contain, the diagnosis). Every entry is a bug report; none is open.
+KNOWN_DEFECTS: dict[str, tuple[str, str]] = {}
 
 
 def _known_defect(doc: dict[str, Any]) -> bool:
