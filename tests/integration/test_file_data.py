@@ -231,3 +231,34 @@ async def test_truncate_down_and_up_reads_zeros_past_the_cut(node: Nodes) -> Non
     reader = await (await node()).opened(ino)
     assert reader.size == BS + 100
     assert await read_all(reader) == body[:1_000_000] + bytes(BS + 100 - 1_000_000)
+
+
+async def test_a_read_racing_its_own_files_upkeep_reads_the_moved_bytes(node: Nodes) -> None:
+    """A read picks inline slices from the view; before it fetches their bytes, the
+    file's upkeep moves them to an object (freeing them in Redis) and updates the same
+    view: the read must read again, not fail with EIO."""
+    a = await node()
+    ino = await new_file(a)
+    f = await a.opened(ino)
+    model = bytearray(bytes(8192))
+    await f.write(0, bytes(8192))
+    await f.flush()
+    for i in range(5):
+        line = random.randbytes(200)
+        await f.write(8192 + 200 * i, line)
+        apply(model, 8192 + 200 * i, line)
+        await f.flush()
+    f.inline_bytes.clear()  # as after a remount: the bytes must come from Redis
+    real = a.meta.inline_slices
+    raced: list[bool] = []
+
+    async def upkeep_first(*args: object, **kw: object) -> dict[str, bytes]:
+        if not raced:
+            raced.append(True)
+            f.look_after(move_all=True)
+            await f.settled()
+        return await real(*args, **kw)  # type: ignore[arg-type]
+
+    a.meta.inline_slices = upkeep_first  # type: ignore[method-assign]
+    assert await read_all(f) == bytes(model)
+    assert raced
