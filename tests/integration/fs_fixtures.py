@@ -619,14 +619,21 @@ def fsck_problems(cli: Cli, node: Any, names: list[str] | None = None) -> list[s
 
 
 def _namespaces(meta_url: str) -> tuple[dict[str, str], dict[str, str]]:
-    import redis
+    """The volume and snapshot registries, through chunkfs's own admin client (every
+    URL shape: standalone, TLS, Sentinel, Cluster)."""
+    import asyncio
 
-    client = redis.Redis.from_url(meta_url)
-    try:
-        decode = lambda h: {k.decode(): v.decode() for k, v in h.items()}  # noqa: E731
-        return decode(client.hgetall(VOLUMES)), decode(client.hgetall(SNAPSHOTS))
-    finally:
-        client.close()
+    from chunkfs.meta.redis_meta import connect
+
+    async def read() -> tuple[dict[str, str], dict[str, str]]:
+        client = connect(meta_url)
+        try:
+            decode = lambda h: {k.decode(): v.decode() for k, v in h.items()}  # noqa: E731
+            return decode(await client.hgetall(VOLUMES)), decode(await client.hgetall(SNAPSHOTS))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
 
 
 def _check_snapshots(env: dict[str, str], snapshots: dict[str, str]) -> list[str]:
