@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -173,7 +174,7 @@ def test_bodies_pass_unchanged_over_one_kept_alive_connection_and_are_counted(pr
     c.close()
     assert Upstream.store["/bkt/chunked"] == BIG and Upstream.store["/bkt/expect"] == b"x" * 5000
 
-    counts = proxy.counters.snapshot()
+    counts = _settled(proxy)
     assert counts["a"]["PUT"] == {"requests": 3, "bytes_sent": 2 * len(BIG) + 5000, "bytes_received": 0,
                                   "errors": 0}  # fmt: skip
     assert counts["a"]["GET"] == {"requests": 3, "bytes_sent": 0,
@@ -183,6 +184,20 @@ def test_bodies_pass_unchanged_over_one_kept_alive_connection_and_are_counted(pr
     assert counts["b"] == {}  # the other listener's client made no request
 
 
+def _settled(proxy, quiet: float = 0.2, limit: float = 5.0):
+    """The counters once they stop changing: an exchange is counted right after its last
+    byte reached the client, so a client can be done a moment before it is counted."""
+    last, since, deadline = proxy.counters.snapshot(), time.monotonic(), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        now = proxy.counters.snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
 def test_each_listener_counts_only_its_own_clients(proxy):
     for listener, n in (("a", 2), ("b", 3)):
         c = _conn(proxy, listener)
@@ -190,7 +205,7 @@ def test_each_listener_counts_only_its_own_clients(proxy):
             c.request("PUT", f"/bkt/{listener}{i}", body=b"12345")
             c.getresponse().read()
         c.close()
-    counts = proxy.counters.snapshot()
+    counts = _settled(proxy)
     assert counts["a"]["PUT"]["requests"] == 2 and counts["b"]["PUT"]["requests"] == 3
     assert counts["b"]["PUT"]["bytes_sent"] == 15
 
@@ -200,5 +215,6 @@ def test_the_control_port_serves_the_counters_as_json(proxy):
     c.request("PUT", "/bkt/k", body=b"abc")
     c.getresponse().read()
     c.close()
+    _settled(proxy)
     got = s3proxy.fetch_counters(proxy.control.server_address[1])
     assert got["a"]["PUT"]["bytes_sent"] == 3 and got["b"] == {}
