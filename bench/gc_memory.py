@@ -3,7 +3,7 @@
     python -m bench.gc_memory [--synthetic 1000000] [--real 20000] [--referenced 0.5]
                               [--baseline-rev REV]
 
-Starts its own redis-server and SeaweedFS (chunkfs.localstack) in a temporary directory,
+Starts its own redis-server and SeaweedFS (devstack.localstack) in a temporary directory,
 creates one volume and gives it block maps that reference a fraction of the objects, then
 runs ``chunkfs.gc.collect_garbage`` in a fresh interpreter and reports its peak RSS
 (VmHWM), its RSS just before the run, the run's time and report.
@@ -202,8 +202,8 @@ def run_child(args: argparse.Namespace, env: dict[str, str], meta: str, storage:
 
 async def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
     from chunkfs.config import StorageConfig
-    from chunkfs.localstack import start_redis, start_seaweedfs
     from chunkfs.volumes import VolumeService
+    from devstack.localstack import start_redis, start_seaweedfs
 
     results = []
     with tempfile.TemporaryDirectory(prefix="gc-memory-") as tmp:
