@@ -36,7 +36,9 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
-                                 frozen (snapshot in progress: writers wait), version
+                                 frozen (snapshot in progress: writers wait), version;
+                                 snapshots also ready (1 once the manifest is written) and
+                                 source_volume (the volume it was taken of)
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
                                  inode open or known to its kernel; removed when it lets go
@@ -72,6 +74,13 @@ Objects (in the bucket, under the storage prefix):
 
     blocks/<h[0:2]>/<h[2:4]>/<h>_<length>      immutable block, h = sha256(content)
     snapshots/<snapshot id>/manifest.json.gz   immutable snapshot manifest
+
+Every key suffix and hash field above is defined once below (``Keys``, ``InodeField``,
+``VolumeField``); the Lua scripts take theirs from ``LUA`` (generated from the same
+definitions), and each persistent record is parsed by its one type (``Attr``,
+``VolumeRecord``, ``GcRun``; block map values by ``chunkfs.blocks.slices``).
+``tests/unit/test_schema.py`` checks the definitions against this text and
+``tests/integration/test_format.py`` what they write against the format of earlier releases.
 """
 
 from __future__ import annotations
@@ -97,7 +106,59 @@ MIN_INODES = 10_000
 def inode_limit(capacity: int, max_inodes: int | None = None) -> int:
     """How many inodes a volume may hold (CREATE refuses more with ENOSPC; df -i)."""
     return max_inodes if max_inodes else max(MIN_INODES, capacity // BYTES_PER_INODE)
-ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
+
+
+class InodeField:
+    """The fields of an inode's hash, ``cfs{ID}:i<ino>`` (one letter each: there are
+    millions of these hashes)."""
+
+    MODE = "m"      # st_mode, type bits included
+    UID = "u"
+    GID = "g"
+    NLINK = "n"
+    SIZE = "s"
+    ATIME = "a"     # times in ns
+    MTIME = "t"
+    CTIME = "c"
+    RDEV = "r"
+    PARENT = "p"    # directories: the parent's inode
+    TARGET = "l"    # symlinks: the target
+    DATA = "d"      # present iff the file's data is inline (its value is the data)
+
+
+class VolumeField:
+    """The fields of a namespace's hash, ``cfs{ID}:vol`` (read as a ``VolumeRecord``)."""
+
+    NAME = "name"
+    KIND = "kind"                    # "volume" | "snapshot"
+    CAPACITY = "capacity"
+    USED = "used"
+    INODES = "inodes"
+    MAX_INODES = "max_inodes"
+    SLICEBYTES = "slicebytes"
+    MAXSLICEBYTES = "maxslicebytes"
+    NEXT_INO = "next_ino"
+    EPOCH = "epoch"
+    WRITER = "writer"
+    CREATED = "created"
+    BLOCK_SIZE = "block_size"
+    SOURCE = "source"                # "", "snapshot:<name>" or "volume:<name>"
+    FROZEN = "frozen"                # unix ms until which writers wait
+    READY = "ready"                  # snapshots: 1 once the manifest is written
+    SOURCE_VOLUME = "source_volume"  # snapshots: the volume taken
+
+
+def _fields(cls: type) -> dict[str, str]:
+    """A field class as {attribute name: field}, in definition order."""
+    return {name: value for name, value in vars(cls).items() if name.isupper()}
+
+
+ATTR_FIELDS = (InodeField.MODE, InodeField.UID, InodeField.GID, InodeField.NLINK, InodeField.SIZE,
+               InodeField.ATIME, InodeField.MTIME, InodeField.CTIME, InodeField.RDEV)
+# the per-inode keys of a namespace, cfs{ID}:<letter><ino>, in the order of Keys.per_inode
+INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY = "i", "d", "b", "x", "y"
+PER_INODE = (INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY)
+VOL_KEY, IDX_KEY, ORPHANS_KEY = "vol", "idx", "orphans"  # namespace keys the scripts build too
 
 
 def node_key(node_id: str) -> str:
@@ -114,9 +175,9 @@ class Keys:
     def __init__(self, ns: str) -> None:
         self.ns = ns
         self.prefix = f"cfs{{{ns}}}:"
-        self.vol = self.prefix + "vol"
-        self.idx = self.prefix + "idx"
-        self.orphans = self.prefix + "orphans"
+        self.vol = self.prefix + VOL_KEY
+        self.idx = self.prefix + IDX_KEY
+        self.orphans = self.prefix + ORPHANS_KEY
         self.sessions = self.prefix + "sessions"
         self.pending = self.prefix + "pending"
         self.settled = self.prefix + "settled"
@@ -126,20 +187,20 @@ class Keys:
         return f"{self.prefix}r:{request}"
 
     def inode(self, ino: int) -> str:
-        return f"{self.prefix}i{ino}"
+        return f"{self.prefix}{INODE_KEY}{ino}"
 
     def dir(self, ino: int) -> str:
-        return f"{self.prefix}d{ino}"
+        return f"{self.prefix}{DIR_KEY}{ino}"
 
     def blocks(self, ino: int) -> str:
-        return f"{self.prefix}b{ino}"
+        return f"{self.prefix}{BLOCKS_KEY}{ino}"
 
     def xattr(self, ino: int) -> str:
-        return f"{self.prefix}x{ino}"
+        return f"{self.prefix}{XATTR_KEY}{ino}"
 
     def slices(self, ino: int) -> str:
         """The inline slice bytes of a file (``y<ino>``)."""
-        return f"{self.prefix}y{ino}"
+        return f"{self.prefix}{SLICES_KEY}{ino}"
 
     def per_inode(self, ino: int) -> tuple[str, str, str, str, str]:
         return self.inode(ino), self.dir(ino), self.blocks(ino), self.xattr(ino), self.slices(ino)
@@ -225,3 +286,29 @@ class GcRun:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _lua() -> str:
+    """The schema as the Lua scripts use it (``scripts.PRELUDE`` starts with it): the field
+    tables ``F`` (inode) and ``V`` (volume), and the key builders, from the definitions above."""
+
+    def table(cls: type) -> str:
+        return ", ".join(f"{name.lower()} = '{value}'" for name, value in _fields(cls).items())
+
+    def strings(values: tuple[str, ...]) -> str:
+        return ", ".join(f"'{v}'" for v in values)
+
+    per_inode = zip(("inode", "dir", "blocks", "xattr", "slices"), PER_INODE, strict=True)
+    builders = "".join(f"local function {name}_key(prefix, ino) return prefix .. '{letter}' .. ino end\n"
+                       for name, letter in per_inode)
+    return ("-- the key schema, generated by chunkfs/meta/schema.py\n"
+            f"local F = {{{table(InodeField)}}}\n"
+            f"local V = {{{table(VolumeField)}}}\n"
+            f"local ATTR_FIELDS = {{{strings(ATTR_FIELDS)}}}\n"
+            f"local PER_INODE = {{{strings(PER_INODE)}}}\n"
+            f"{builders}"
+            f"local function idx_key(prefix) return prefix .. '{IDX_KEY}' end\n"
+            f"local function orphans_key(prefix) return prefix .. '{ORPHANS_KEY}' end\n")
+
+
+LUA = _lua()
