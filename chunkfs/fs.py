@@ -16,7 +16,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -26,7 +26,7 @@ from chunkfs.blocks.file import FileData
 from chunkfs.blocks.store import BlockStore
 from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import ROOT_INODE, Attr, inode_limit
+from chunkfs.meta.schema import ROOT_INODE, Attr, InodeField, VolumeRecord
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -99,7 +99,7 @@ class ChunkFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, meta: VolumeMeta, blocks: BlockStore, options: MountOptions,
-                 volume: dict[str, Any], status_extra: Callable[[], dict[str, Any]]) -> None:
+                 volume: VolumeRecord, status_extra: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.meta = meta
         self.blocks = blocks
@@ -235,27 +235,29 @@ class ChunkFS(pyfuse3.Operations):
         growth = data.growth_of(off, n)
         if not growth:
             return 1 << 62
-        capacity = int(self.volume.get("capacity", 0))
+        capacity = self.volume.capacity
         return capacity - self._known_used() - self.uncommitted_growth() - growth
 
     async def _check_space(self, data: FileData, off: int, n: int) -> None:
         """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
         to a second old (space used or freed since): near the limit, ask Redis first."""
         left = self._space_left(data, off, n)
-        if left < max(_NEAR_FULL, int(self.volume.get("capacity", 0)) // 100):
+        if left < max(_NEAR_FULL, self.volume.capacity // 100):
             await self._refresh_usage()
             left = self._space_left(data, off, n)
         if left < 0:
             used = self._known_used() + self.uncommitted_growth()
-            raise NoSpace(f"volume full: {used} of {self.volume.get('capacity')} bytes in use")
+            raise NoSpace(f"volume full: {used} of {self.volume.capacity} bytes in use")
 
     def _known_used(self) -> int:
         """The usage last read from Redis plus what our commits added since."""
-        return int(self.volume.get("used", 0)) + self.meta.charged
+        return self.volume.used + self.meta.charged
 
-    async def _refresh_usage(self) -> dict[str, bytes]:
+    async def _refresh_usage(self) -> VolumeRecord:
         state = await self.meta.volume_state()
-        self.volume.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        if state is None:  # the volume's record is gone
+            return VolumeRecord()
+        self.volume = replace(self.volume, capacity=state.capacity, used=state.used)
         return state
 
     def uncommitted_growth(self) -> int:
@@ -269,7 +271,7 @@ class ChunkFS(pyfuse3.Operations):
         return {ino: f.dirty_bytes for ino, f in self.files.items() if not f.is_clean}
 
     def status_document(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "volume": self.volume.get("name", ""), "fenced": self.fenced,
+        return {"pid": os.getpid(), "volume": self.volume.name, "fenced": self.fenced,
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,
                 "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
                 "write_buffer": {"used": self.budget.used if self.budget else 0,
@@ -351,15 +353,15 @@ class ChunkFS(pyfuse3.Operations):
         now = time.time_ns()
         changes: dict[str, int] = {}
         if fields.update_mode:
-            changes["m"] = attr.st_mode
+            changes[InodeField.MODE] = attr.st_mode
         if fields.update_uid:
-            changes["u"] = attr.st_uid
+            changes[InodeField.UID] = attr.st_uid
         if fields.update_gid:
-            changes["g"] = attr.st_gid
+            changes[InodeField.GID] = attr.st_gid
         if fields.update_atime:
-            changes["a"] = attr.st_atime_ns
+            changes[InodeField.ATIME] = attr.st_atime_ns
         if fields.update_mtime:
-            changes["t"] = attr.st_mtime_ns
+            changes[InodeField.MTIME] = attr.st_mtime_ns
         if fields.update_size:
             data = await self._file(inode)
             try:
@@ -369,10 +371,10 @@ class ChunkFS(pyfuse3.Operations):
             finally:
                 self._drop_if_unused(data)
         if changes or not fields.update_size:
-            if "m" in changes:
+            if InodeField.MODE in changes:
                 current = await self.meta.getattr(inode)
-                changes["m"] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
-            changes["c"] = now
+                changes[InodeField.MODE] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
+            changes[InodeField.CTIME] = now
             await self.meta.setattr(inode, changes)
         return self._entry(await self.meta.getattr(inode))
 
@@ -618,15 +620,15 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         state = await self._refresh_usage()
-        capacity = int(state.get("capacity", 0))
-        used = min(capacity, int(state.get("used", 0)) + self.uncommitted_growth())
+        capacity = state.capacity
+        used = min(capacity, state.used + self.uncommitted_growth())
         s = pyfuse3.StatvfsData()
         s.f_bsize = 4096
         s.f_frsize = 4096
         s.f_blocks = capacity // 4096
         s.f_bfree = s.f_bavail = (capacity - used) // 4096
-        inodes = int(state.get("inodes", 0))
-        s.f_files = inode_limit(capacity, int(state.get("max_inodes", 0) or 0))
+        inodes = state.inodes
+        s.f_files = state.inode_limit
         s.f_ffree = s.f_favail = max(0, s.f_files - inodes)
         s.f_namemax = NAME_MAX
         return s

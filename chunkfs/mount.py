@@ -106,7 +106,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
                                entry_timeout=cfg.entry_timeout, inline_limit=cfg.inline_limit,
                                readahead_blocks=cfg.readahead_blocks,
-                               block_size=int(state.get("block_size", 4 << 20)))
+                               block_size=state.block_size)
 
         state_of_mount = MountState(meta)
 
@@ -230,11 +230,11 @@ async def _refresh_volume(fs: ChunkFS, meta: VolumeMeta, status: MountState) -> 
         except Exception as exc:  # keep serving; the next operation will report it
             log.warning("volume refresh failed", extra={"error": str(exc)})
             continue
-        if not state:
+        if state is None:
             continue
-        fs.volume.update({k: v.decode() for k, v in state.items()})
-        if not meta.read_only and state.get("epoch", b"").decode() != meta.epoch:
+        fs.volume = state
+        if not meta.read_only and state.epoch != meta.epoch:
             if not fs.fenced:
                 log.error("writer lease revoked: fencing this mount",
-                          extra={"epoch": meta.epoch, "current": state.get("epoch", b"").decode()})
+                          extra={"epoch": meta.epoch, "current": state.epoch})
             fs.fenced = True

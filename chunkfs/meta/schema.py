@@ -86,6 +86,7 @@ definitions), and each persistent record is parsed by its one type (``Attr``,
 from __future__ import annotations
 
 import stat
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was
 BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
 MAX_SLICE_BYTES = 16 << 20  # inline slice bytes a volume may keep in Redis (at most 1/64 of it)
 MIN_INODES = 10_000
+DEFAULT_BLOCK_SIZE = 4 << 20  # of new volumes; a volume's own is in its record
 
 
 def inode_limit(capacity: int, max_inodes: int | None = None) -> int:
@@ -240,6 +242,55 @@ class Attr:
     @property
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """A namespace's hash ``cfs{ID}:vol``, parsed in this one place for all its readers
+    (the mount, its refresher and status, fsck, the volume service). Absent fields read
+    as the defaults below, as they always have."""
+
+    name: str = ""
+    kind: str = ""              # "volume" | "snapshot"
+    capacity: int = 0
+    used: int = 0
+    inodes: int = 0
+    max_inodes: int = 0         # 0: not set (``inode_limit(capacity)`` applies)
+    slicebytes: int = 0
+    maxslicebytes: int = 0      # 0: not set
+    next_ino: int = 0
+    epoch: str = ""             # text: the scripts' fencing compares it as such
+    writer: str = ""            # node id, "" when nobody holds the lease
+    created: float = 0.0
+    block_size: int = DEFAULT_BLOCK_SIZE
+    source: str = ""
+    frozen: int = 0             # unix ms until which writers wait, 0: not frozen
+    ready: bool = False         # snapshots: the manifest is written
+    source_volume: str = ""     # snapshots: the volume taken
+
+    @classmethod
+    def parse(cls, raw: Mapping[bytes, bytes]) -> VolumeRecord:
+        """From an HGETALL (an empty one gives the defaults: callers check for it)."""
+        F = VolumeField
+
+        def text(name: str) -> str:
+            v = raw.get(name.encode())
+            return v.decode() if v is not None else ""
+
+        def num(name: str, default: int = 0) -> int:
+            return int(raw.get(name.encode()) or default)
+
+        return cls(name=text(F.NAME), kind=text(F.KIND), capacity=num(F.CAPACITY), used=num(F.USED),
+                   inodes=num(F.INODES), max_inodes=num(F.MAX_INODES), slicebytes=num(F.SLICEBYTES),
+                   maxslicebytes=num(F.MAXSLICEBYTES), next_ino=num(F.NEXT_INO), epoch=text(F.EPOCH),
+                   writer=text(F.WRITER), created=float(raw.get(F.CREATED.encode()) or 0),
+                   block_size=num(F.BLOCK_SIZE, DEFAULT_BLOCK_SIZE), source=text(F.SOURCE),
+                   frozen=num(F.FROZEN), ready=raw.get(F.READY.encode()) == b"1",
+                   source_volume=text(F.SOURCE_VOLUME))
+
+    @property
+    def inode_limit(self) -> int:
+        return inode_limit(self.capacity, self.max_inodes)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ scripts actually write.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from chunkfs.meta.schema import (
     InodeField,
     Keys,
     VolumeField,
+    VolumeRecord,
+    inode_limit,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,3 +108,58 @@ def test_no_script_spells_a_key_or_a_field(name, source):
     assert not re.findall(r"'[a-z]'", source), "an inode field letter"
     volume_fields = [v for n, v in vars(VolumeField).items() if n.isupper()]
     assert not re.findall(rf"'({'|'.join(volume_fields)})'", source), "a volume field"
+
+
+# Redis hash commands whose arguments would be field names
+_HASH_CALLS = {"hget", "hmget", "hset", "hdel", "hincrby", "hexists", "hsetnx", "execute"}
+
+
+def _spelled_fields(path: Path) -> list[str]:
+    fields = {v for cls in (InodeField, VolumeField) for n, v in vars(cls).items() if n.isupper()}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _HASH_CALLS):
+            continue
+        values = list(node.args)
+        for kw in node.keywords:
+            if kw.arg == "mapping" and isinstance(kw.value, ast.Dict):
+                values += [key for key in kw.value.keys if key is not None]
+        found += [f"{path}:{node.lineno}: {v.value!r}" for v in values
+                  if isinstance(v, ast.Constant) and v.value in fields]
+    return found
+
+
+def test_no_module_spells_a_field_in_a_redis_call():
+    modules = [p for pkg in ("chunkfs", "csi") for p in sorted((ROOT / pkg).rglob("*.py"))
+               if p.name != "schema.py" and "v1" not in p.parts]
+    assert [hit for p in modules for hit in _spelled_fields(p)] == []
+
+
+def test_the_check_sees_a_spelled_field(tmp_path):
+    probe = tmp_path / "probe.py"
+    for source in ["r.hget(k.vol, 'used')\n", "pipe.hset(k.inode(1), mapping={'m': 1})\n",
+                   "r.execute('HGET', key, 'l')\n"]:
+        probe.write_text(source)
+        assert _spelled_fields(probe), source
+    probe.write_text("r.hget(k.vol, V.USED)\nr.hget(GC_STATE, 'gen')\n")
+    assert _spelled_fields(probe) == []
+
+
+def test_a_volume_record_is_parsed_from_its_hash_once():
+    raw = {b"name": b"v", b"kind": b"volume", b"capacity": b"1073741824", b"used": b"4166",
+           b"inodes": b"6", b"next_ino": b"6", b"epoch": b"3", b"writer": b"node-a",
+           b"created": b"1764639000.25", b"block_size": b"1048576", b"source": b"volume:w",
+           b"slicebytes": b"36", b"frozen": b"1764639000250"}
+    rec = VolumeRecord.parse(raw)
+    assert rec == VolumeRecord(name="v", kind="volume", capacity=1 << 30, used=4166, inodes=6,
+                               next_ino=6, epoch="3", writer="node-a", created=1764639000.25,
+                               block_size=1 << 20, source="volume:w", slicebytes=36,
+                               frozen=1764639000250)
+    assert rec.inode_limit == inode_limit(1 << 30) and rec.max_inodes == 0
+    assert VolumeRecord.parse({**raw, b"max_inodes": b"20"}).inode_limit == 20
+    snap = VolumeRecord.parse({b"kind": b"snapshot", b"ready": b"1", b"source_volume": b"v"})
+    assert (snap.ready, snap.source_volume, snap.block_size) == (True, "v", 4 << 20)
+    assert VolumeRecord.parse({b"ready": b"0"}).ready is False
+    # what a mount of a volume whose hash is gone sees: the defaults, as before
+    assert VolumeRecord.parse({}) == VolumeRecord()
