@@ -53,21 +53,21 @@ RETRY_S = 300.0         # after a failed or refused run, the next try (at most t
 
 _SCHEDULE = scripts.PRELUDE + r"""
 local now = now_ms()
-local st = redis.call('HMGET', KEYS[1], 'owner', 'held', 'next')
+local st = redis.call('HMGET', KEYS[1], S.owner, S.held, S.next)
 local owner, held, due = st[1], tonumber(st[2] or '0'), tonumber(st[3] or '0')
 local mine = owner == ARGV[1]
 if ARGV[2] == 'release' then
-  if mine then redis.call('HDEL', KEYS[1], 'owner', 'held') end
+  if mine then redis.call('HDEL', KEYS[1], S.owner, S.held) end
   return {0, due}
 end
 if owner and not mine and held > now then return {0, due} end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'held', I(now + tonumber(ARGV[4])))
+redis.call('HSET', KEYS[1], S.owner, ARGV[1], S.held, I(now + tonumber(ARGV[4])))
 if ARGV[2] == 'retry' then
-  redis.call('HSET', KEYS[1], 'next', I(now + tonumber(ARGV[3])))
+  redis.call('HSET', KEYS[1], S.next, I(now + tonumber(ARGV[3])))
   return {1, now + tonumber(ARGV[3])}
 end
 if due > now then return {1, due} end
-redis.call('HSET', KEYS[1], 'next', I(now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], S.next, I(now + tonumber(ARGV[3])))
 return {2, now + tonumber(ARGV[3])}
 """
 OTHER, MINE, RUN = 0, 1, 2

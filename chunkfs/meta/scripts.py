@@ -641,7 +641,7 @@ return 1
 
 # KEYS: doomed, gc state ; ARGV: object key  ->  {GC generation, 1 if GC is deleting the key}
 DOOMED = PRELUDE + r"""
-local st = redis.call('HMGET', KEYS[2], 'gen', 'lease')
+local st = redis.call('HMGET', KEYS[2], G.gen, G.lease)
 local doomed = 0
 if tonumber(st[2] or '0') > now_ms() and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   doomed = 1

@@ -15,18 +15,22 @@ from pathlib import Path
 
 import pytest
 
+from chunkfs import gc_lease
 from chunkfs.meta import namespace, schema, scripts
 from chunkfs.meta.schema import (
     ATTR_FIELDS,
     LUA,
     PER_INODE,
     Attr,
+    GcScheduleField,
+    GcStateField,
     InodeField,
     Keys,
     VolumeField,
     VolumeRecord,
     inode_limit,
 )
+from csi import gc_runner
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = schema.__doc__ or ""
@@ -82,7 +86,8 @@ def _lua_table(name: str) -> dict[str, str]:
 
 def test_the_lua_schema_is_generated_from_the_definitions():
     assert _lua_table("F") == {n.lower(): v for n, v in vars(InodeField).items() if n.isupper()}
-    assert _lua_table("V") == {n.lower(): v for n, v in vars(VolumeField).items() if n.isupper()}
+    for table, cls in (("V", VolumeField), ("G", GcStateField), ("S", GcScheduleField)):
+        assert _lua_table(table) == {n.lower(): v for n, v in vars(cls).items() if n.isupper()}
     builder = r"^local function (\w+)_key\(prefix, ino\) return prefix \.\. '(\w)' \.\. ino end$"
     builders = dict(re.findall(builder, LUA, re.M))
     k = Keys("ID")
@@ -98,7 +103,8 @@ def _lua_sources() -> dict[str, str]:
            and "redis.call" in v}
     out |= {f"namespace.{n}": v for n, v in vars(namespace).items()
             if n.startswith("_") and isinstance(v, str) and "redis.call" in v}
-    assert len(out) >= 16
+    out |= {"gc_lease._LEASE": gc_lease._LEASE, "gc_runner._SCHEDULE": gc_runner._SCHEDULE}
+    assert len(out) >= 18
     return {name: src.replace(LUA, "") for name, src in out.items()}
 
 
@@ -106,8 +112,9 @@ def _lua_sources() -> dict[str, str]:
 def test_no_script_spells_a_key_or_a_field(name, source):
     assert not re.findall(r"\.\. '[a-z]' \.\.", source), "a key built by hand"
     assert not re.findall(r"'[a-z]'", source), "an inode field letter"
-    volume_fields = [v for n, v in vars(VolumeField).items() if n.isupper()]
-    assert not re.findall(rf"'({'|'.join(volume_fields)})'", source), "a volume field"
+    fields = [v for cls in (VolumeField, GcStateField, GcScheduleField)
+              for n, v in vars(cls).items() if n.isupper()]
+    assert not re.findall(rf"'({'|'.join(fields)})'", source), "a volume or GC field"
 
 
 # Redis hash commands whose arguments would be field names
