@@ -132,6 +132,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 
 async def populate(svc: Any, args: argparse.Namespace) -> dict[str, int]:
     """One volume whose block maps reference a fraction of the synthetic and real objects."""
+    from chunkfs.blocks import slices
     from chunkfs.meta.schema import Keys
 
     info = await svc.create_volume("v", 1 << 60)
@@ -144,7 +145,8 @@ async def populate(svc: Any, args: argparse.Namespace) -> dict[str, int]:
         if entries % ENTRIES_PER_INODE == 0:
             ino += 1
             pipe.sadd(k.idx, ino)
-        pipe.hset(k.blocks(ino), str(entries % ENTRIES_PER_INODE), f"{digest}:{length}:{length}")
+        whole = slices.Slice(slices.object_ref(digest, length), 0, length, 0)  # one object, block-long
+        pipe.hset(k.blocks(ino), str(entries % ENTRIES_PER_INODE), slices.encode([whole]))
         entries += 1
         if entries % 10_000 == 0:
             await pipe.execute()
