@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from chunkfs.errors import ChunkfsError
 from chunkfs.meta import scripts, topology
-from chunkfs.meta.schema import GC_DOOMED, GC_STATE
+from chunkfs.meta.schema import GC_DOOMED, GC_STATE, lua
 
 LEASE_MS = 10 * 60 * 1000      # a run renews it at least every LEASE_RENEW_S
 LEASE_RENEW_S = 30.0
@@ -29,7 +29,7 @@ class GcRefused(ChunkfsError):
     """GC cannot run safely now (another run holds the lease, a cluster reshard, ...)."""
 
 
-_LEASE = scripts.PRELUDE + r"""
+_LEASE = lua(scripts.PRELUDE + r"""
 local now = now_ms()
 local st = redis.call('HMGET', KEYS[1], G.owner, G.lease)
 local mine = st[1] == ARGV[1]
@@ -49,7 +49,7 @@ else
   redis.call('DEL', KEYS[2])
 end
 return {1, ARGV[1], I(now)}
-"""
+""")
 
 
 class Lease:

@@ -42,7 +42,7 @@ from chunkfs.config import redact_url
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.logs import scrub
 from chunkfs.meta import scripts
-from chunkfs.meta.schema import GC_SCHEDULE
+from chunkfs.meta.schema import GC_SCHEDULE, lua
 from csi.backends import Backend
 
 log = logging.getLogger("chunkfs.csi.gc")
@@ -51,7 +51,7 @@ HOLD_TICKS = 3          # a schedule not renewed for this many ticks passes to a
 MAX_BACKENDS = 256      # Secret backends tracked at most (each is a StorageClass's Secret)
 RETRY_S = 300.0         # after a failed or refused run, the next try (at most the interval)
 
-_SCHEDULE = scripts.PRELUDE + r"""
+_SCHEDULE = lua(scripts.PRELUDE + r"""
 local now = now_ms()
 local st = redis.call('HMGET', KEYS[1], S.owner, S.held, S.next)
 local owner, held, due = st[1], tonumber(st[2] or '0'), tonumber(st[3] or '0')
@@ -69,7 +69,7 @@ end
 if due > now then return {1, due} end
 redis.call('HSET', KEYS[1], S.next, I(now + tonumber(ARGV[3])))
 return {2, now + tonumber(ARGV[3])}
-"""
+""")
 OTHER, MINE, RUN = 0, 1, 2
 
 

@@ -23,7 +23,7 @@ from redis.exceptions import RedisClusterException, ResponseError
 from chunkfs.blocks import slices
 from chunkfs.meta import topology
 from chunkfs.meta.resp import key_slot
-from chunkfs.meta.schema import FREEZE_SECONDS, LUA, ROOT_INODE, Keys
+from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys, lua
 from chunkfs.meta.schema import InodeField as F
 from chunkfs.meta.schema import VolumeField as V
 
@@ -34,7 +34,7 @@ FORMAT = 2  # 2: block maps are slice lists, inline slices included (1: one obje
 # only keys of the same hash tags; across two slots of a cluster the COPY is not tried
 # at all and callers fall back to export + import.
 # KEYS: src vol, dst vol ; ARGV: src prefix, dst prefix, inodes...
-_COPY_BATCH = LUA + r"""
+_COPY_BATCH = lua(r"""
 local src, dst = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   for _, t in ipairs(PER_INODE) do
@@ -42,9 +42,9 @@ for i = 3, #ARGV do
   end
 end
 return #ARGV - 2
-"""
+""")
 # KEYS: vol ; ARGV: prefix, inodes...  ->  per inode its hashes in PER_INODE order
-_DUMP_BATCH = LUA + r"""
+_DUMP_BATCH = lua(r"""
 local prefix, out = ARGV[1], {}
 for i = 2, #ARGV do
   for _, t in ipairs(PER_INODE) do
@@ -52,7 +52,7 @@ for i = 2, #ARGV do
   end
 end
 return out
-"""
+""")
 _BATCH = 2000
 
 

@@ -25,13 +25,13 @@ those sessions can neither register nor commit.
 from __future__ import annotations
 
 from chunkfs.blocks.slices import PRUNE_MIN
-from chunkfs.meta.schema import BYTES_PER_INODE, LUA, MAX_SLICE_BYTES, MIN_INODES
+from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES, lua
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
 MAX_WALK = 1024                 # ancestors a directory rename checks (bounds its cost)
 
-PRELUDE = LUA + rf"""
+PRELUDE = lua(rf"""
 local vol = KEYS[1]
 local MIN_INODES, BYTES_PER_INODE, MAX_WALK = {MIN_INODES}, {BYTES_PER_INODE}, {MAX_WALK}
 local MAX_SLICE_BYTES, PRUNE_MIN = {MAX_SLICE_BYTES}, {PRUNE_MIN}
@@ -231,12 +231,12 @@ local function settle(pending, settled, session, objkey, now)
   if redis.call('HINCRBY', pending, f, -1) <= 0 then redis.call('HDEL', pending, f) end
   redis.call('HSET', settled, objkey, now)
 end
-"""
+""")
 
 
 def _mutation(body: str) -> str:
     """A mutating script: ``body`` runs at most once per reply key (the last KEY)."""
-    return PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
+    return lua(PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
 local reply = KEYS[#KEYS]
 local prev = redis.call('GET', reply)
 if prev then return cjson.decode(prev) end
@@ -244,15 +244,15 @@ local res = body()
 if type(res) == 'table' and res.err then return res end
 redis.call('SET', reply, cjson.encode(res), 'PX', {REPLY_TTL_MS})
 return res
-"""
+""")
 
 
 # KEYS: dir ; ARGV: name, prefix  ->  {ino, {attr fields}} or nil
-LOOKUP = LUA + r"""
+LOOKUP = lua(r"""
 local ino = redis.call('HGET', KEYS[1], ARGV[1])
 if not ino then return nil end
-return {ino, redis.call('HMGET', inode_key(ARGV[2], ino), unpack(ATTR_FIELDS))}
-"""
+return {ino, redis.call('HMGET', inode_key(ARGV[2], ino), ATTR_FIELDS)}
+""")
 
 # KEYS: vol, parent dir, parent inode, idx, reply
 # ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
@@ -630,21 +630,21 @@ return 1
 # GC declares a session dead when it has not been renewed for its expiry plus ``grace``
 # (or never registered); atomic with HEARTBEAT/REGISTER/COMMIT, which refuse dead ones,
 # so what a dead session registered can be dropped afterwards without racing its commit.
-TOMBSTONE = PRELUDE + r"""
+TOMBSTONE = lua(PRELUDE + r"""
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v and string.sub(v, 1, 5) == 'dead:' then return 1 end
 local now = now_ms()
 if v and tonumber(v) + tonumber(ARGV[2]) > now then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], 'dead:' .. I(now))
 return 1
-"""
+""")
 
 # KEYS: doomed, gc state ; ARGV: object key  ->  {GC generation, 1 if GC is deleting the key}
-DOOMED = PRELUDE + r"""
+DOOMED = lua(PRELUDE + r"""
 local st = redis.call('HMGET', KEYS[2], G.gen, G.lease)
 local doomed = 0
 if tonumber(st[2] or '0') > now_ms() and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   doomed = 1
 end
 return {st[1] or '0', doomed}
-"""
+""")

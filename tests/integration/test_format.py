@@ -18,7 +18,7 @@ from typing import Any
 
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.redis_meta import BlockOp, VolumeMeta
-from chunkfs.meta.schema import ATTR_FIELDS, LUA, ROOT_INODE, Keys
+from chunkfs.meta.schema import ATTR_FIELDS, ROOT_INODE, Keys, lua
 from chunkfs.objstore import block_key
 from chunkfs.volumes import VolumeService, manifest_key
 
@@ -197,14 +197,14 @@ async def test_the_persistent_format_is_unchanged(svc) -> None:
 
 
 async def test_the_scripts_build_the_keys_and_fields_python_builds(svc) -> None:
-    """The generated Lua schema, run by Redis itself, names what ``Keys`` and the field
-    definitions name (the scripts and the Python side can only agree)."""
+    """The schema filled into Lua (``lua()``), run by Redis itself, names what ``Keys`` and
+    the field definitions name (the scripts and the Python side can only agree)."""
     k = Keys("ns")
-    got = await svc.r.eval(LUA + """
+    got = await svc.r.eval(lua("""
 local p = ARGV[1]
 local out = {inode_key(p, 7), dir_key(p, 7), blocks_key(p, 7), xattr_key(p, 7), slices_key(p, 7),
              idx_key(p), orphans_key(p)}
-for _, f in ipairs(ATTR_FIELDS) do out[#out + 1] = f end
+for _, f in ipairs({ATTR_FIELDS}) do out[#out + 1] = f end
 out[#out + 1] = F.parent .. F.target .. F.data .. V.used .. V.epoch
-return out""", 0, k.prefix)
+return out"""), 0, k.prefix)
     assert [g.decode() for g in got] == [*k.per_inode(7), k.idx, k.orphans, *ATTR_FIELDS, "pldusedepoch"]

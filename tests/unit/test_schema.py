@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -19,7 +20,6 @@ from chunkfs import gc_lease
 from chunkfs.meta import namespace, schema, scripts
 from chunkfs.meta.schema import (
     ATTR_FIELDS,
-    LUA,
     PER_INODE,
     Attr,
     GcScheduleField,
@@ -29,6 +29,7 @@ from chunkfs.meta.schema import (
     VolumeField,
     VolumeRecord,
     inode_limit,
+    lua,
 )
 from csi import gc_runner
 
@@ -78,43 +79,73 @@ def test_every_volume_field_is_documented():
             assert re.search(rf"\b{value}\b", text), value
 
 
-def _lua_table(name: str) -> dict[str, str]:
-    m = re.search(rf"^local {name} = {{(.*)}}$", LUA, re.M)
-    assert m, name
-    return dict(re.findall(r"(\w+) = '([^']*)'", m.group(1)))
+FIELD_CLASSES = {"F": InodeField, "V": VolumeField, "G": GcStateField, "S": GcScheduleField}
 
 
-def test_the_lua_schema_is_generated_from_the_definitions():
-    assert _lua_table("F") == {n.lower(): v for n, v in vars(InodeField).items() if n.isupper()}
-    for table, cls in (("V", VolumeField), ("G", GcStateField), ("S", GcScheduleField)):
-        assert _lua_table(table) == {n.lower(): v for n, v in vars(cls).items() if n.isupper()}
-    builder = r"^local function (\w+)_key\(prefix, ino\) return prefix \.\. '(\w)' \.\. ino end$"
-    builders = dict(re.findall(builder, LUA, re.M))
+def test_lua_fills_in_every_field_from_the_definitions():
+    for letter, cls in FIELD_CLASSES.items():
+        for name, value in vars(cls).items():
+            if name.isupper():
+                assert lua(f"redis.call('HGET', KEYS[1], {letter}.{name.lower()})") == \
+                    f"redis.call('HGET', KEYS[1], '{value}')"
+    assert lua("redis.call('HMGET', KEYS[1], ATTR_FIELDS)") == \
+        "redis.call('HMGET', KEYS[1], 'm', 'u', 'g', 'n', 's', 'a', 't', 'c', 'r')"
+    assert lua("for _, t in ipairs(PER_INODE) do end") == \
+        "for _, t in ipairs({'i', 'd', 'b', 'x', 'y'}) do end"
+    with pytest.raises(ValueError, match="F.mod"):
+        lua("redis.call('HGET', KEYS[1], F.mod)")  # a typo fails at import, not in Redis
+
+
+def test_lua_builds_the_keys_keys_builds():
     k = Keys("ID")
-    for name, letter in builders.items():
-        assert getattr(k, name)(7) == f"cfs{{ID}}:{letter}7"
-    assert set(builders.values()) == set(PER_INODE) and len(builders) == len(PER_INODE)
-    assert re.search(r"^local ATTR_FIELDS = {'m', 'u', 'g', 'n', 's', 'a', 't', 'c', 'r'}$", LUA, re.M)
+    script = lua("return {inode_key(p, 7), dir_key(p, 7), blocks_key(p, 7), xattr_key(p, 7),"
+                 " slices_key(ARGV[2], ino), idx_key(p), orphans_key(p)}")
+    assert script == ("return {(p .. 'i' .. 7), (p .. 'd' .. 7), (p .. 'b' .. 7), (p .. 'x' .. 7),"
+                      " (ARGV[2] .. 'y' .. ino), (p .. 'idx'), (p .. 'orphans')}")
+    built = re.findall(r"\(p \.\. '(\w+)'(?: \.\. 7)?\)", script)
+    assert [k.prefix + b + "7" for b in built[:4]] == [k.inode(7), k.dir(7), k.blocks(7), k.xattr(7)]
+    assert [k.prefix + b for b in built[4:]] == [k.idx, k.orphans]
+    assert lua(script) == script  # filling in twice changes nothing
+    with pytest.raises(ValueError, match="inode_key"):
+        lua("return inode_key(prefix_of(x), 7)")  # only names: the text stays what it says
 
 
-def _lua_sources() -> dict[str, str]:
-    """Every Lua script of the project, without the generated schema it starts with."""
-    out = {f"scripts.{n}": v for n, v in vars(scripts).items() if n.isupper() and isinstance(v, str)
-           and "redis.call" in v}
-    out |= {f"namespace.{n}": v for n, v in vars(namespace).items()
-            if n.startswith("_") and isinstance(v, str) and "redis.call" in v}
-    out |= {"gc_lease._LEASE": gc_lease._LEASE, "gc_runner._SCHEDULE": gc_runner._SCHEDULE}
-    assert len(out) >= 18
-    return {name: src.replace(LUA, "") for name, src in out.items()}
+def _lua_modules() -> dict[str, ModuleType]:
+    return {"scripts": scripts, "namespace": namespace, "gc_lease": gc_lease, "gc_runner": gc_runner}
 
 
-@pytest.mark.parametrize(("name", "source"), sorted(_lua_sources().items()))
-def test_no_script_spells_a_key_or_a_field(name, source):
+def _script_templates() -> list[tuple[str, str]]:
+    """The Lua as written in the modules' source (before ``lua()``): every string literal,
+    or piece of an f-string, of a script."""
+    out = []
+    for modname, module in _lua_modules().items():
+        path = Path(module.__file__ or "")
+        for node in ast.walk(ast.parse(path.read_text())):
+            parts = node.values if isinstance(node, ast.JoinedStr) else [node]
+            texts = [p.value for p in parts if isinstance(p, ast.Constant) and isinstance(p.value, str)]
+            if isinstance(node, ast.JoinedStr | ast.Constant) and any("redis.call" in t for t in texts):
+                out += [(f"{modname}:{node.lineno}", t) for t in texts]
+    assert len({where for where, _ in out}) >= 18
+    return out
+
+
+@pytest.mark.parametrize("source", [pytest.param(text, id=f"{where}#{i}")
+                                    for i, (where, text) in enumerate(_script_templates())])
+def test_no_script_spells_a_key_or_a_field(source):
     assert not re.findall(r"\.\. '[a-z]' \.\.", source), "a key built by hand"
     assert not re.findall(r"'[a-z]'", source), "an inode field letter"
     fields = [v for cls in (VolumeField, GcStateField, GcScheduleField)
               for n, v in vars(cls).items() if n.isupper()]
     assert not re.findall(rf"'({'|'.join(fields)})'", source), "a volume or GC field"
+
+
+def test_every_script_is_filled_in():
+    for modname, module in _lua_modules().items():
+        for name, value in vars(module).items():
+            if isinstance(value, str) and "redis.call" in value:
+                assert not re.search(r"\b[FVGS]\.[a-z_]+|\bATTR_FIELDS\b|\bPER_INODE\b", value), \
+                    f"{modname}.{name}"
+                assert not re.search(r"\b(inode|dir|blocks|xattr|slices|idx|orphans)_key\(", value)
 
 
 # Redis hash commands whose arguments would be field names
