@@ -3,7 +3,7 @@
     python -m bench.gc_memory [--synthetic 1000000] [--real 20000] [--referenced 0.5]
                               [--baseline-rev REV]
 
-Starts its own redis-server and SeaweedFS (chunkfs.localstack) in a temporary directory,
+Starts its own redis-server and SeaweedFS (devstack.localstack) in a temporary directory,
 creates one volume and gives it block maps that reference a fraction of the objects, then
 runs ``chunkfs.gc.collect_garbage`` in a fresh interpreter and reports its peak RSS
 (VmHWM), its RSS just before the run, the run's time and report.
@@ -133,7 +133,6 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 async def populate(svc: Any, args: argparse.Namespace) -> dict[str, int]:
     """One volume whose block maps reference a fraction of the synthetic and real objects."""
     from chunkfs.blocks import slices
-    from chunkfs.blocks.slices import Slice
     from chunkfs.meta.schema import Keys
 
     info = await svc.create_volume("v", 1 << 60)
@@ -146,8 +145,8 @@ async def populate(svc: Any, args: argparse.Namespace) -> dict[str, int]:
         if entries % ENTRIES_PER_INODE == 0:
             ino += 1
             pipe.sadd(k.idx, ino)
-        one = slices.encode([Slice(slices.object_ref(digest, length), 0, length, 0)])
-        pipe.hset(k.blocks(ino), str(entries % ENTRIES_PER_INODE), one)
+        whole = slices.Slice(slices.object_ref(digest, length), 0, length, 0)  # one object, block-long
+        pipe.hset(k.blocks(ino), str(entries % ENTRIES_PER_INODE), slices.encode([whole]))
         entries += 1
         if entries % 10_000 == 0:
             await pipe.execute()
@@ -205,8 +204,8 @@ def run_child(args: argparse.Namespace, env: dict[str, str], meta: str, storage:
 
 async def parent(args: argparse.Namespace) -> list[dict[str, Any]]:
     from chunkfs.config import StorageConfig
-    from chunkfs.localstack import start_redis, start_seaweedfs
     from chunkfs.volumes import VolumeService
+    from devstack.localstack import start_redis, start_seaweedfs
 
     results = []
     with tempfile.TemporaryDirectory(prefix="gc-memory-") as tmp:

@@ -2,7 +2,7 @@
 
     python -m bench.meta_rtt [--ops 20000] [--rounds 5] [--concurrency 1,32]
 
-Starts its own redis-server (chunkfs.localstack) in a temporary directory, creates one
+Starts its own redis-server (devstack.localstack) in a temporary directory, creates one
 namespace with a file in its root, then times ``VolumeMeta.getattr`` (one HMGET) and
 ``VolumeMeta.lookup`` (one EVALSHA) through the hot-path client (chunkfs.meta.resp):
 one caller at a time (latency per operation) and many callers at once (pipelined, cost
@@ -19,10 +19,10 @@ import stat
 import tempfile
 import time
 
-from chunkfs.localstack import start_redis
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast
 from chunkfs.meta.schema import ROOT_INODE
+from devstack.localstack import start_redis
 
 
 async def _time(op, ops: int, concurrency: int) -> float:

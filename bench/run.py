@@ -2,7 +2,7 @@
 
     python -m bench.run [--quick] [--workloads all] [--size 1GiB] [--out FILE.json]
 
-Brings up Redis + SeaweedFS (chunkfs.localstack) in a temporary directory and a counting
+Brings up Redis + SeaweedFS (devstack.localstack) in a temporary directory and a counting
 S3 proxy in front of SeaweedFS (bench.s3proxy), creates a chunkfs volume (Redis db 1) and
 formats a JuiceFS volume (Redis db 2, its own bucket), mounts both with their default
 options, each reaching S3 through its own proxy port, runs the same workloads on both
@@ -228,7 +228,7 @@ class Bench:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        from chunkfs.localstack import LocalStack
+        from devstack.localstack import LocalStack
 
         self.work = Path(self.args.workdir or tempfile.mkdtemp(prefix="chunkfs-bench-"))
         self.work.mkdir(parents=True, exist_ok=True)

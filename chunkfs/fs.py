@@ -26,7 +26,7 @@ from chunkfs.blocks.file import FileData
 from chunkfs.blocks.store import BlockStore
 from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import ROOT_INODE, Attr, inode_limit
+from chunkfs.meta.schema import ROOT_INODE, Attr, InodeField, VolumeRecord
 from chunkfs.volume_state import VolumeState
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class ChunkFS(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, meta: VolumeMeta, blocks: BlockStore, options: MountOptions,
-                 volume: dict[str, Any], status_extra: Callable[[], dict[str, Any]]) -> None:
+                 volume: VolumeRecord, status_extra: Callable[[], dict[str, Any]]) -> None:
         super().__init__()
         self.meta = meta
         self.blocks = blocks
@@ -341,15 +341,15 @@ class ChunkFS(pyfuse3.Operations):
         now = time.time_ns()
         changes: dict[str, int] = {}
         if fields.update_mode:
-            changes["m"] = attr.st_mode
+            changes[InodeField.MODE] = attr.st_mode
         if fields.update_uid:
-            changes["u"] = attr.st_uid
+            changes[InodeField.UID] = attr.st_uid
         if fields.update_gid:
-            changes["g"] = attr.st_gid
+            changes[InodeField.GID] = attr.st_gid
         if fields.update_atime:
-            changes["a"] = attr.st_atime_ns
+            changes[InodeField.ATIME] = attr.st_atime_ns
         if fields.update_mtime:
-            changes["t"] = attr.st_mtime_ns
+            changes[InodeField.MTIME] = attr.st_mtime_ns
         if fields.update_size:
             data = await self._file(inode)
             try:
@@ -359,10 +359,10 @@ class ChunkFS(pyfuse3.Operations):
             finally:
                 self._drop_if_unused(data)
         if changes or not fields.update_size:
-            if "m" in changes:
+            if InodeField.MODE in changes:
                 current = await self.meta.getattr(inode)
-                changes["m"] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
-            changes["c"] = now
+                changes[InodeField.MODE] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
+            changes[InodeField.CTIME] = now
             await self.meta.setattr(inode, changes)
         return self._entry(await self.meta.getattr(inode))
 
@@ -608,15 +608,15 @@ class ChunkFS(pyfuse3.Operations):
     @fuse_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         state = await self.state.refresh_usage()
-        capacity = int(state.get("capacity", 0))
-        used = min(capacity, int(state.get("used", 0)) + self.uncommitted_growth())
+        capacity = state.capacity
+        used = min(capacity, state.used + self.uncommitted_growth())
         s = pyfuse3.StatvfsData()
         s.f_bsize = 4096
         s.f_frsize = 4096
         s.f_blocks = capacity // 4096
         s.f_bfree = s.f_bavail = (capacity - used) // 4096
-        inodes = int(state.get("inodes", 0))
-        s.f_files = inode_limit(capacity, int(state.get("max_inodes", 0) or 0))
+        inodes = state.inodes
+        s.f_files = state.inode_limit
         s.f_ffree = s.f_favail = max(0, s.f_files - inodes)
         s.f_namemax = NAME_MAX
         return s

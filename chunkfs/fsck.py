@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from chunkfs.blocks import slices
 from chunkfs.blocks.slices import Slice
-from chunkfs.meta.schema import ROOT_INODE, Keys
+from chunkfs.meta.schema import ROOT_INODE, Keys, VolumeRecord
+from chunkfs.meta.schema import InodeField as F
 from chunkfs.objstore import ObjectStore, block_key
 
 
@@ -21,9 +22,10 @@ async def check_namespace(r: aioredis.Redis, ns: str,
                           store: ObjectStore | None = None) -> list[str]:
     k = Keys(ns)
     problems: list[str] = []
-    vol = {a.decode(): b.decode() for a, b in (await r.hgetall(k.vol)).items()}
-    if not vol:
+    raw_vol = await r.hgetall(k.vol)
+    if not raw_vol:
         return [f"namespace {ns} has no volume record"]
+    vol = VolumeRecord.parse(raw_vol)
     inos = sorted(int(i) for i in await r.smembers(k.idx))
     orphans = {int(i) for i in await r.hkeys(k.orphans)}
     attrs: dict[int, dict[str, bytes]] = {}
@@ -55,28 +57,28 @@ async def check_namespace(r: aioredis.Redis, ns: str,
         if not attr:
             problems.append(f"inode {ino} is indexed but has no attributes")
             continue
-        mode = int(attr["m"])
+        mode = int(attr[F.MODE])
         # metadata is charged to the volume too: names, symlink targets, xattrs
-        used += sum(len(name) for name in dirs[ino]) + len(attr.get("l", b"")) + xattr_bytes[ino]
+        used += sum(len(name) for name in dirs[ino]) + len(attr.get(F.TARGET, b"")) + xattr_bytes[ino]
         for name, child in dirs[ino].items():
             child_ino = int(child)
             if child_ino not in attrs or not attrs[child_ino]:
                 problems.append(f"entry {name!r} in directory {ino} points to missing inode {child_ino}")
                 continue
             links[child_ino] += 1
-            if stat.S_ISDIR(int(attrs[child_ino]["m"])):
+            if stat.S_ISDIR(int(attrs[child_ino][F.MODE])):
                 subdirs[ino] += 1
-                if int(attrs[child_ino].get("p", b"0")) != ino:
-                    problems.append(f"directory {child_ino} has parent {attrs[child_ino].get('p')}"
+                if int(attrs[child_ino].get(F.PARENT, b"0")) != ino:
+                    problems.append(f"directory {child_ino} has parent {attrs[child_ino].get(F.PARENT)}"
                                     f" but is listed in {ino}")
         if dirs[ino] and not stat.S_ISDIR(mode):
             problems.append(f"non-directory {ino} has entries")
-        if "d" in attr:
-            used += len(attr["d"])
+        if F.DATA in attr:
+            used += len(attr[F.DATA])
             if blocks[ino]:
                 problems.append(f"inode {ino} has both inline data and blocks")
-        size = int(attr.get("s", b"0"))
-        bs = int(vol.get("block_size", 4 << 20))
+        size = int(attr.get(F.SIZE, b"0"))
+        bs = vol.block_size
         named: set[str] = set()
         for idx, raw in blocks[ino].items():
             where = f"inode {ino} block {int(idx)}"
@@ -96,9 +98,8 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             for s in block:
                 problems += _slice_problems(where, s, bs, inline[ino], named)
             if store is not None:
-                for ref in slices.objects(block):
-                    digest, _, n = ref.rpartition("_")
-                    if not await store.exists(block_key(digest, int(n))):
+                for digest, n in slices.object_refs(raw):
+                    if not await store.exists(block_key(digest, n)):
                         problems.append(f"{where} object {digest} is missing")
         stored_inline += sum(len(v) for v in inline[ino].values())
         for orphan in sorted(set(inline[ino]) - {n.encode() for n in named}):
@@ -107,7 +108,7 @@ async def check_namespace(r: aioredis.Redis, ns: str,
         attr = attrs[ino]
         if not attr:
             continue
-        mode, nlink = int(attr["m"]), int(attr["n"])
+        mode, nlink = int(attr[F.MODE]), int(attr[F.NLINK])
         if ino == ROOT_INODE:
             expected = 2 + subdirs[ino]
         elif stat.S_ISDIR(mode):
@@ -120,13 +121,13 @@ async def check_namespace(r: aioredis.Redis, ns: str,
             problems.append(f"inode {ino} has nlink {nlink}, expected {expected}")
         if ino != ROOT_INODE and links[ino] == 0 and ino not in orphans:
             problems.append(f"inode {ino} is not reachable from any directory")
-    if int(vol.get("slicebytes", 0)) != stored_inline:
-        problems.append(f"volume records {vol.get('slicebytes', 0)} inline slice bytes, "
+    if vol.slicebytes != stored_inline:
+        problems.append(f"volume records {vol.slicebytes} inline slice bytes, "
                         f"the files hold {stored_inline}")
-    if int(vol.get("used", 0)) != used:
-        problems.append(f"volume records {vol.get('used')} bytes used, blocks add up to {used}")
-    if int(vol.get("inodes", 0)) != len(inos):
-        problems.append(f"volume records {vol.get('inodes')} inodes, index has {len(inos)}")
+    if vol.used != used:
+        problems.append(f"volume records {vol.used} bytes used, blocks add up to {used}")
+    if vol.inodes != len(inos):
+        problems.append(f"volume records {vol.inodes} inodes, index has {len(inos)}")
     return problems
 
 

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from chunkfs.errors import ChunkfsError
 from chunkfs.meta import scripts, topology
-from chunkfs.meta.schema import GC_DOOMED, GC_STATE
+from chunkfs.meta.schema import GC_DOOMED, GC_STATE, lua
 
 LEASE_MS = 10 * 60 * 1000      # a run renews it at least every LEASE_RENEW_S
 LEASE_RENEW_S = 30.0
@@ -29,27 +29,27 @@ class GcRefused(ChunkfsError):
     """GC cannot run safely now (another run holds the lease, a cluster reshard, ...)."""
 
 
-_LEASE = scripts.PRELUDE + r"""
+_LEASE = lua(scripts.PRELUDE + r"""
 local now = now_ms()
-local st = redis.call('HMGET', KEYS[1], 'owner', 'lease')
+local st = redis.call('HMGET', KEYS[1], G.owner, G.lease)
 local mine = st[1] == ARGV[1]
 if ARGV[2] == 'acquire' then
   if st[1] and not mine and tonumber(st[2] or '0') > now then return {0, st[1], st[2]} end
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease', I(now + tonumber(ARGV[3])),
-             'started', I(now))
+  redis.call('HSET', KEYS[1], G.owner, ARGV[1], G.lease, I(now + tonumber(ARGV[3])),
+             G.started, I(now))
   return {1, ARGV[1], I(now)}
 end
 if not mine then return {0, st[1] or '', st[2] or '0'} end
 if ARGV[2] == 'renew' then
-  redis.call('HSET', KEYS[1], 'lease', I(now + tonumber(ARGV[3])))
+  redis.call('HSET', KEYS[1], G.lease, I(now + tonumber(ARGV[3])))
 elseif ARGV[2] == 'doom' then
-  redis.call('HINCRBY', KEYS[1], 'gen', 1)
+  redis.call('HINCRBY', KEYS[1], G.gen, 1)
 else
-  redis.call('HSET', KEYS[1], 'lease', '0')
+  redis.call('HSET', KEYS[1], G.lease, '0')
   redis.call('DEL', KEYS[2])
 end
 return {1, ARGV[1], I(now)}
-"""
+""")
 
 
 class Lease:

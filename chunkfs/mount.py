@@ -105,7 +105,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
                                entry_timeout=cfg.entry_timeout, inline_limit=cfg.inline_limit,
                                readahead_blocks=cfg.readahead_blocks,
-                               block_size=int(state.get("block_size", 4 << 20)))
+                               block_size=state.block_size)
 
         state_of_mount = MountState(meta)
 

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from chunkfs.meta.redis_meta import VolumeMeta
-from chunkfs.meta.schema import GcRun
+from chunkfs.meta.schema import GcRun, VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,11 @@ class MountState:
         except Exception as exc:  # noqa: BLE001 - status only: the next round tries again
             log.warning("reading the last gc run failed", extra={"error": type(exc).__name__})
 
-    def document(self, volume: dict[str, Any], *, read_only: bool, fenced: bool) -> dict[str, Any]:
-        epoch = str(volume.get("epoch", ""))
+    def document(self, volume: VolumeRecord, *, read_only: bool, fenced: bool) -> dict[str, Any]:
+        epoch = volume.epoch
         return {
             "dirty_files": self.dirty.files(), "dirty_age_s": self.dirty.oldest(),
-            "lease": {"holder": str(volume.get("writer", "")),
+            "lease": {"holder": volume.writer,
                       "epoch": int(epoch) if epoch.isdigit() else 0,
                       "writes": not read_only and not fenced and epoch == self.meta.epoch},
             "last_gc": self._gc(),

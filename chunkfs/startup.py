@@ -34,7 +34,7 @@ from chunkfs.claim import claim_storage, read_marker
 from chunkfs.errors import VolumeNotFound
 from chunkfs.meta import durability, redis_url
 from chunkfs.meta.redis_meta import VolumeMeta, connect, connect_fast, with_retries
-from chunkfs.meta.schema import ENGINE, VOLUMES, Keys
+from chunkfs.meta.schema import ENGINE, VOLUMES, Keys, VolumeRecord
 from chunkfs.objstore import ObjectStore
 
 if TYPE_CHECKING:
@@ -77,14 +77,14 @@ class Backends:
     store: ObjectStore
     meta: VolumeMeta
     cache: BlockCache
-    state: dict[str, str]
+    state: VolumeRecord
     durable: durability.Durability
 
 
 @dataclass
 class _Volume:
     keys: Keys
-    state: dict[str, str]
+    state: VolumeRecord
     durable: durability.Durability
     engine: str | None
 
@@ -104,9 +104,9 @@ async def connect_backends(cfg: MountConfig, stack: contextlib.AsyncExitStack,
         await admin.aclose()
     client = connect_fast(cfg.meta_url, timeout=min(10.0, cfg.io_timeout))
     stack.push_async_callback(client.aclose)
-    epoch = cfg.epoch if cfg.epoch is not None else volume.state.get("epoch", "1")
+    epoch = cfg.epoch if cfg.epoch is not None else volume.state.epoch or "1"
     meta = VolumeMeta(client, volume.keys.ns, epoch=epoch, session=secrets.token_hex(6),
-                      read_only=cfg.read_only or volume.state.get("kind") == "snapshot",
+                      read_only=cfg.read_only or volume.state.kind == "snapshot",
                       deadline=cfg.io_timeout)
     await meta.heartbeat()  # registers the session (a no-op read-only): writes need it
     clock.mark("session")
@@ -133,7 +133,7 @@ async def _volume(cfg: MountConfig, admin: Any, clock: Timeline) -> _Volume:
     keys = Keys(ns.decode())
     raw = await with_retries(lambda: admin.hgetall(keys.vol), deadline=REDIS_DEADLINE)
     clock.mark("volume")
-    return _Volume(keys, {k.decode(): v.decode() for k, v in raw.items()}, durable,
+    return _Volume(keys, VolumeRecord.parse(raw), durable,
                    engine.decode() if isinstance(engine, bytes) else None)
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from chunkfs.errors import SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.schema import VolumeRecord
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +27,23 @@ HEARTBEAT_EVERY = 20  # refreshes between session renewals
 
 
 class VolumeState:
-    def __init__(self, meta: VolumeMeta, record: dict[str, Any]) -> None:
+    def __init__(self, meta: VolumeMeta, record: VolumeRecord) -> None:
         self.meta = meta
-        self.record: dict[str, Any] = dict(record)  # the volume's hash, decoded
+        self.record = record  # the volume's hash as last read
         self.fenced = False
 
     @property
     def name(self) -> str:
-        return str(self.record.get("name", ""))
+        return self.record.name
 
     @property
     def capacity(self) -> int:
-        return int(self.record.get("capacity", 0) or 0)
+        return self.record.capacity
 
     @property
     def used(self) -> int:
         """Bytes in use: the last read, plus our commits since."""
-        return int(self.record.get("used", 0) or 0) + self.meta.charged
+        return self.record.used + self.meta.charged
 
     def fence(self, why: str, **extra: Any) -> None:
         """From now on this mount changes nothing (its lease or session is gone)."""
@@ -49,22 +51,23 @@ class VolumeState:
             log.error(why, extra=extra)
         self.fenced = True
 
-    async def refresh_usage(self) -> dict[str, bytes]:
+    async def refresh_usage(self) -> VolumeRecord:
         """Capacity and usage from Redis now (near the limit, before admitting a write)."""
         state = await self.meta.volume_state()
-        self.record.update({k: v.decode() for k, v in state.items() if k in ("capacity", "used")})
+        if state is None:  # the volume's record is gone: keep what we knew
+            return self.record
+        self.record = replace(self.record, capacity=state.capacity, used=state.used)
         return state
 
     async def refresh(self) -> None:
-        """The whole hash; fences the mount when another writer holds the lease now."""
+        """The whole record; fences the mount when another writer holds the lease now."""
         state = await self.meta.volume_state()
-        if not state:
+        if state is None:
             return
-        self.record.update({k: v.decode() for k, v in state.items()})
-        current = state.get("epoch", b"").decode()
-        if not self.meta.read_only and current != self.meta.epoch:
+        self.record = state
+        if not self.meta.read_only and state.epoch != self.meta.epoch:
             self.fence("writer lease revoked: fencing this mount", epoch=self.meta.epoch,
-                       current=current)
+                       current=state.epoch)
 
     async def run(self, tick: Callable[[], Awaitable[None]],
                   on_dead: Callable[[str], None]) -> None:

@@ -32,10 +32,10 @@ from chunkfs.errors import (
 )
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.redis_meta import connect, with_retries
-from chunkfs.meta.schema import GC_LAST, SNAPSHOTS, VOLUMES, GcRun, Keys, inode_limit
+from chunkfs.meta.schema import DEFAULT_BLOCK_SIZE, GC_LAST, SNAPSHOTS, VOLUMES, GcRun, Keys, VolumeRecord
+from chunkfs.meta.schema import VolumeField as V
 from chunkfs.objstore import ObjectStore
 
-DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,252}$")
 
 
@@ -87,26 +87,18 @@ def manifest_key(snapshot_name: str) -> str:
     return f"snapshots/{quote(snapshot_name, safe='')}/manifest.json.gz"
 
 
-def _text(v: bytes | None, default: str = "") -> str:
-    return v.decode() if v is not None else default
-
-
 def _volume_info(name: str, ns: str, raw: dict[bytes, bytes]) -> VolumeInfo:
-    writer = _text(raw.get(b"writer"))
+    rec = VolumeRecord.parse(raw)
     return VolumeInfo(
-        name=name, id=ns, capacity=int(raw.get(b"capacity", 0)),
-        used_bytes=int(raw.get(b"used", 0)), used_inodes=int(raw.get(b"inodes", 0)),
-        created=float(raw.get(b"created", 0)), epoch=int(raw.get(b"epoch", 0)),
-        writer=writer or None, source=_text(raw.get(b"source")) or None,
-        block_size=int(raw.get(b"block_size", DEFAULT_BLOCK_SIZE)),
-        max_inodes=inode_limit(int(raw.get(b"capacity", 0)), int(raw.get(b"max_inodes", 0) or 0)))
+        name=name, id=ns, capacity=rec.capacity, used_bytes=rec.used, used_inodes=rec.inodes,
+        created=rec.created, epoch=int(rec.epoch or 0), writer=rec.writer or None,
+        source=rec.source or None, block_size=rec.block_size, max_inodes=rec.inode_limit)
 
 
 def _snapshot_info(name: str, ns: str, raw: dict[bytes, bytes]) -> SnapshotInfo:
-    return SnapshotInfo(
-        name=name, id=ns, source_volume=_text(raw.get(b"source_volume")),
-        created=float(raw.get(b"created", 0)), size_bytes=int(raw.get(b"used", 0)),
-        ready_to_use=raw.get(b"ready", b"0") == b"1")
+    rec = VolumeRecord.parse(raw)
+    return SnapshotInfo(name=name, id=ns, source_volume=rec.source_volume, created=rec.created,
+                        size_bytes=rec.used, ready_to_use=rec.ready)
 
 
 class VolumeService:
@@ -202,20 +194,20 @@ class VolumeService:
             raise VolumeExists(f"volume {name!r} already exists", existing)
         await self.claim()
         ns = nsops.new_namespace_id()
-        settings = {"name": name, "kind": "volume", "capacity": capacity, "created": time.time(),
-                    "block_size": DEFAULT_BLOCK_SIZE, "source": ""}
+        settings = {V.NAME: name, V.KIND: "volume", V.CAPACITY: capacity, V.CREATED: time.time(),
+                    V.BLOCK_SIZE: DEFAULT_BLOCK_SIZE, V.SOURCE: ""}
         if max_inodes is not None:
-            settings["max_inodes"] = max_inodes
+            settings[V.MAX_INODES] = max_inodes
         if source_snapshot is not None and source_volume is not None:
             raise InvalidArgument("give either a source snapshot or a source volume, not both")
         if source_snapshot is not None:
-            settings["source"] = f"snapshot:{source_snapshot}"
+            settings[V.SOURCE] = f"snapshot:{source_snapshot}"
             await self._clone_snapshot(source_snapshot, ns, settings)
         elif source_volume is not None:
-            settings["source"] = f"volume:{source_volume}"
+            settings[V.SOURCE] = f"volume:{source_volume}"
             source_ns = await self._volume_ns(check_name("volume", source_volume))
             await self._check_clone_capacity(source_ns, capacity)
-            settings["block_size"] = await self._block_size(source_ns)
+            settings[V.BLOCK_SIZE] = await self._block_size(source_ns)
             await self._copy_live(source_ns, ns, settings)
         else:
             await self._redis(lambda: nsops.init_namespace(self.r, ns, settings))
@@ -231,7 +223,7 @@ class VolumeService:
         if capacity < info.used_bytes:
             raise InvalidArgument(
                 f"cannot shrink volume {name!r} to {capacity} bytes: {info.used_bytes} are in use")
-        await self._redis(lambda: self.r.hset(Keys(info.id).vol, "capacity", capacity))
+        await self._redis(lambda: self.r.hset(Keys(info.id).vol, V.CAPACITY, capacity))
         return await self.get_volume(name)
 
     async def delete_volume(self, name: str) -> None:
@@ -256,7 +248,7 @@ class VolumeService:
                 while True:
                     try:
                         await pipe.watch(key)
-                        writer, epoch = await pipe.hmget(key, "writer", "epoch")
+                        writer, epoch = await pipe.hmget(key, V.WRITER, V.EPOCH)
                         if epoch is None:
                             raise VolumeNotFound(f"volume {name!r} not found")
                         if writer is not None and writer.decode() == node_id:
@@ -265,8 +257,8 @@ class VolumeService:
                             raise LeaseHeld(f"volume {name!r} is published to {writer.decode()}",
                                             writer.decode())
                         pipe.multi()
-                        pipe.hincrby(key, "epoch", 1)
-                        pipe.hset(key, "writer", node_id)
+                        pipe.hincrby(key, V.EPOCH, 1)
+                        pipe.hset(key, V.WRITER, node_id)
                         new_epoch, _ = await pipe.execute()
                         return int(new_epoch)
                     except aioredis.WatchError:
@@ -283,12 +275,12 @@ class VolumeService:
                 while True:
                     try:
                         await pipe.watch(key)
-                        writer = await pipe.hget(key, "writer")
+                        writer = await pipe.hget(key, V.WRITER)
                         if writer is None or writer.decode() != node_id:
                             return
                         pipe.multi()
-                        pipe.hincrby(key, "epoch", 1)
-                        pipe.hset(key, "writer", "")
+                        pipe.hincrby(key, V.EPOCH, 1)
+                        pipe.hset(key, V.WRITER, "")
                         await pipe.execute()
                         return
                     except aioredis.WatchError:
@@ -298,11 +290,11 @@ class VolumeService:
 
     # ---- snapshots ------------------------------------------------------------------
     async def _block_size(self, ns: str) -> int:
-        raw = await self._redis(lambda: self.r.hget(Keys(ns).vol, "block_size"))
+        raw = await self._redis(lambda: self.r.hget(Keys(ns).vol, V.BLOCK_SIZE))
         return int(raw or DEFAULT_BLOCK_SIZE)
 
     async def _check_clone_capacity(self, source_ns: str, capacity: int) -> None:
-        used = int(await self._redis(lambda: self.r.hget(Keys(source_ns).vol, "used")) or 0)
+        used = int(await self._redis(lambda: self.r.hget(Keys(source_ns).vol, V.USED)) or 0)
         if capacity < used:
             raise InvalidArgument(f"capacity {capacity} is smaller than the {used} bytes of the source")
 
@@ -337,8 +329,8 @@ class VolumeService:
         check_name("snapshot", name)
         source = await self._redis(lambda: self.r.hget(SNAPSHOTS, name))
         if source is not None:
-            await self._check_clone_capacity(source.decode(), int(settings["capacity"]))
-            settings["block_size"] = await self._block_size(source.decode())
+            await self._check_clone_capacity(source.decode(), int(settings[V.CAPACITY]))
+            settings[V.BLOCK_SIZE] = await self._block_size(source.decode())
             await self._copy(source.decode(), ns, settings)
             return
         try:
@@ -347,11 +339,11 @@ class VolumeService:
             raise SnapshotNotFound(f"snapshot {name!r} not found") from exc
         await self.claim(adopt=True)  # a restore into a Redis that lost everything
         doc = nsops.decode_manifest(data)
-        used = int(doc["settings"].get("used", 0))
-        if int(settings["capacity"]) < used:
+        used = int(doc["settings"].get(V.USED, 0))
+        if int(settings[V.CAPACITY]) < used:
             raise InvalidArgument(
-                f"capacity {settings['capacity']} is smaller than the {used} bytes of the source")
-        settings["block_size"] = int(doc["settings"].get("block_size", DEFAULT_BLOCK_SIZE))
+                f"capacity {settings[V.CAPACITY]} is smaller than the {used} bytes of the source")
+        settings[V.BLOCK_SIZE] = int(doc["settings"].get(V.BLOCK_SIZE, DEFAULT_BLOCK_SIZE))
         await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
 
     async def get_snapshot(self, name: str) -> SnapshotInfo:
@@ -388,8 +380,8 @@ class VolumeService:
         source_ns = await self._volume_ns(check_name("volume", volume_name))
         await self.claim()
         ns = nsops.new_namespace_id()
-        settings = {"name": snapshot_name, "kind": "snapshot", "created": time.time(),
-                    "source_volume": volume_name, "ready": 0, "source": ""}
+        settings = {V.NAME: snapshot_name, V.KIND: "snapshot", V.CREATED: time.time(),
+                    V.SOURCE_VOLUME: volume_name, V.READY: 0, V.SOURCE: ""}
         await self._copy_live(source_ns, ns, settings)
         if not await self._register(SNAPSHOTS, snapshot_name, ns):
             await nsops.delete_namespace(self.r, ns)
@@ -408,7 +400,7 @@ class VolumeService:
             return info
         doc = await self._redis(lambda: nsops.export_namespace(self.r, info.id))
         await self.store.put(manifest_key(snapshot_name), await nsops.encode_manifest_async(doc))
-        await self._redis(lambda: self.r.hset(Keys(info.id).vol, "ready", 1))
+        await self._redis(lambda: self.r.hset(Keys(info.id).vol, V.READY, 1))
         return await self.get_snapshot(snapshot_name)
 
     async def delete_snapshot(self, name: str) -> None:

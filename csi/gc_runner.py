@@ -42,7 +42,7 @@ from chunkfs.config import redact_url
 from chunkfs.gc import GcRefused, collect_garbage
 from chunkfs.logs import scrub
 from chunkfs.meta import scripts
-from chunkfs.meta.schema import GC_SCHEDULE
+from chunkfs.meta.schema import GC_SCHEDULE, lua
 from csi.backends import Backend
 
 log = logging.getLogger("chunkfs.csi.gc")
@@ -51,25 +51,25 @@ HOLD_TICKS = 3          # a schedule not renewed for this many ticks passes to a
 MAX_BACKENDS = 256      # Secret backends tracked at most (each is a StorageClass's Secret)
 RETRY_S = 300.0         # after a failed or refused run, the next try (at most the interval)
 
-_SCHEDULE = scripts.PRELUDE + r"""
+_SCHEDULE = lua(scripts.PRELUDE + r"""
 local now = now_ms()
-local st = redis.call('HMGET', KEYS[1], 'owner', 'held', 'next')
+local st = redis.call('HMGET', KEYS[1], S.owner, S.held, S.next)
 local owner, held, due = st[1], tonumber(st[2] or '0'), tonumber(st[3] or '0')
 local mine = owner == ARGV[1]
 if ARGV[2] == 'release' then
-  if mine then redis.call('HDEL', KEYS[1], 'owner', 'held') end
+  if mine then redis.call('HDEL', KEYS[1], S.owner, S.held) end
   return {0, due}
 end
 if owner and not mine and held > now then return {0, due} end
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'held', I(now + tonumber(ARGV[4])))
+redis.call('HSET', KEYS[1], S.owner, ARGV[1], S.held, I(now + tonumber(ARGV[4])))
 if ARGV[2] == 'retry' then
-  redis.call('HSET', KEYS[1], 'next', I(now + tonumber(ARGV[3])))
+  redis.call('HSET', KEYS[1], S.next, I(now + tonumber(ARGV[3])))
   return {1, now + tonumber(ARGV[3])}
 end
 if due > now then return {1, due} end
-redis.call('HSET', KEYS[1], 'next', I(now + tonumber(ARGV[3])))
+redis.call('HSET', KEYS[1], S.next, I(now + tonumber(ARGV[3])))
 return {2, now + tonumber(ARGV[3])}
-"""
+""")
 OTHER, MINE, RUN = 0, 1, 2
 
 

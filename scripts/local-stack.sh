@@ -49,7 +49,7 @@ need_venv() {
 cmd_up() {
   bash scripts/setup.sh
   local exports
-  exports="$("$py" -m chunkfs.localstack up --dir "$local_dir")"
+  exports="$("$py" -m devstack.localstack up --dir "$local_dir")"
   eval "$exports"
 
   if ! "$py" -c "import chunkfs.cli" 2>/dev/null; then
@@ -58,8 +58,8 @@ cmd_up() {
   fi
 
   if [[ ${CHUNKFS_SKIP_CSI_WALKTHROUGH:-} != 1 ]]; then
-    say "driving the CSI plugins: a controller and two node plugins (python -m csi.walkthrough)"
-    "$py" -m csi.walkthrough --dir "$local_dir/csi"
+    say "driving the CSI plugins: a controller and two node plugins (python -m devstack.walkthrough)"
+    "$py" -m devstack.walkthrough --dir "$local_dir/csi"
   fi
 
   local out
@@ -109,12 +109,12 @@ cmd_down() {
       umount -l "$mnt" 2>/dev/null || fusermount3 -uz "$mnt" 2>/dev/null || true
     fi
   fi
-  "$py" -m chunkfs.localstack down --dir "$local_dir"
+  "$py" -m devstack.localstack down --dir "$local_dir"
 }
 
 cmd_env() {
   need_venv
-  "$py" -m chunkfs.localstack env --dir "$local_dir"
+  "$py" -m devstack.localstack env --dir "$local_dir"
 }
 
 case "${1:-}" in

@@ -6,7 +6,7 @@ without backends. Tests under tests/<group>/ get the marker ``<group>`` (integra
 csi, multinode, container, e2e).
 
 Fixtures (all backends are real processes on loopback ports):
-  local_services  session   chunkfs.localstack.LocalStack (.redis: RedisService, .s3: S3Service)
+  local_services  session   devstack.localstack.LocalStack (.redis: RedisService, .s3: S3Service)
   redis_url       session   "redis://127.0.0.1:PORT/0" (db 0 is shared; prefer meta_url)
   s3_client       session   botocore S3 client with the stack's credentials (path style)
   meta_url        function  "redis://127.0.0.1:PORT/N": a database flushed for this test
@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import pytest
 
-from chunkfs.localstack import BUCKET, LocalStack, ServiceError
+from devstack.localstack import BUCKET, LocalStack, ServiceError
 from tests import redis_shapes
 
 SERVICE_FIXTURES = frozenset(

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from chunkfs.localstack import (
+from devstack.localstack import (
     LOOPBACK,
     ManagedProcess,
     ServiceError,

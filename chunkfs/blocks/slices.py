@@ -53,11 +53,11 @@ class Slice:
 
     @property
     def digest(self) -> str:
-        return self.ref.rsplit("_", 1)[0]
+        return split_object_ref(self.ref)[0]
 
     @property
     def object_size(self) -> int:
-        return int(self.ref.rsplit("_", 1)[1])
+        return split_object_ref(self.ref)[1]
 
     def encode(self) -> str:
         return f"{self.ref}:{self.off}:{self.length}:{self.pos}"
@@ -78,6 +78,12 @@ class Slice:
 
 def object_ref(digest: str, size: int) -> str:
     return f"{digest}_{size}"
+
+
+def split_object_ref(ref: str) -> tuple[str, int]:
+    """(digest, object size) of an object ref; ValueError when it is none."""
+    digest, _, size = ref.rpartition("_")
+    return digest, int(size)
 
 
 def parse(value: bytes | str | None) -> list[Slice]:
@@ -134,15 +140,14 @@ def objects(slices: Iterable[Slice]) -> set[str]:
 def object_refs(value: bytes | str | None) -> Iterator[tuple[str, int]]:
     """(digest, size) of every object an encoded list names (what GC must keep)."""
     for ref in objects(parse(value)):
-        digest, _, size = ref.rpartition("_")
-        yield digest, int(size)
+        yield split_object_ref(ref)
 
 
 def from_legacy(entry: str) -> str:
     """A block entry of manifest format 1 ("<sha256>:<object size>:<valid length>", one
     object from the block's start) as a slice list."""
     digest, size, valid = entry.split(":")
-    return encode([Slice(f"{digest}_{size}", 0, int(valid), 0)])
+    return encode([Slice(object_ref(digest, int(size)), 0, int(valid), 0)])
 
 
 def pieces(slices: list[Slice], start: int, stop: int) -> Iterator[tuple[Slice, int, int]]:

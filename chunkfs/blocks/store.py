@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from chunkfs.blocks import slices
 from chunkfs.cache import BlockCache
 from chunkfs.errors import BlockMissing, CorruptObject, NoSuchObject, StorageUnavailable
 from chunkfs.objstore import ObjectStore, block_key
@@ -41,12 +42,11 @@ class ObjectRef:
     @property
     def ref(self) -> str:
         """How a slice names it (``chunkfs.blocks.slices``)."""
-        return f"{self.digest}_{self.size}"
+        return slices.object_ref(self.digest, self.size)
 
     @classmethod
     def of(cls, ref: str) -> ObjectRef:
-        digest, _, size = ref.rpartition("_")
-        return cls(digest, int(size))
+        return cls(*slices.split_object_ref(ref))
 
 
 def all_zero(data: bytes | bytearray) -> bool:

@@ -23,7 +23,9 @@ from redis.exceptions import RedisClusterException, ResponseError
 from chunkfs.blocks import slices
 from chunkfs.meta import topology
 from chunkfs.meta.resp import key_slot
-from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys
+from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys, lua
+from chunkfs.meta.schema import InodeField as F
+from chunkfs.meta.schema import VolumeField as V
 
 FORMAT = 2  # 2: block maps are slice lists, inline slices included (1: one object a block)
 
@@ -32,25 +34,25 @@ FORMAT = 2  # 2: block maps are slice lists, inline slices included (1: one obje
 # only keys of the same hash tags; across two slots of a cluster the COPY is not tried
 # at all and callers fall back to export + import.
 # KEYS: src vol, dst vol ; ARGV: src prefix, dst prefix, inodes...
-_COPY_BATCH = r"""
+_COPY_BATCH = lua(r"""
 local src, dst = ARGV[1], ARGV[2]
 for i = 3, #ARGV do
-  for _, t in ipairs({'i', 'd', 'b', 'x', 'y'}) do
+  for _, t in ipairs(PER_INODE) do
     redis.call('COPY', src .. t .. ARGV[i], dst .. t .. ARGV[i])
   end
 end
 return #ARGV - 2
-"""
-# KEYS: vol ; ARGV: prefix, inodes...
-_DUMP_BATCH = r"""
+""")
+# KEYS: vol ; ARGV: prefix, inodes...  ->  per inode its hashes in PER_INODE order
+_DUMP_BATCH = lua(r"""
 local prefix, out = ARGV[1], {}
 for i = 2, #ARGV do
-  for _, t in ipairs({'i', 'd', 'b', 'x', 'y'}) do
+  for _, t in ipairs(PER_INODE) do
     out[#out + 1] = redis.call('HGETALL', prefix .. t .. ARGV[i])
   end
 end
 return out
-"""
+""")
 _BATCH = 2000
 
 
@@ -75,22 +77,22 @@ async def init_namespace(r: aioredis.Redis, ns: str, settings: dict[str, Any],
     k = Keys(ns)
     now = time.time_ns()
     async with r.pipeline(transaction=True) as pipe:
-        pipe.hset(k.vol, mapping={"used": 0, "inodes": 1, "next_ino": ROOT_INODE,
-                                  "epoch": 1, "writer": "", **settings})
-        pipe.hset(k.inode(ROOT_INODE), mapping={"m": root_mode, "u": 0, "g": 0, "n": 2, "s": 0,
-                                                "a": now, "t": now, "c": now, "r": 0,
-                                                "p": ROOT_INODE})
+        pipe.hset(k.vol, mapping={V.USED: 0, V.INODES: 1, V.NEXT_INO: ROOT_INODE,
+                                  V.EPOCH: 1, V.WRITER: "", **settings})
+        pipe.hset(k.inode(ROOT_INODE), mapping={F.MODE: root_mode, F.UID: 0, F.GID: 0, F.NLINK: 2,
+                                                F.SIZE: 0, F.ATIME: now, F.MTIME: now, F.CTIME: now,
+                                                F.RDEV: 0, F.PARENT: ROOT_INODE})
         pipe.sadd(k.idx, ROOT_INODE)
         await pipe.execute()
 
 
 async def freeze(r: aioredis.Redis, ns: str) -> None:
     """Make writers of ``ns`` wait (for at most FREEZE_SECONDS) while it is copied."""
-    await r.hset(Keys(ns).vol, "frozen", int(time.time() * 1000) + FREEZE_SECONDS * 1000)
+    await r.hset(Keys(ns).vol, V.FROZEN, int(time.time() * 1000) + FREEZE_SECONDS * 1000)
 
 
 async def thaw(r: aioredis.Redis, ns: str) -> None:
-    await r.hdel(Keys(ns).vol, "frozen")
+    await r.hdel(Keys(ns).vol, V.FROZEN)
 
 
 async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
@@ -107,7 +109,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
             attr, entries, blocks, xattrs, inline_slices = rows[5 * n:5 * n + 5]
             if not attr:
                 continue
-            inline = attr.pop(b"d", None)
+            inline = attr.pop(F.DATA.encode(), None)
             doc: dict[str, Any] = {"attr": {_s(a): _s(b) for a, b in attr.items()}}
             if inline is not None:
                 doc["data"] = base64.b64encode(inline).decode()
@@ -133,7 +135,7 @@ def _node_bytes(node: dict[str, Any]) -> int:
     n = len(base64.b64decode(node["data"])) if "data" in node else 0
     n += sum(slices.extent(slices.parse(v)) for v in node.get("blocks", {}).values())
     n += sum(len(_b(name)) for name in node.get("dir", {}))
-    n += len(_b(node["attr"].get("l", "")))
+    n += len(_b(node["attr"].get(F.TARGET, "")))
     n += sum(len(_b(a)) + len(base64.b64decode(v)) for a, v in node.get("xattr", {}).items())
     return n
 
@@ -152,9 +154,9 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
     used = sum(_node_bytes(node) for _, node in items)
     slicebytes = sum(len(base64.b64decode(v)) for _, node in items
                      for v in node.get("slices", {}).values())
-    base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
-            "block_size": src.get("block_size"), "epoch": 1, "writer": "",
-            "slicebytes": slicebytes}
+    base = {V.USED: used, V.INODES: len(items), V.NEXT_INO: src.get(V.NEXT_INO, 1),
+            V.BLOCK_SIZE: src.get(V.BLOCK_SIZE), V.EPOCH: 1, V.WRITER: "",
+            V.SLICEBYTES: slicebytes}
     # the volume record first: GC finds namespaces by it, so blocks are protected while
     # the rest is written
     await r.hset(k.vol, mapping={**{a: v for a, v in base.items() if v is not None}, **settings})
@@ -164,7 +166,7 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
             ino = int(ino_s)
             attr = {a: _b(v) for a, v in node["attr"].items()}
             if "data" in node:
-                attr["d"] = base64.b64decode(node["data"])
+                attr[F.DATA] = base64.b64decode(node["data"])
             pipe.hset(k.inode(ino), mapping=attr)
             if node.get("dir"):
                 pipe.hset(k.dir(ino), mapping={_b(a): v for a, v in node["dir"].items()})
@@ -203,17 +205,17 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
                      *live[start:start + _BATCH])
     if live:
         await r.sadd(d.idx, *live)
-    used = int(await r.hget(s.vol, "used") or 0)
-    slicebytes = int(await r.hget(s.vol, "slicebytes") or 0)
+    used = int(await r.hget(s.vol, V.USED) or 0)
+    slicebytes = int(await r.hget(s.vol, V.SLICEBYTES) or 0)
     for ino in orphans:  # unlinked-but-open files are not part of the copy
-        inline, target = await r.hmget(s.inode(ino), "d", "l")
+        inline, target = await r.hmget(s.inode(ino), F.DATA, F.TARGET)
         used -= len(inline or b"") + len(target or b"")
         used -= sum(slices.extent(slices.parse(v)) for v in await r.hvals(s.blocks(ino)))
         used -= sum(len(a) + len(b) for a, b in (await r.hgetall(s.xattr(ino))).items())
         slicebytes -= sum(len(v) for v in await r.hvals(s.slices(ino)))
-    await r.hdel(d.vol, "frozen", "ready", "source_volume")
-    await r.hset(d.vol, mapping={"used": used, "inodes": len(live), "epoch": 1, "writer": "",
-                                 "slicebytes": slicebytes, **settings})
+    await r.hdel(d.vol, V.FROZEN, V.READY, V.SOURCE_VOLUME)
+    await r.hset(d.vol, mapping={V.USED: used, V.INODES: len(live), V.EPOCH: 1, V.WRITER: "",
+                                 V.SLICEBYTES: slicebytes, **settings})
     return True
 
 

@@ -54,7 +54,9 @@ from chunkfs.meta.schema import (
     GC_STATE,
     Attr,
     GcRun,
+    InodeField,
     Keys,
+    VolumeRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -313,14 +315,16 @@ class VolumeMeta:
                                   client=self.r)
 
     # ---- reads -------------------------------------------------------------------
-    async def volume_state(self) -> dict[str, bytes]:
-        """The volume's hash. Its ``used`` includes every commit of ours counted in
-        ``charged`` when the read began; those are forgotten (a commit that lands during
-        the read stays counted until the next one: usage is overestimated, never under)."""
+    async def volume_state(self) -> VolumeRecord | None:
+        """The volume's record (None: its hash is gone). Its ``used`` includes every commit
+        of ours counted in ``charged`` when the read began; those are forgotten (a commit
+        that lands during the read stays counted until the next one: usage is
+        overestimated, never under)."""
         counted = self.charged
         raw = await self._call("vol", lambda: self.r.execute("HGETALL", self.keys.vol))
         self.charged -= counted
-        return {k.decode(): v for k, v in pairs_to_dict(raw).items()}
+        fields = pairs_to_dict(raw)
+        return VolumeRecord.parse(fields) if fields else None
 
     async def gc_record(self) -> GcRun | None:
         """The engine's last GC run (``cfs{_gc}:last``), for the mount's status."""
@@ -370,7 +374,7 @@ class VolumeMeta:
 
     async def readlink(self, ino: int) -> bytes:
         target = await self._call("readlink",
-                                  lambda: self.r.execute("HGET", self.keys.inode(ino), "l"))
+                                  lambda: self.r.execute("HGET", self.keys.inode(ino), InodeField.TARGET))
         if target is None:
             raise FsError(errno.EINVAL)
         return target
@@ -383,7 +387,7 @@ class VolumeMeta:
     async def open_file(self, ino: int, *, with_attr: bool = True,
                         ) -> tuple[Attr | None, bytes | None, dict[int, list[Slice]]]:
         """Attributes, inline data and block map of a file in one round trip."""
-        commands: list[tuple[Any, ...]] = [("HGET", self.keys.inode(ino), "d"),
+        commands: list[tuple[Any, ...]] = [("HGET", self.keys.inode(ino), InodeField.DATA),
                                            ("HGETALL", self.keys.blocks(ino))]
         if with_attr:
             commands.append(("HMGET", self.keys.inode(ino), *ATTR_FIELDS))

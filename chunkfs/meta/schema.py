@@ -36,7 +36,9 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
-                                 frozen (snapshot in progress: writers wait), version
+                                 frozen (snapshot in progress: writers wait), version;
+                                 snapshots also ready (1 once the manifest is written) and
+                                 source_volume (the volume it was taken of)
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
                                  inode open or known to its kernel; removed when it lets go
@@ -72,11 +74,20 @@ Objects (in the bucket, under the storage prefix):
 
     blocks/<h[0:2]>/<h[2:4]>/<h>_<length>      immutable block, h = sha256(content)
     snapshots/<snapshot id>/manifest.json.gz   immutable snapshot manifest
+
+Every key suffix and hash field above is defined once below (``Keys``, ``InodeField``,
+``VolumeField``, ``GcStateField``, ``GcScheduleField``); the Lua scripts take theirs from
+them through ``lua()``, and each persistent record is parsed by its one type (``Attr``,
+``VolumeRecord``, ``GcRun``; block map values by ``chunkfs.blocks.slices``).
+``tests/unit/test_schema.py`` checks the definitions against this text and
+``tests/integration/test_format.py`` what they write against the format of earlier releases.
 """
 
 from __future__ import annotations
 
+import re
 import stat
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -92,12 +103,82 @@ FREEZE_SECONDS = 60  # a snapshot's freeze ends by itself this long after it was
 BYTES_PER_INODE = 4096  # a volume without max_inodes may hold capacity / this many inodes
 MAX_SLICE_BYTES = 16 << 20  # inline slice bytes a volume may keep in Redis (at most 1/64 of it)
 MIN_INODES = 10_000
+DEFAULT_BLOCK_SIZE = 4 << 20  # of new volumes; a volume's own is in its record
 
 
 def inode_limit(capacity: int, max_inodes: int | None = None) -> int:
     """How many inodes a volume may hold (CREATE refuses more with ENOSPC; df -i)."""
     return max_inodes if max_inodes else max(MIN_INODES, capacity // BYTES_PER_INODE)
-ATTR_FIELDS = ("m", "u", "g", "n", "s", "a", "t", "c", "r")
+
+
+class InodeField:
+    """The fields of an inode's hash, ``cfs{ID}:i<ino>`` (one letter each: there are
+    millions of these hashes)."""
+
+    MODE = "m"      # st_mode, type bits included
+    UID = "u"
+    GID = "g"
+    NLINK = "n"
+    SIZE = "s"
+    ATIME = "a"     # times in ns
+    MTIME = "t"
+    CTIME = "c"
+    RDEV = "r"
+    PARENT = "p"    # directories: the parent's inode
+    TARGET = "l"    # symlinks: the target
+    DATA = "d"      # present iff the file's data is inline (its value is the data)
+
+
+class VolumeField:
+    """The fields of a namespace's hash, ``cfs{ID}:vol`` (read as a ``VolumeRecord``)."""
+
+    NAME = "name"
+    KIND = "kind"                    # "volume" | "snapshot"
+    CAPACITY = "capacity"
+    USED = "used"
+    INODES = "inodes"
+    MAX_INODES = "max_inodes"
+    SLICEBYTES = "slicebytes"
+    MAXSLICEBYTES = "maxslicebytes"
+    NEXT_INO = "next_ino"
+    EPOCH = "epoch"
+    WRITER = "writer"
+    CREATED = "created"
+    BLOCK_SIZE = "block_size"
+    SOURCE = "source"                # "", "snapshot:<name>" or "volume:<name>"
+    FROZEN = "frozen"                # unix ms until which writers wait
+    READY = "ready"                  # snapshots: 1 once the manifest is written
+    SOURCE_VOLUME = "source_volume"  # snapshots: the volume taken
+
+
+class GcStateField:
+    """The fields of ``cfs{_gc}:state`` (the GC lease, ``chunkfs.gc_lease``)."""
+
+    GEN = "gen"
+    OWNER = "owner"
+    LEASE = "lease"
+    STARTED = "started"
+
+
+class GcScheduleField:
+    """The fields of ``cfs{_gc}:sched`` (the CSI controllers' GC schedule)."""
+
+    OWNER = "owner"
+    HELD = "held"
+    NEXT = "next"
+
+
+def _fields(cls: type) -> dict[str, str]:
+    """A field class as {attribute name: field}, in definition order."""
+    return {name: value for name, value in vars(cls).items() if name.isupper()}
+
+
+ATTR_FIELDS = (InodeField.MODE, InodeField.UID, InodeField.GID, InodeField.NLINK, InodeField.SIZE,
+               InodeField.ATIME, InodeField.MTIME, InodeField.CTIME, InodeField.RDEV)
+# the per-inode keys of a namespace, cfs{ID}:<letter><ino>, in the order of Keys.per_inode
+INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY = "i", "d", "b", "x", "y"
+PER_INODE = (INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY)
+VOL_KEY, IDX_KEY, ORPHANS_KEY = "vol", "idx", "orphans"  # namespace keys the scripts build too
 
 
 def node_key(node_id: str) -> str:
@@ -114,9 +195,9 @@ class Keys:
     def __init__(self, ns: str) -> None:
         self.ns = ns
         self.prefix = f"cfs{{{ns}}}:"
-        self.vol = self.prefix + "vol"
-        self.idx = self.prefix + "idx"
-        self.orphans = self.prefix + "orphans"
+        self.vol = self.prefix + VOL_KEY
+        self.idx = self.prefix + IDX_KEY
+        self.orphans = self.prefix + ORPHANS_KEY
         self.sessions = self.prefix + "sessions"
         self.pending = self.prefix + "pending"
         self.settled = self.prefix + "settled"
@@ -126,20 +207,20 @@ class Keys:
         return f"{self.prefix}r:{request}"
 
     def inode(self, ino: int) -> str:
-        return f"{self.prefix}i{ino}"
+        return f"{self.prefix}{INODE_KEY}{ino}"
 
     def dir(self, ino: int) -> str:
-        return f"{self.prefix}d{ino}"
+        return f"{self.prefix}{DIR_KEY}{ino}"
 
     def blocks(self, ino: int) -> str:
-        return f"{self.prefix}b{ino}"
+        return f"{self.prefix}{BLOCKS_KEY}{ino}"
 
     def xattr(self, ino: int) -> str:
-        return f"{self.prefix}x{ino}"
+        return f"{self.prefix}{XATTR_KEY}{ino}"
 
     def slices(self, ino: int) -> str:
         """The inline slice bytes of a file (``y<ino>``)."""
-        return f"{self.prefix}y{ino}"
+        return f"{self.prefix}{SLICES_KEY}{ino}"
 
     def per_inode(self, ino: int) -> tuple[str, str, str, str, str]:
         return self.inode(ino), self.dir(ino), self.blocks(ino), self.xattr(ino), self.slices(ino)
@@ -179,6 +260,55 @@ class Attr:
     @property
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """A namespace's hash ``cfs{ID}:vol``, parsed in this one place for all its readers
+    (the mount, its refresher and status, fsck, the volume service). Absent fields read
+    as the defaults below, as they always have."""
+
+    name: str = ""
+    kind: str = ""              # "volume" | "snapshot"
+    capacity: int = 0
+    used: int = 0
+    inodes: int = 0
+    max_inodes: int = 0         # 0: not set (``inode_limit(capacity)`` applies)
+    slicebytes: int = 0
+    maxslicebytes: int = 0      # 0: not set
+    next_ino: int = 0
+    epoch: str = ""             # text: the scripts' fencing compares it as such
+    writer: str = ""            # node id, "" when nobody holds the lease
+    created: float = 0.0
+    block_size: int = DEFAULT_BLOCK_SIZE
+    source: str = ""
+    frozen: int = 0             # unix ms until which writers wait, 0: not frozen
+    ready: bool = False         # snapshots: the manifest is written
+    source_volume: str = ""     # snapshots: the volume taken
+
+    @classmethod
+    def parse(cls, raw: Mapping[bytes, bytes]) -> VolumeRecord:
+        """From an HGETALL (an empty one gives the defaults: callers check for it)."""
+        F = VolumeField
+
+        def text(name: str) -> str:
+            v = raw.get(name.encode())
+            return v.decode() if v is not None else ""
+
+        def num(name: str, default: int = 0) -> int:
+            return int(raw.get(name.encode()) or default)
+
+        return cls(name=text(F.NAME), kind=text(F.KIND), capacity=num(F.CAPACITY), used=num(F.USED),
+                   inodes=num(F.INODES), max_inodes=num(F.MAX_INODES), slicebytes=num(F.SLICEBYTES),
+                   maxslicebytes=num(F.MAXSLICEBYTES), next_ino=num(F.NEXT_INO), epoch=text(F.EPOCH),
+                   writer=text(F.WRITER), created=float(raw.get(F.CREATED.encode()) or 0),
+                   block_size=num(F.BLOCK_SIZE, DEFAULT_BLOCK_SIZE), source=text(F.SOURCE),
+                   frozen=num(F.FROZEN), ready=raw.get(F.READY.encode()) == b"1",
+                   source_volume=text(F.SOURCE_VOLUME))
+
+    @property
+    def inode_limit(self) -> int:
+        return inode_limit(self.capacity, self.max_inodes)
 
 
 @dataclass(frozen=True)
@@ -225,3 +355,44 @@ class GcRun:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_LUA_FIELDS = {"F": InodeField, "V": VolumeField, "G": GcStateField, "S": GcScheduleField}
+_LUA_BUILDERS = {  # the key builders lua() fills in for the scripts: name -> key suffix
+    "inode_key": INODE_KEY, "dir_key": DIR_KEY, "blocks_key": BLOCKS_KEY, "xattr_key": XATTR_KEY,
+    "slices_key": SLICES_KEY, "idx_key": IDX_KEY, "orphans_key": ORPHANS_KEY}
+
+
+def lua(source: str) -> str:
+    """A Lua script with the schema filled in, so that no script spells a key or a field.
+
+    In ``source``, ``F.<name>`` is an inode field (``F.mode`` -> ``'m'``), ``V.<name>`` a
+    volume field, ``G.<name>`` and ``S.<name>`` fields of the GC state and schedule;
+    ``ATTR_FIELDS`` is the attribute fields as arguments (``'m', 'u', ...``) and
+    ``PER_INODE`` the per-inode key letters as a table; ``inode_key(prefix, ino)``,
+    ``dir_key``, ``blocks_key``, ``xattr_key``, ``slices_key`` and ``idx_key(prefix)``,
+    ``orphans_key(prefix)`` become the concatenation that builds the key. Filled in once,
+    at import, as text (no tables, no functions: every call of a script runs its prelude,
+    so each would cost each call): a script runs exactly what it ran when it spelled them.
+    An unknown name is an error here, not a nil field in Redis."""
+
+    def field(m: re.Match[str]) -> str:
+        value = _fields(_LUA_FIELDS[m.group(1)]).get(m.group(2).upper())
+        if value is None:
+            raise ValueError(f"Lua names {m.group(0)}, which the schema does not define")
+        return f"'{value}'"
+
+    def quoted(values: tuple[str, ...]) -> str:
+        return ", ".join(f"'{v}'" for v in values)
+
+    out = re.sub(r"\b([FVGS])\.([A-Za-z_]+)\b", field, source)
+    out = re.sub(r"\bATTR_FIELDS\b", quoted(ATTR_FIELDS), out)
+    out = re.sub(r"\bPER_INODE\b", "{" + quoted(PER_INODE) + "}", out)
+    for name, suffix in _LUA_BUILDERS.items():
+        if suffix in PER_INODE:
+            out = re.sub(rf"\b{name}\(([^(),]+), ([^(),]+)\)", rf"(\1 .. '{suffix}' .. \2)", out)
+        else:
+            out = re.sub(rf"\b{name}\(([^(),]+)\)", rf"(\1 .. '{suffix}')", out)
+        if re.search(rf"\b{name}\(", out):
+            raise ValueError(f"Lua calls {name} with arguments lua() cannot fill in (simple names only)")
+    return out

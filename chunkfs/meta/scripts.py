@@ -25,13 +25,13 @@ those sessions can neither register nor commit.
 from __future__ import annotations
 
 from chunkfs.blocks.slices import PRUNE_MIN
-from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES
+from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES, lua
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
 MAX_WALK = 1024                 # ancestors a directory rename checks (bounds its cost)
 
-PRELUDE = rf"""
+PRELUDE = lua(rf"""
 local vol = KEYS[1]
 local MIN_INODES, BYTES_PER_INODE, MAX_WALK = {MIN_INODES}, {BYTES_PER_INODE}, {MAX_WALK}
 local MAX_SLICE_BYTES, PRUNE_MIN = {MAX_SLICE_BYTES}, {PRUNE_MIN}
@@ -41,7 +41,7 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function guard(epoch)
-  local st = redis.call('HMGET', vol, 'epoch', 'frozen', 'kind')
+  local st = redis.call('HMGET', vol, V.epoch, V.frozen, V.kind)
   if not st[3] then return 'NOVOL' end
   if st[3] == 'snapshot' then return 'EROFS' end
   if epoch ~= '' and st[1] ~= epoch then return 'FENCED' end
@@ -157,7 +157,7 @@ local function vanished(old, new)
   for _, x in ipairs(slice_list(old)) do if not still[x[1]] then gone[#gone + 1] = x end end
   return gone
 end
--- inline slices whose bytes live in the inode's 'y' hash; a slice leaving its list takes
+-- inline slices whose bytes live in the inode's slices_key hash; a slice leaving its list takes
 -- its bytes with it (inline ids are unique: one slice names each), unless ``keep`` (ref ->
 -- true) still names it (a commit applied twice re-appends the same inline slice)
 local function free_inline(ykey, gone, keep)
@@ -169,17 +169,17 @@ local function free_inline(ykey, gone, keep)
       redis.call('HDEL', ykey, id)
     end
   end
-  if freed > 0 then redis.call('HINCRBY', vol, 'slicebytes', -freed) end
+  if freed > 0 then redis.call('HINCRBY', vol, V.slicebytes, -freed) end
 end
 -- metadata costs space too (names, symlink targets, xattrs): one tenant must not be able
 -- to fill the Redis every volume shares while its usage stays 0
 local function room_for(delta)
   if delta <= 0 then return true end
-  local st = redis.call('HMGET', vol, 'used', 'capacity')
+  local st = redis.call('HMGET', vol, V.used, V.capacity)
   return tonumber(st[1]) + delta <= tonumber(st[2])
 end
 local function inode_room()
-  local st = redis.call('HMGET', vol, 'inodes', 'max_inodes', 'capacity')
+  local st = redis.call('HMGET', vol, V.inodes, V.max_inodes, V.capacity)
   local limit = tonumber(st[2]) or math.max(MIN_INODES, math.floor(tonumber(st[3]) / BYTES_PER_INODE))
   return tonumber(st[1]) < limit
 end
@@ -189,31 +189,31 @@ local function xattr_bytes(xkey)
   return n
 end
 local function destroy(prefix, ino)
-  local ikey = prefix .. 'i' .. ino
-  local bkey = prefix .. 'b' .. ino
+  local ikey = inode_key(prefix, ino)
+  local bkey = blocks_key(prefix, ino)
   local freed = 0
-  local d = redis.call('HGET', ikey, 'd')
+  local d = redis.call('HGET', ikey, F.data)
   if d then freed = freed + #d end
-  local l = redis.call('HGET', ikey, 'l')
+  local l = redis.call('HGET', ikey, F.target)
   if l then freed = freed + #l end
-  freed = freed + xattr_bytes(prefix .. 'x' .. ino)
+  freed = freed + xattr_bytes(xattr_key(prefix, ino))
   for _, e in ipairs(redis.call('HVALS', bkey)) do freed = freed + extent_of(e) end
-  local ykey, stored = prefix .. 'y' .. ino, 0
+  local ykey, stored = slices_key(prefix, ino), 0
   for _, b in ipairs(redis.call('HVALS', ykey)) do stored = stored + #b end
-  if stored > 0 then redis.call('HINCRBY', vol, 'slicebytes', -stored) end
-  redis.call('DEL', ikey, bkey, prefix .. 'x' .. ino, prefix .. 'd' .. ino, ykey)
-  redis.call('SREM', prefix .. 'idx', ino)
-  redis.call('HDEL', prefix .. 'orphans', ino)
-  redis.call('HINCRBY', vol, 'inodes', -1)
-  if freed > 0 then redis.call('HINCRBY', vol, 'used', I(-freed)) end
+  if stored > 0 then redis.call('HINCRBY', vol, V.slicebytes, -stored) end
+  redis.call('DEL', ikey, bkey, xattr_key(prefix, ino), dir_key(prefix, ino), ykey)
+  redis.call('SREM', idx_key(prefix), ino)
+  redis.call('HDEL', orphans_key(prefix), ino)
+  redis.call('HINCRBY', vol, V.inodes, -1)
+  if freed > 0 then redis.call('HINCRBY', vol, V.used, I(-freed)) end
 end
 -- drop one link of a non-directory; keep it as an orphan while it is open somewhere
 local function drop_link(prefix, ino, now, keep, session)
-  local ikey = prefix .. 'i' .. ino
-  local n = redis.call('HINCRBY', ikey, 'n', -1)
-  redis.call('HSET', ikey, 'c', now)
+  local ikey = inode_key(prefix, ino)
+  local n = redis.call('HINCRBY', ikey, F.nlink, -1)
+  redis.call('HSET', ikey, F.ctime, now)
   if n <= 0 then
-    if keep == '1' then redis.call('HSET', prefix .. 'orphans', ino, session)
+    if keep == '1' then redis.call('HSET', orphans_key(prefix), ino, session)
     else destroy(prefix, ino) end
   end
   return n
@@ -231,12 +231,12 @@ local function settle(pending, settled, session, objkey, now)
   if redis.call('HINCRBY', pending, f, -1) <= 0 then redis.call('HDEL', pending, f) end
   redis.call('HSET', settled, objkey, now)
 end
-"""
+""")
 
 
 def _mutation(body: str) -> str:
     """A mutating script: ``body`` runs at most once per reply key (the last KEY)."""
-    return PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
+    return lua(PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
 local reply = KEYS[#KEYS]
 local prev = redis.call('GET', reply)
 if prev then return cjson.decode(prev) end
@@ -244,28 +244,28 @@ local res = body()
 if type(res) == 'table' and res.err then return res end
 redis.call('SET', reply, cjson.encode(res), 'PX', {REPLY_TTL_MS})
 return res
-"""
+""")
 
 
 # KEYS: dir ; ARGV: name, prefix  ->  {ino, {attr fields}} or nil
-LOOKUP = r"""
+LOOKUP = lua(r"""
 local ino = redis.call('HGET', KEYS[1], ARGV[1])
 if not ino then return nil end
-return {ino, redis.call('HMGET', ARGV[2] .. 'i' .. ino, 'm','u','g','n','s','a','t','c','r')}
-"""
+return {ino, redis.call('HMGET', inode_key(ARGV[2], ino), ATTR_FIELDS)}
+""")
 
 # KEYS: vol, parent dir, parent inode, idx, reply
 # ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
 #   ->  {ino, mode, gid} (a setgid parent gives its group, and to directories its setgid bit)
 CREATE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
-local parent = redis.call('HMGET', KEYS[3], 'm', 'g')
+local parent = redis.call('HMGET', KEYS[3], F.mode, F.gid)
 if kind(parent[1]) ~= 'dir' then return redis.error_reply('ENOENT') end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
 local cost = #ARGV[2] + #ARGV[8]
 if not inode_room() or not room_for(cost) then return redis.error_reply('ENOSPC') end
-local ino = redis.call('HINCRBY', vol, 'next_ino', 1)
-local ikey = ARGV[9] .. 'i' .. ino
+local ino = redis.call('HINCRBY', vol, V.next_ino, 1)
+local ikey = inode_key(ARGV[9], ino)
 local now = ARGV[7]
 local isdir = ARGV[10] == '1'
 local mode, gid = tonumber(ARGV[3]), ARGV[5]
@@ -273,34 +273,34 @@ if bit.band(tonumber(parent[1]), 1024) ~= 0 then  -- a setgid directory: its gro
   gid = parent[2]
   if isdir then mode = bit.bor(mode, 1024) end
 end
-redis.call('HSET', ikey, 'm', mode, 'u', ARGV[4], 'g', gid, 'n', isdir and 2 or 1,
-           's', #ARGV[8], 'a', now, 't', now, 'c', now, 'r', ARGV[6])
-if isdir then redis.call('HSET', ikey, 'p', ARGV[11]) end
-if ARGV[8] ~= '' then redis.call('HSET', ikey, 'l', ARGV[8]) end
-if ARGV[12] == '1' then redis.call('HSET', ikey, 'd', '') end
+redis.call('HSET', ikey, F.mode, mode, F.uid, ARGV[4], F.gid, gid, F.nlink, isdir and 2 or 1,
+           F.size, #ARGV[8], F.atime, now, F.mtime, now, F.ctime, now, F.rdev, ARGV[6])
+if isdir then redis.call('HSET', ikey, F.parent, ARGV[11]) end
+if ARGV[8] ~= '' then redis.call('HSET', ikey, F.target, ARGV[8]) end
+if ARGV[12] == '1' then redis.call('HSET', ikey, F.data, '') end
 redis.call('HSET', KEYS[2], ARGV[2], ino)
 redis.call('SADD', KEYS[4], ino)
-redis.call('HINCRBY', vol, 'inodes', 1)
-redis.call('HSET', KEYS[3], 't', now, 'c', now)
-if isdir then redis.call('HINCRBY', KEYS[3], 'n', 1) end
-redis.call('HINCRBY', vol, 'used', cost)
+redis.call('HINCRBY', vol, V.inodes, 1)
+redis.call('HSET', KEYS[3], F.mtime, now, F.ctime, now)
+if isdir then redis.call('HINCRBY', KEYS[3], F.nlink, 1) end
+redis.call('HINCRBY', vol, V.used, cost)
 return {ino, mode, tonumber(gid)}
 """)
 
 # KEYS: vol, parent dir, parent inode, target inode, reply ; ARGV: epoch, name, ino, now
 LINK = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
-if kind(redis.call('HGET', KEYS[3], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
-local k = kind(redis.call('HGET', KEYS[4], 'm'))
+if kind(redis.call('HGET', KEYS[3], F.mode)) ~= 'dir' then return redis.error_reply('ENOENT') end
+local k = kind(redis.call('HGET', KEYS[4], F.mode))
 if not k then return redis.error_reply('ENOENT') end
 if k == 'dir' then return redis.error_reply('EPERM') end
 if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return redis.error_reply('EEXIST') end
 if not room_for(#ARGV[2]) then return redis.error_reply('ENOSPC') end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HINCRBY', vol, 'used', #ARGV[2])
-local n = redis.call('HINCRBY', KEYS[4], 'n', 1)
-redis.call('HSET', KEYS[4], 'c', ARGV[4])
-redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
+redis.call('HINCRBY', vol, V.used, #ARGV[2])
+local n = redis.call('HINCRBY', KEYS[4], F.nlink, 1)
+redis.call('HSET', KEYS[4], F.ctime, ARGV[4])
+redis.call('HSET', KEYS[3], F.mtime, ARGV[4], F.ctime, ARGV[4])
 return n
 """)
 
@@ -310,18 +310,18 @@ local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 local prefix = ARGV[5]
 local ino = redis.call('HGET', KEYS[2], ARGV[2])
 if not ino then return redis.error_reply('ENOENT') end
-local k = kind(redis.call('HGET', prefix .. 'i' .. ino, 'm'))
+local k = kind(redis.call('HGET', inode_key(prefix, ino), F.mode))
 if ARGV[3] == '1' and k ~= 'dir' then return redis.error_reply('ENOTDIR') end
 if ARGV[3] ~= '1' and k == 'dir' then return redis.error_reply('EISDIR') end
-if k == 'dir' and redis.call('HLEN', prefix .. 'd' .. ino) > 0 then
+if k == 'dir' and redis.call('HLEN', dir_key(prefix, ino)) > 0 then
   return redis.error_reply('ENOTEMPTY')
 end
 redis.call('HDEL', KEYS[2], ARGV[2])
-redis.call('HINCRBY', vol, 'used', -#ARGV[2])
-redis.call('HSET', KEYS[3], 't', ARGV[4], 'c', ARGV[4])
+redis.call('HINCRBY', vol, V.used, -#ARGV[2])
+redis.call('HSET', KEYS[3], F.mtime, ARGV[4], F.ctime, ARGV[4])
 if not k then return {ino, 0} end
 if k == 'dir' then
-  redis.call('HINCRBY', KEYS[3], 'n', -1)
+  redis.call('HINCRBY', KEYS[3], F.nlink, -1)
   destroy(prefix, ino)
   return {ino, 0}
 end
@@ -336,15 +336,15 @@ local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 local prefix, now, flags = ARGV[6], ARGV[5], tonumber(ARGV[4])
 local ino = redis.call('HGET', KEYS[2], ARGV[2])
 if not ino then return redis.error_reply('ENOENT') end
-if kind(redis.call('HGET', KEYS[5], 'm')) ~= 'dir' then return redis.error_reply('ENOENT') end
-local sk = kind(redis.call('HGET', prefix .. 'i' .. ino, 'm'))
+if kind(redis.call('HGET', KEYS[5], F.mode)) ~= 'dir' then return redis.error_reply('ENOENT') end
+local sk = kind(redis.call('HGET', inode_key(prefix, ino), F.mode))
 local cross = ARGV[9] ~= ARGV[10]
 -- is ``anc`` an ancestor of (or) directory ``p``? bounded: a deeper tree is refused
 local function under(p, anc)
   for _ = 1, MAX_WALK do
     if not p or p == '1' then return false end
     if p == anc then return true end
-    p = redis.call('HGET', prefix .. 'i' .. p, 'p')
+    p = redis.call('HGET', inode_key(prefix, p), F.parent)
   end
   return nil
 end
@@ -355,7 +355,7 @@ if sk == 'dir' and cross then
 end
 local dino = redis.call('HGET', KEYS[3], ARGV[3])
 if dino == ino then return {0, 0} end
-local dk = dino and kind(redis.call('HGET', prefix .. 'i' .. dino, 'm'))
+local dk = dino and kind(redis.call('HGET', inode_key(prefix, dino), F.mode))
 if flags == 2 then
   if not dino then return redis.error_reply('ENOENT') end
   if dk == 'dir' and cross then
@@ -367,18 +367,18 @@ if flags == 2 then
   redis.call('HSET', KEYS[3], ARGV[3], ino)
   if cross then
     if sk == 'dir' then
-      redis.call('HSET', prefix .. 'i' .. ino, 'p', ARGV[10])
-      redis.call('HINCRBY', KEYS[4], 'n', -1); redis.call('HINCRBY', KEYS[5], 'n', 1)
+      redis.call('HSET', inode_key(prefix, ino), F.parent, ARGV[10])
+      redis.call('HINCRBY', KEYS[4], F.nlink, -1); redis.call('HINCRBY', KEYS[5], F.nlink, 1)
     end
     if dk == 'dir' then
-      redis.call('HSET', prefix .. 'i' .. dino, 'p', ARGV[9])
-      redis.call('HINCRBY', KEYS[5], 'n', -1); redis.call('HINCRBY', KEYS[4], 'n', 1)
+      redis.call('HSET', inode_key(prefix, dino), F.parent, ARGV[9])
+      redis.call('HINCRBY', KEYS[5], F.nlink, -1); redis.call('HINCRBY', KEYS[4], F.nlink, 1)
     end
   end
-  redis.call('HSET', prefix .. 'i' .. ino, 'c', now)
-  redis.call('HSET', prefix .. 'i' .. dino, 'c', now)
-  redis.call('HSET', KEYS[4], 't', now, 'c', now)
-  redis.call('HSET', KEYS[5], 't', now, 'c', now)
+  redis.call('HSET', inode_key(prefix, ino), F.ctime, now)
+  redis.call('HSET', inode_key(prefix, dino), F.ctime, now)
+  redis.call('HSET', KEYS[4], F.mtime, now, F.ctime, now)
+  redis.call('HSET', KEYS[5], F.mtime, now, F.ctime, now)
   return {0, 0}
 end
 local left = 0
@@ -388,9 +388,9 @@ if dino then
   if sk == 'dir' and dk and dk ~= 'dir' then return redis.error_reply('ENOTDIR') end
   if sk ~= 'dir' and dk == 'dir' then return redis.error_reply('EISDIR') end
   if dk == 'dir' then
-    if redis.call('HLEN', prefix .. 'd' .. dino) > 0 then return redis.error_reply('ENOTEMPTY') end
+    if redis.call('HLEN', dir_key(prefix, dino)) > 0 then return redis.error_reply('ENOTEMPTY') end
     destroy(prefix, dino)
-    redis.call('HINCRBY', KEYS[5], 'n', -1)
+    redis.call('HINCRBY', KEYS[5], F.nlink, -1)
   elseif dk then
     left = drop_link(prefix, dino, now, ARGV[7], ARGV[8])
   end
@@ -398,15 +398,15 @@ end
 redis.call('HDEL', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[3], ino)
 -- the source entry goes; the destination entry is new unless it replaced one
-redis.call('HINCRBY', vol, 'used', (dino and 0 or #ARGV[3]) - #ARGV[2])
+redis.call('HINCRBY', vol, V.used, (dino and 0 or #ARGV[3]) - #ARGV[2])
 if sk == 'dir' and cross then
-  redis.call('HINCRBY', KEYS[4], 'n', -1)
-  redis.call('HINCRBY', KEYS[5], 'n', 1)
-  redis.call('HSET', prefix .. 'i' .. ino, 'p', ARGV[10])
+  redis.call('HINCRBY', KEYS[4], F.nlink, -1)
+  redis.call('HINCRBY', KEYS[5], F.nlink, 1)
+  redis.call('HSET', inode_key(prefix, ino), F.parent, ARGV[10])
 end
-if sk then redis.call('HSET', prefix .. 'i' .. ino, 'c', now) end
-redis.call('HSET', KEYS[4], 't', now, 'c', now)
-redis.call('HSET', KEYS[5], 't', now, 'c', now)
+if sk then redis.call('HSET', inode_key(prefix, ino), F.ctime, now) end
+redis.call('HSET', KEYS[4], F.mtime, now, F.ctime, now)
+redis.call('HSET', KEYS[5], F.mtime, now, F.ctime, now)
 return {dino or 0, left}
 """)
 
@@ -424,16 +424,16 @@ local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
 if redis.call('EXISTS', KEYS[2]) == 0 then return redis.error_reply('ENOENT') end
 local size, bs = tonumber(ARGV[2]), tonumber(ARGV[3])
 local delta = 0
-local d = redis.call('HGET', KEYS[2], 'd')
+local d = redis.call('HGET', KEYS[2], F.data)
 if d then
   local nd
   if size <= #d then nd = string.sub(d, 1, size) else nd = d .. string.rep('\0', size - #d) end
   delta = #nd - #d
   if delta > 0 then
-    local st = redis.call('HMGET', vol, 'used', 'capacity')
+    local st = redis.call('HMGET', vol, V.used, V.capacity)
     if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
   end
-  redis.call('HSET', KEYS[2], 'd', nd)
+  redis.call('HSET', KEYS[2], F.data, nd)
 else
   local all = redis.call('HGETALL', KEYS[3])
   for i = 1, #all, 2 do
@@ -448,8 +448,8 @@ else
     end
   end
 end
-redis.call('HSET', KEYS[2], 's', ARGV[2], 't', ARGV[4], 'c', ARGV[4])
-if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
+redis.call('HSET', KEYS[2], F.size, ARGV[2], F.mtime, ARGV[4], F.ctime, ARGV[4])
+if delta ~= 0 then redis.call('HINCRBY', vol, V.used, I(delta)) end
 return 1
 """)
 
@@ -483,7 +483,7 @@ local stored = 0
 for i = 0, nstore - 1 do stored = stored + #ARGV[at + 2 * i + 1] end
 -- the new block values, computed before anything changes (checks first, then writes)
 local delta, new, gone = 0, {}, {}
-local d = redis.call('HGET', KEYS[2], 'd')
+local d = redis.call('HGET', KEYS[2], F.data)
 if inline then delta = #ARGV[5] - (d and #d or 0) elseif d then delta = -#d end
 local function current(idx)
   if new[idx] ~= nil then return new[idx] end
@@ -501,7 +501,7 @@ for _, op in ipairs(ops) do
   for _, x in ipairs(lost) do gone[#gone + 1] = x end
 end
 if exact then  -- blocks past the new end go, the one across it is cut
-  local bs = tonumber(redis.call('HGET', vol, 'block_size'))
+  local bs = tonumber(redis.call('HGET', vol, V.block_size))
   for _, idx in ipairs(redis.call('HKEYS', KEYS[3])) do
     local keep = newsize - tonumber(idx) * bs
     local v = current(idx)
@@ -519,22 +519,23 @@ for idx, v in pairs(new) do
   delta = delta + extent_of(v) - extent_of(redis.call('HGET', KEYS[3], idx) or '')
 end
 if delta > 0 then
-  local st = redis.call('HMGET', vol, 'used', 'capacity')
+  local st = redis.call('HMGET', vol, V.used, V.capacity)
   if tonumber(st[1]) + delta > tonumber(st[2]) then return redis.error_reply('ENOSPC') end
 end
 if stored > 0 then
-  local st = redis.call('HMGET', vol, 'slicebytes', 'maxslicebytes', 'capacity')
+  local st = redis.call('HMGET', vol, V.slicebytes, V.maxslicebytes, V.capacity)
   local limit = tonumber(st[2]) or math.min(MAX_SLICE_BYTES, math.floor(tonumber(st[3]) / 64))
   if (tonumber(st[1]) or 0) + stored > limit then return redis.error_reply('SLICEFULL') end
 end
 -- now write
-if inline then redis.call('HSET', KEYS[2], 'd', ARGV[5]) elseif d then redis.call('HDEL', KEYS[2], 'd') end
+if inline then redis.call('HSET', KEYS[2], F.data, ARGV[5])
+elseif d then redis.call('HDEL', KEYS[2], F.data) end
 for i = 0, nstore - 1 do
   local id, bytes = ARGV[at + 2 * i], ARGV[at + 2 * i + 1]
   stored = stored - redis.call('HSTRLEN', KEYS[7], id)  -- stored already (applied twice)
   redis.call('HSET', KEYS[7], id, bytes)
 end
-if stored ~= 0 then redis.call('HINCRBY', vol, 'slicebytes', stored) end
+if stored ~= 0 then redis.call('HINCRBY', vol, V.slicebytes, stored) end
 for idx, v in pairs(new) do
   if v == '' then redis.call('HDEL', KEYS[3], idx) else redis.call('HSET', KEYS[3], idx, v) end
 end
@@ -547,12 +548,12 @@ if #gone > 0 then
 end
 local now = now_ms()
 for i = 8, 7 + nsettle do settle(KEYS[4], KEYS[5], session, ARGV[i], now) end
-local size = tonumber(redis.call('HGET', KEYS[2], 's'))
-if exact or newsize > size then redis.call('HSET', KEYS[2], 's', ARGV[3]) end
+local size = tonumber(redis.call('HGET', KEYS[2], F.size))
+if exact or newsize > size then redis.call('HSET', KEYS[2], F.size, ARGV[3]) end
 if not string.find(ARGV[4], 'K', 1, true) then  -- 'K': the same bytes, stored otherwise
-  redis.call('HSET', KEYS[2], 't', ARGV[2], 'c', ARGV[2])
+  redis.call('HSET', KEYS[2], F.mtime, ARGV[2], F.ctime, ARGV[2])
 end
-if delta ~= 0 then redis.call('HINCRBY', vol, 'used', I(delta)) end
+if delta ~= 0 then redis.call('HINCRBY', vol, V.used, I(delta)) end
 return delta  -- what the volume's usage grew by (an integer reply)
 """)
 
@@ -566,16 +567,16 @@ local before = exists and #ARGV[2] + #old or 0
 if ARGV[6] == '1' then
   if not exists then return redis.error_reply('ENODATA') end
   redis.call('HDEL', KEYS[3], ARGV[2])
-  redis.call('HINCRBY', vol, 'used', -before)
+  redis.call('HINCRBY', vol, V.used, -before)
 else
   if ARGV[4] == '1' and exists then return redis.error_reply('EEXIST') end
   if ARGV[4] == '2' and not exists then return redis.error_reply('ENODATA') end
   local delta = #ARGV[2] + #ARGV[3] - before
   if not room_for(delta) then return redis.error_reply('ENOSPC') end
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-  redis.call('HINCRBY', vol, 'used', delta)
+  redis.call('HINCRBY', vol, V.used, delta)
 end
-redis.call('HSET', KEYS[2], 'c', ARGV[5])
+redis.call('HSET', KEYS[2], F.ctime, ARGV[5])
 return 1
 """)
 
@@ -583,7 +584,7 @@ return 1
 # opener closed it; fenced and frozen like every other mutation
 PURGE = _mutation(r"""
 local g = guard(ARGV[1]); if g then return redis.error_reply(g) end
-local n = tonumber(redis.call('HGET', ARGV[2] .. 'i' .. ARGV[3], 'n'))
+local n = tonumber(redis.call('HGET', inode_key(ARGV[2], ARGV[3]), F.nlink))
 if n and n <= 0 then destroy(ARGV[2], ARGV[3]) return 1 end
 return 0
 """)
@@ -629,21 +630,21 @@ return 1
 # GC declares a session dead when it has not been renewed for its expiry plus ``grace``
 # (or never registered); atomic with HEARTBEAT/REGISTER/COMMIT, which refuse dead ones,
 # so what a dead session registered can be dropped afterwards without racing its commit.
-TOMBSTONE = PRELUDE + r"""
+TOMBSTONE = lua(PRELUDE + r"""
 local v = redis.call('HGET', KEYS[1], ARGV[1])
 if v and string.sub(v, 1, 5) == 'dead:' then return 1 end
 local now = now_ms()
 if v and tonumber(v) + tonumber(ARGV[2]) > now then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], 'dead:' .. I(now))
 return 1
-"""
+""")
 
 # KEYS: doomed, gc state ; ARGV: object key  ->  {GC generation, 1 if GC is deleting the key}
-DOOMED = PRELUDE + r"""
-local st = redis.call('HMGET', KEYS[2], 'gen', 'lease')
+DOOMED = lua(PRELUDE + r"""
+local st = redis.call('HMGET', KEYS[2], G.gen, G.lease)
 local doomed = 0
 if tonumber(st[2] or '0') > now_ms() and redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
   doomed = 1
 end
 return {st[1] or '0', doomed}
-"""
+""")

@@ -32,9 +32,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from chunkfs.localstack import free_port
 from csi.mounts import mount_table
 from csi.v1 import csi_pb2, csi_pb2_grpc
+from devstack.localstack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")  # tmpfs: node plugins' --secrets-dir lives under it

@@ -339,9 +339,10 @@ def test_publish_after_restart_finds_recorded_state(cluster) -> None:
 
 
 def test_walkthrough_runs(backend_env) -> None:
-    """`python -m csi.walkthrough`, the local demo of the whole flow, stays working."""
-    out = subprocess.run([sys.executable, "-m", "csi.walkthrough"], env=backend_env,
-                         capture_output=True, text=True, timeout=300)
+    """`python -m devstack.walkthrough`, the local demo of the whole flow, stays working."""
+    root = Path(__file__).resolve().parents[2]  # devstack/ runs from the checkout only
+    out = subprocess.run([sys.executable, "-m", "devstack.walkthrough"], env=backend_env,
+                         capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "all steps passed" in out.stdout
 
@@ -376,7 +377,7 @@ def test_backend_from_secrets_end_to_end(cluster, local_services, s3_client) -> 
     """A StorageClass whose Secret names another Redis database and S3 prefix: every RPC
     that carries the secret reaches that backend, the node's mount too (also when it is
     re-established after dying), and nothing lands in the plugin's default backend."""
-    from chunkfs.localstack import BUCKET
+    from devstack.localstack import BUCKET
 
     redis = local_services.redis
     default_db = int(cluster.env["CHUNKFS_META"].rsplit("/", 1)[1])

@@ -11,9 +11,9 @@ import urllib.request
 import grpc
 import pytest
 
-from chunkfs.localstack import free_port
 from csi.server import metrics_bind
 from csi.v1 import csi_pb2
+from devstack.localstack import free_port
 
 from .conftest import mount_cap
 

@@ -66,8 +66,8 @@ from typing import Any
 
 import pytest
 
-from chunkfs.localstack import BUCKET, LocalStack
 from chunkfs.meta.schema import SNAPSHOTS, VOLUMES
+from devstack.localstack import BUCKET, LocalStack
 from tests.faultproxy import FaultProxy
 
 __all__ = ["mount_base", "mount_logs", "cli", "volume", "mounter", "mnt", "shared_cli",

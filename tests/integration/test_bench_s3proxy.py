@@ -12,7 +12,7 @@ import pytest
 from botocore.config import Config
 
 from bench.s3proxy import Proxy
-from chunkfs.localstack import BUCKET, LocalStack
+from devstack.localstack import BUCKET, LocalStack
 
 MiB = 1 << 20
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from chunkfs import cli as chunkfs_cli
-from chunkfs.localstack import free_port
+from devstack.localstack import free_port
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     Cli,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs.localstack import RedisService, start_redis
+from devstack.localstack import RedisService, start_redis
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     Cli,

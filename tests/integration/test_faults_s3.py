@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from chunkfs.localstack import LocalStack
+from devstack.localstack import LocalStack
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     MiB,

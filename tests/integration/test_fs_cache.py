@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs.localstack import BUCKET
+from devstack.localstack import BUCKET
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     Cli,

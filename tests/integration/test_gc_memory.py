@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import tracemalloc
 
+import pytest
+
 from bench.gc_memory import SYN_LEN, SyntheticBucket, synthetic_digest
 from chunkfs import gc
+from chunkfs.blocks import slices
 from chunkfs.gc import collect_garbage
 from chunkfs.meta.schema import Keys
 
 N = 100_000
 
 
+@pytest.mark.fsck_allows(r"inode \d+ is indexed but has no attributes", r"volume records \d+ inodes",
+                         reason="synthetic block maps of inodes that have no attributes nor count")
 async def test_a_run_over_many_objects_allocates_far_less_than_their_keys(svc, monkeypatch) -> None:
     # small bounds (a spill batch, a round of block map entries): what is left to measure
     # is whatever grows with the number of objects, and nothing may
@@ -25,7 +30,8 @@ async def test_a_run_over_many_objects_allocates_far_less_than_their_keys(svc, m
         ino = 10 + i // 2000
         pipe.sadd(k.idx, ino)
         digest = synthetic_digest(i, N)
-        pipe.hset(k.blocks(ino), str(i // 2 % 1000), f"{digest}:{SYN_LEN}:{SYN_LEN}")
+        whole = slices.Slice(slices.object_ref(digest, SYN_LEN), 0, SYN_LEN, 0)
+        pipe.hset(k.blocks(ino), str(i // 2 % 1000), slices.encode([whole]))
         referenced += 1
         if referenced % 5000 == 0:
             await pipe.execute()

@@ -410,7 +410,7 @@ def test_a_plain_url_to_a_cluster_node_is_refused_at_mount(
 def test_redis_durability_is_checked_at_mount_logged_and_shown_in_status(
         tmp_path: Path, servers: list[Any], mounter: Mounter, s3_env: dict[str, str],
         settings: list[str], risk: str | None) -> None:
-    from chunkfs.localstack import free_ports
+    from devstack.localstack import free_ports
 
     (port,) = free_ports(1)
     lines = [f"port {port}", "bind 127.0.0.1", 'save ""', f"dir {tmp_path}", *settings]

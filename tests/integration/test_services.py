@@ -1,4 +1,4 @@
-"""The real local backends: Redis and SeaweedFS as started by chunkfs.localstack."""
+"""The real local backends: Redis and SeaweedFS as started by devstack.localstack."""
 
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ReadTimeoutError
 
-from chunkfs.localstack import BUCKET, LocalStack, start_redis
+from devstack.localstack import BUCKET, LocalStack, start_redis
+
+# devstack/ is not installed: `python -m devstack...` runs from the checkout.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _gone(pid: int) -> bool:
@@ -190,8 +193,8 @@ def test_redis_stop_pause_resume(tmp_path: Path) -> None:
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "chunkfs.localstack", *args],
-        capture_output=True, text=True, check=check, timeout=180,
+        [sys.executable, "-m", "devstack.localstack", *args],
+        capture_output=True, text=True, check=check, timeout=180, cwd=ROOT,
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import redis
 
-from chunkfs.localstack import _s3_identity_config, find_binary, new_s3_credentials
+from devstack.localstack import _s3_identity_config, find_binary, new_s3_credentials
 
 BUCKET = "chunkfs"
 

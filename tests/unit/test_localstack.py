@@ -1,4 +1,4 @@
-"""chunkfs.localstack without the real services: processes, state file, env, arguments."""
+"""devstack.localstack without the real services: processes, state file, env, arguments."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from chunkfs import localstack
-from chunkfs.localstack import (
+from devstack import localstack
+from devstack.localstack import (
     WEED_PORT_FLAGS,
     LocalStack,
     ManagedProcess,
@@ -23,6 +23,9 @@ from chunkfs.localstack import (
     ServiceError,
     format_exports,
 )
+
+# devstack/ is not installed: `python -m devstack...` runs from the checkout.
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _state(pid: int) -> str | None:
@@ -157,8 +160,8 @@ def test_env_of_a_stopped_stack_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ServiceError, match="not running"):
         stack.env()
     rc = subprocess.run(
-        [sys.executable, "-m", "chunkfs.localstack", "env", "--dir", str(tmp_path)],
-        capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "devstack.localstack", "env", "--dir", str(tmp_path)],
+        capture_output=True, text=True, check=False, cwd=ROOT,
     )  # fmt: skip
     assert rc.returncode == 1 and "not running" in rc.stderr and rc.stdout == ""
 

@@ -9,7 +9,7 @@ path, so it is plain ``subprocess`` + blocking clients (redis-py, botocore).
     stack.env()   # CHUNKFS_META, CHUNKFS_STORAGE, AWS_* for the CLI / CSI plugin / tests
     stack.down()
 
-CLI: ``python -m chunkfs.localstack up|down|env|status [--dir DIR]`` (default DIR ./.local).
+CLI: ``python -m devstack.localstack up|down|env|status [--dir DIR]`` (default DIR ./.local).
 
 Every service runs in its own session (process group) with its data, config and log under
 one directory. ``up`` is idempotent: services recorded in the state file whose PID is
@@ -859,7 +859,7 @@ def format_exports(env: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m chunkfs.localstack",
+        prog="python -m devstack.localstack",
         description="Run Redis + SeaweedFS (S3) locally for chunkfs.",
     )
     parser.add_argument(

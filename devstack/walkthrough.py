@@ -1,9 +1,9 @@
 """A volume's life through the CSI plugins, driven the way Kubernetes drives them.
 
-    python -m csi.walkthrough [--dir DIR] [--keep]
+    python -m devstack.walkthrough [--dir DIR] [--keep]
 
 Needs the backend in the environment (CHUNKFS_META, CHUNKFS_STORAGE, AWS_*; e.g.
-``eval "$(python -m chunkfs.localstack env)"``) and root (FUSE, bind mounts). Starts a
+``eval "$(python -m devstack.localstack env)"``) and root (FUSE, bind mounts). Starts a
 controller plugin and two node plugins ("node-a", "node-b": each its own kubelet,
 cache and state directory) on unix sockets under DIR, then plays the
 external-provisioner, the external-attacher, the external-resizer and kubelet:
@@ -217,7 +217,7 @@ def run(root: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m csi.walkthrough", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m devstack.walkthrough", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", help="work directory (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
