@@ -54,6 +54,34 @@ asyncio.run(main(root, volume, int(limit), int(seed), int(rounds), int(cap)))
 """
 
 
+# A process that dies at a chosen step of the protocol (argv: root, step).
+DIES_AT = r"""
+import os, sys, time
+from chunkfs.cacheindex import CacheIndex, DYING
+root, step = sys.argv[1:]
+ix = CacheIndex(root, "dead")
+ix.open()
+names = {"reserved": "a" * 64 + "_10", "renamed": "b" * 64 + "_10", "dying": "c" * 64 + "_10"}
+name = names[step]
+if step == "dying":  # a file it was evicting
+    assert ix.reserve(name, 10, 1 << 20, None).value == "ok"
+    os.makedirs(os.path.dirname(ix.path(name)), exist_ok=True)
+    open(ix.path(name), "wb").write(b"x" * 10)
+    ix.commit(name, 10)
+    with ix._lock, ix._txn() as c:
+        c.execute("UPDATE entries SET state = ?, owner = ? WHERE name = ?", (DYING, ix.token, name))
+else:
+    assert ix.reserve(name, 10, 1 << 20, None).value == "ok"
+    tmp = ix.tmp_path(name)
+    open(tmp, "wb").write(b"x" * 10)
+    if step == "renamed":
+        os.makedirs(os.path.dirname(ix.path(name)), exist_ok=True)
+        os.rename(tmp, ix.path(name))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -145,9 +173,31 @@ async def test_a_sigkilled_mount_leaves_accounting_recoverable(tmp_path: Path) -
         blob = os.urandom(30_000 + seed)
         assert await survivor.put(digest(blob), blob)
         assert survivor.used <= limit
-    assert survivor.index.recovered >= 1  # some kill did land inside a put
     await survivor.close()
     await (await assert_exact(tmp_path, limit)).close()
+
+
+@pytest.mark.parametrize("step", ["reserved", "renamed", "dying"])
+async def test_a_mount_killed_at_each_step_of_a_put_or_eviction_is_recovered(
+        tmp_path: Path, step: str) -> None:
+    """Killed with bytes reserved and a temporary file written (released, removed), after
+    its rename (the file is adopted, warm), or while evicting (the file goes)."""
+    survivor = await BlockCache.open(str(tmp_path), 1 << 20, volume="survivor")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a process to kill, not to await
+        [sys.executable, "-c", DIES_AT, str(tmp_path), step],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    await survivor.flush_uses()
+    assert survivor.used == 10  # the dead process's row still counts...
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert await asyncio.to_thread(survivor.index.recover) == 1  # ...until it is recovered
+    truth = disk_truth(tmp_path)
+    assert survivor.entries() == truth and survivor.used == sum(truth.values())
+    assert tmp_files(tmp_path) == []
+    assert (len(truth) == 1) == (step == "renamed")
+    assert [p.name for p in (tmp_path / "owners").iterdir()] == [survivor.index.token]
+    await survivor.close()
 
 
 async def test_a_volume_limit_bounds_one_volume_inside_the_node_bound(tmp_path: Path) -> None:
