@@ -130,6 +130,7 @@ class BlockCache:
         self.pending_writes = 0
         self.pending_bytes = 0
         self.on_read: Callable[[str], None] | None = None
+        self.disabled: str | None = None  # why the directory could not be used at open
         self.last_foreground = 0.0
         self._busy: set[str] = set()
         self._unreleased: set[str] = set()  # reservations to give up (the index failed)
@@ -148,10 +149,17 @@ class BlockCache:
 
     @classmethod
     async def open(cls, root: str, limit: int, **kw: Any) -> BlockCache:
+        """Open the cache at ``root``; a directory that cannot be used (a full or
+        read-only disk, no permission) gives a mount without a disk cache, not an error."""
         cache = cls(root, limit, **kw)
-        await cache._index_call(cache.index.open)
-        cache._reconciles_at_open = cache.index.reconciles
-        await cache._index_call(cache.index.shrink, limit, cache.volume_limit)
+        try:
+            await cache._index_call(cache.index.open)
+            cache._reconciles_at_open = cache.index.reconciles
+            await cache._index_call(cache.index.shrink, limit, cache.volume_limit)
+        except (OSError, sqlite3.Error) as exc:
+            cache.disabled = f"{type(exc).__name__}: {exc}"
+            log.warning("cache directory unusable: serving without a disk cache",
+                        extra={"error": cache.disabled})
         return cache
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -207,6 +215,9 @@ class BlockCache:
     async def get(self, digest: str, length: int) -> bytes | None:
         name = _name(digest, length)
         self._asked(name)
+        if self.disabled:
+            self.stats.misses += 1
+            return None
         data = await self._run(self._load, name, digest, length)
         if data is None or data is _CORRUPT:
             self._known.pop(name, None)
@@ -242,6 +253,8 @@ class BlockCache:
         if start >= end:
             return b""
         self._asked(name)
+        if self.disabled:
+            return None
         data = await self._run(self._load_range, name, length, start, end)
         if data is None or data is _CORRUPT:
             self._known.pop(name, None)
@@ -291,11 +304,13 @@ class BlockCache:
 
     async def contains(self, names: list[str]) -> set[str]:
         """Which of these block file names the cache holds (one index query)."""
+        if self.disabled:
+            return set()
         return await self._index_call(self.index.contains, names)
 
     # ---- writes ------------------------------------------------------------------------
     def _admissible(self, name: str, length: int) -> bool:
-        return (name not in self._known and name not in self._busy
+        return (name not in self._known and name not in self._busy and not self.disabled
                 and stored_size(length) <= self.limit)
 
     def _bound(self) -> int:
@@ -445,7 +460,7 @@ class BlockCache:
     def start_upkeep(self) -> None:
         """Write uses to the index, refresh the totals and recover dead mounts' rows in
         the background (a mount calls this; ``close`` stops it)."""
-        if self._upkeep is None:
+        if self._upkeep is None and not self.disabled:
             self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_loop())
 
     async def _upkeep_loop(self) -> None:
@@ -465,11 +480,16 @@ class BlockCache:
 
     async def flush_uses(self) -> None:
         """Write the recorded uses to the index and read the totals back."""
+        if self.disabled:
+            self._uses.clear()
+            return
         await self._index_call(self.index.touch, self._take_uses())
 
     async def rescan(self) -> None:
         """Make the index say what the directory holds (files deleted behind the cache's
         back are forgotten, their bytes uncounted; files it did not know are adopted)."""
+        if self.disabled:
+            return
         await self._index_call(self.index.reconcile)
         self._known.clear()
         await self._index_call(self.index.shrink, self.limit, self.volume_limit)
@@ -497,7 +517,10 @@ class BlockCache:
             await self.flush_uses()
         except (OSError, sqlite3.Error) as exc:
             log.warning("cache index: last uses not recorded", extra={"error": str(exc)})
-        await asyncio.get_running_loop().run_in_executor(self._ix, self.index.close)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._ix, self.index.close)
+        except OSError:
+            pass
         self._io.shutdown(wait=False)
         self._ix.shutdown(wait=False)
 
@@ -506,7 +529,8 @@ class BlockCache:
         self.stats.rescans = self.index.reconciles - self._reconciles_at_open
         self.stats.evictions = self.index.evicted
         doc = self.stats.as_dict(totals.bytes, self.limit, totals.entries)
-        doc.update({"dir": self.root, "volume_bytes": totals.volume_bytes,
+        doc.update({"dir": self.root, "disabled": self.disabled or "",
+                    "volume_bytes": totals.volume_bytes,
                     "volume_entries": totals.volume_entries,
                     "volume_limit": self.volume_limit or 0,
                     "recovered": self.index.recovered})

@@ -178,6 +178,25 @@ def hot_set(cli: Cli, volume: str) -> list[bytes]:
     return asyncio.run(read())
 
 
+def hot_set_key(cli: Cli, volume: str) -> str:
+    async def read() -> str:
+        r = connect(cli.env["CHUNKFS_META"])
+        try:
+            return Keys((await r.hget(VOLUMES, volume)).decode()).hot
+        finally:
+            await r.aclose()
+
+    return asyncio.run(read())
+
+
+async def key_exists(cli: Cli, key: str) -> bool:
+    r = connect(cli.env["CHUNKFS_META"])
+    try:
+        return bool(await r.exists(key))
+    finally:
+        await r.aclose()
+
+
 def test_the_hot_set_is_recorded_and_prefetched_by_the_next_mount(
         mounter: Mounter, volume: str, cli: Cli) -> None:
     m = mounter.mount(volume, options="memory-cache=0")
@@ -201,6 +220,11 @@ def test_the_hot_set_is_recorded_and_prefetched_by_the_next_mount(
     assert st["cache"]["hits"] >= 4 and st["cache"]["misses"] == 0, st["cache"]
     read_all(m, cold)  # what was not hot was not prefetched
     assert m.status_direct()["cache"]["misses"] >= 2 and gets(m) >= before + 2
+    # the hot set is part of the volume: deleted with it
+    mounter.umount(m)
+    hot_key = hot_set_key(cli, volume)
+    cli.run("volume", "delete", volume)
+    assert not asyncio.run(key_exists(cli, hot_key))
 
 
 def test_the_hot_set_and_the_prefetch_are_bounded(mounter: Mounter, volume: str,

@@ -291,3 +291,17 @@ async def test_index_work_never_runs_on_the_event_loop(tmp_path: Path) -> None:
     holder.close()
     assert await put
     await cache.close()
+
+
+async def test_an_unusable_cache_directory_gives_a_mount_without_a_cache(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"not a directory")
+    cache = await BlockCache.open(str(tmp_path / "file" / "cache"), 1 << 20, volume="v")
+    assert cache.disabled
+    data = os.urandom(1000)
+    assert not await cache.put(digest(data), data)
+    assert not cache.offer(digest(data), data)
+    assert await cache.get(digest(data), len(data)) is None
+    assert await cache.read_range(digest(data), len(data), 0, 10) is None
+    assert await cache.contains([f"{digest(data)}_1000"]) == set()
+    assert cache.summary()["disabled"]
+    await cache.close()
