@@ -11,8 +11,9 @@ and fetches the blocks the local cache lacks, newest first, in the background:
 - bounded: at most ``budget`` bytes, and never more than the cache's own bound allows
   (it puts into the cache like any fetch, so the cache's LRU and bound apply);
 - lowest priority: one GET at a time while readers are active (a reader asked the cache
-  for a block within the last ``quiet_s``), ``concurrency`` GETs when they are idle, and
-  a block a reader brought in meanwhile is skipped;
+  for a block within the last ``quiet_s``, or the mount is younger than ten times that),
+  ``concurrency`` GETs when they are idle; a block a reader asked for or brought in
+  meanwhile is left to the reader (no second GET of it);
 - verified: every fetched block is checked against its content hash before it enters
   the cache (the hot set is advisory: a name whose object is gone is skipped);
 - cancellable: the mount cancels it at unmount; its progress is in ``status``
@@ -96,7 +97,7 @@ class HotSet:
         try:
             await self.publish(client)
         except Exception as exc:  # advisory data: the next round tries again
-            log.warning("hot set not published", extra={"error": str(exc)})
+            log.info("hot set not published", extra={"error": str(exc)})
 
     def as_dict(self) -> dict[str, Any]:
         return {"entries": len(self._seen), "limit": self.limit, "published": self.published,
@@ -141,6 +142,9 @@ class Prefetcher:
         self.concurrency = max(1, concurrency)
         self.quiet_s = quiet_s
         self.stats = WarmStats(budget=budget)
+        self.started = time.monotonic()
+        self.startup_s = 10 * quiet_s  # a new mount's first reads come first, too
+        self._asked: set[str] = set()  # names readers asked for: they fetch those themselves
 
     async def run(self, names: list[str]) -> None:
         """Prefetch ``names`` (most recent first) within the budget; cancellable."""
@@ -173,8 +177,15 @@ class Prefetcher:
             log.info("warm start prefetch " + self.stats.state,
                      extra={k: v for k, v in self.stats.as_dict().items() if k != "state"})
 
+    def saw(self, name: str) -> None:
+        """A reader asked the cache for this block (``BlockCache.on_read``): it loads it
+        itself, so the prefetch leaves it out instead of fetching it a second time."""
+        if self.stats.state == "running":
+            self._asked.add(name)
+
     def _readers_busy(self) -> bool:
-        return time.monotonic() - self.cache.last_foreground < self.quiet_s
+        now = time.monotonic()
+        return now - self.cache.last_foreground < self.quiet_s or now - self.started < self.startup_s
 
     async def _fetch_all(self, todo: list[tuple[str, str, int]]) -> None:
         """One GET in flight while readers are active, ``concurrency`` while idle."""
@@ -192,7 +203,7 @@ class Prefetcher:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _prefetch_one(self, name: str, digest: str, size: int) -> None:
-        if await self.cache.contains([name]):
+        if name in self._asked or await self.cache.contains([name]):
             self.stats.skipped += 1  # a reader brought it in meanwhile
             return
         try:

@@ -109,8 +109,13 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         cache.start_upkeep()
         stack.push_async_callback(cache.close)
         hot = HotSet(meta.keys.hot, cfg.hot_set)
-        cache.on_read = hot.saw
         warm = Prefetcher(cache, store, budget=min(cfg.prefetch, cache.limit // 2))
+
+        def on_read(name: str) -> None:
+            hot.saw(name)
+            warm.saw(name)
+
+        cache.on_read = on_read
         blocks = BlockStore(store, cache, meta, memory_limit=cfg.memory_cache)
         stack.push_async_callback(blocks.drain)
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
@@ -171,13 +176,14 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             housekeeping.cancel()
             await cancel_task(prefetch)
             await cancel_task(publisher)
-            if cfg.hot_set > 0 and not fs.fenced:
-                await hot.publish_quietly(meta.r)
             try:
                 await fs.flush_all()
             except Exception as exc:
                 log.error("flush at unmount failed", extra={"error": str(exc)})
                 clean = False
+            if cfg.hot_set > 0 and not fs.fenced:  # after the data: advisory, and bounded
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(hot.publish_quietly(meta.r), 5.0)
             try:  # housekeeping: what it leaves behind expires with the session
                 await fs.purge_orphans()
                 await meta.end_session()
@@ -200,7 +206,7 @@ async def _warm_start(warm: Prefetcher, meta: VolumeMeta, hot: HotSet, cfg: Moun
         names = await read_hot_set(meta.r, hot.key, cfg.hot_set)
     except Exception as exc:  # advisory: the mount serves cold
         warm.stats.state = "failed"
-        log.warning("hot set unreadable: no warm start", extra={"error": str(exc)})
+        log.info("hot set unreadable: no warm start", extra={"error": str(exc)})
         return
     await warm.run(names)
 
