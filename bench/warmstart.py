@@ -163,7 +163,7 @@ def summarise(raw: dict[str, Any], duration: float) -> dict[str, Any]:
         hi = min(hi, duration)
         a = max((p for p in points if p["t"] <= lo), key=lambda p: p["t"])
         b = max((p for p in points if p["t"] <= hi), key=lambda p: p["t"])
-        buckets[f"{lo}-{hi}s"] = ratio(b["hits"] - a["hits"], b["misses"] - a["misses"])
+        buckets[f"{lo}-{hi:g}s"] = ratio(b["hits"] - a["hits"], b["misses"] - a["misses"])
     warm = raw.get("warm") or {}
     done_at = next((p["t"] for p in raw["timeline"] if p.get("warm") == "done"), None)
     slow = sum(1 for _, x in lat if x > SLOW_S)

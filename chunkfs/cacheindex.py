@@ -175,21 +175,14 @@ class CacheIndex:
         lock_fd = _private_file(os.path.join(self.root, "index.lock"))
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)  # one opener builds or repairs at a time
-            os.close(_private_file(self.db_path))  # 0600 before SQLite creates it (and its WAL)
-            conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None,
-                                   check_same_thread=False)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                # a power loss may lose the last transactions (the first opener afterwards
-                # reconciles with the directory) but never corrupts; a small, reused WAL
-                # keeps working on a disk that filled up
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint=64")
-                conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-                conn.executescript(_SCHEMA)
-            except sqlite3.DatabaseError:
-                conn.close()
+                conn = self._connect()
+            except sqlite3.OperationalError:
                 raise
+            except sqlite3.DatabaseError:  # not a database (any more): start a new one
+                log.warning("cache index was unreadable: rebuilding it from the directory")
+                self._unlink_db()
+                conn = self._connect()
             st = os.stat(self.db_path)
             self._conn, self._db_id = conn, (st.st_dev, st.st_ino)
             built = conn.execute("SELECT v FROM meta WHERE k = 'built'").fetchone()
@@ -204,6 +197,29 @@ class CacheIndex:
             os.close(lock_fd)
         self._read_totals()
         return built is None or alone
+
+    def _connect(self) -> sqlite3.Connection:
+        os.close(_private_file(self.db_path))  # 0600 before SQLite creates it (and its WAL)
+        conn = sqlite3.connect(self.db_path, timeout=10.0, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # a power loss may lose the last transactions (the first opener afterwards
+            # reconciles with the directory) but never corrupts; a small, reused WAL
+            # keeps working on a disk that filled up
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=64")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            conn.executescript(_SCHEMA)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        return conn
+
+    def _unlink_db(self) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.db_path + suffix)
 
     def _claim_owner(self) -> None:
         if self._owner_fd is not None:
@@ -247,9 +263,7 @@ class CacheIndex:
         """Start a new index after a corrupt one (``sqlite3.DatabaseError``)."""
         with self._lock:
             self._close()
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.db_path + suffix)
+            self._unlink_db()
             log.warning("cache index was unreadable: rebuilt from the directory")
             self._open()
 

@@ -466,7 +466,9 @@ def test_metrics_per_rpc_and_per_mount(plugin, staged) -> None:
                  "fenced", "dirty_files", "dirty_age_s", "lease_epoch", "lease_writes",
                  "cache_bytes", "cache_limit", "s3_latency_recent_ms", "s3_latency_max_ms",
                  "s3_latency_le_ms_inf", "redis_latency_recent_ms", "redis_latency_le_ms_50",
-                 "redis_latency_last_error_at"):
+                 "redis_latency_last_error_at", "cache_volume_bytes", "cache_volume_entries",
+                 "cache_nospace", "warm_prefetched", "warm_prefetched_bytes", "warm_progress",
+                 "warm_listed", "hot_set_entries"):
         assert f'chunkfs_mount_{name}{{volume="pvc-1"}}' in text, name
     assert plugin.metric("chunkfs_mount_fenced", volume="pvc-1") == 0
     assert plugin.metric("chunkfs_mount_lease_writes", volume="pvc-1") == 1

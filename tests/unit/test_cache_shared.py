@@ -305,3 +305,20 @@ async def test_an_unusable_cache_directory_gives_a_mount_without_a_cache(tmp_pat
     assert await cache.contains([f"{digest(data)}_1000"]) == set()
     assert cache.summary()["disabled"]
     await cache.close()
+
+
+@pytest.mark.filterwarnings("ignore")
+async def test_a_corrupt_index_is_rebuilt_from_the_directory(tmp_path: Path) -> None:
+    cache = await BlockCache.open(str(tmp_path), 1 << 22, volume="v")
+    blobs = [os.urandom(20_000) for _ in range(3)]
+    for blob in blobs:
+        await cache.put(digest(blob), blob)
+    await cache.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"index.db{suffix}").unlink(missing_ok=True)
+    (tmp_path / "index.db").write_bytes(b"this is not a database" * 100)
+    again = await BlockCache.open(str(tmp_path), 1 << 22, volume="v")
+    assert not again.disabled
+    assert again.entries() == disk_truth(tmp_path) and len(again.entries()) == 3
+    assert await again.get(digest(blobs[0]), len(blobs[0])) == blobs[0]
+    await again.close()
