@@ -32,6 +32,7 @@ from tests.integration.fs_fixtures import (
     Mounter,
     cache_block_files,
     file_sha256,
+    make_env,
     rand_bytes,
     sha256,
     wait_until,
@@ -278,3 +279,25 @@ def test_a_prefetch_is_cancelled_promptly(s3_env: dict[str, str], tmp_path: Path
                 await store.close()
 
     asyncio.run(run())
+
+
+def test_unmount_cancels_a_running_prefetch(s3_proxy: FaultProxy, mounter: Mounter,
+                                            volume: str, cli: Cli,
+                                            s3_env: dict[str, str]) -> None:
+    m = mounter.mount(volume, options="memory-cache=0")
+    files = write_files(m, "f", 24)
+    m = mounter.remount(m, cache_dir=mounter.new_dir("cache"))
+    read_all(m, files)
+    mounter.umount(m)
+    # (s3_proxy is set up before mounter: it outlives the self-checks that use its env)
+    env = make_env(s3_env, CHUNKFS_META=cli.env["CHUNKFS_META"], AWS_ENDPOINT_URL=s3_proxy.url)
+    m = mounter.mount(volume, mountpoint=m.path, env=env, options="memory-cache=0")
+    s3_proxy.hold_replies(120)  # every GET the prefetch still makes now waits
+    warm = m.status_direct()["warm"]
+    assert warm["state"] in ("idle", "running"), f"finished before the hold: {warm}"
+    assert s3_proxy.wait_held(10)
+    started = time.monotonic()
+    mounter.umount(m, timeout=60)
+    assert time.monotonic() - started < 30  # not the 120 s of the held replies
+    s3_proxy.release()
+    assert "warm start prefetch cancelled" in m.log_file.read_text()
