@@ -1,4 +1,5 @@
-"""The local block cache: a directory on the node's NVMe, bounded in bytes.
+"""The local block cache: a directory on the node's NVMe, bounded in bytes, shared by
+every mount of the node.
 
 Block files are named by their content hash and length, written to ``tmp/`` and
 renamed into place (a crash never leaves a half-written block under a real name),
@@ -7,44 +8,65 @@ corrupted or truncated file is deleted and reported as a miss, so a reader never
 sees bad bytes. The directory survives a restart (warm) and may be wiped at any time
 (cold): it is never the only copy of anything.
 
+One directory, one bound: the mounts of a node (separate processes, one per volume)
+share the directory and its bound. Because blocks are named by content, a block that
+two volumes hold (a clone and its source, a snapshot) is one file, cached once and
+warm for both. The accounting is a shared SQLite index (``chunkfs.cacheindex``, where
+its cross-process protocol is written down); this module is its asynchronous face:
+every disk and index operation runs in threads of the cache's own, never on the event
+loop, and a cache that cannot write (a full disk, a locked or corrupt index) yields:
+the block is not cached, nothing fails.
+
 A cache file is the block followed by a trailer of CRC32s, one per 64 KiB chunk, so a
 random read of 4 KiB reads and verifies one chunk instead of hashing the whole block;
 whole-block loads verify the block's SHA-256 as before.
 
-Accounting protocol (one event loop: only ``await`` points interleave):
-- ``_lru`` maps a file name to its ``_Entry`` (bytes on disk); ``used`` is always the sum
-  of the entries. An entry is added only after its file was renamed into place, and
-  removed before its file is unlinked, each in one step with its ``used`` change.
-- A name in ``_busy`` has a disk write or unlink in flight: a second put of it is
-  refused (single flight), so two writers never both count one file.
-- A failed load forgets an entry only if it is still the entry the load looked up
-  (identity, not name): a newer file of the same name is never dropped by an old miss.
-- When a write finds the directory gone (wiped), ``rescan`` rebuilds the index from
-  what is on disk once no disk operation is in flight; puts are refused meanwhile.
+In-process protocol (one event loop: only ``await`` points interleave):
+- A name in ``_busy`` has a put in flight in this process: a second put of it is
+  refused here at once; across processes the index's WRITING row refuses it.
+- ``_known`` remembers names this process saw cached, so that offers of blocks in the
+  cache cost no index transaction; a miss forgets the name again (another mount may
+  have evicted it).
+- Uses (hits) are recorded in memory and written to the index in batches by the upkeep
+  task, and before every reservation (so this process's LRU order is exact).
 - ``offer`` is the non-blocking put of the read path: it refuses when more than
   ``max_pending`` writes or ``max_pending_bytes`` are in flight, so a slow cache disk
   bounds the memory the cache holds instead of growing it.
+- ``on_read`` (the hot set, ``chunkfs.hotset``) hears of every block a reader asked the
+  cache for, hit or miss; ``last_foreground`` is when that last happened (the warm-start
+  prefetcher gives way to readers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
 import re
-import secrets
+import sqlite3
 import struct
+import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from chunkfs.cacheindex import SQLITE_FULL, CacheIndex, Reserved, private_dir
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_CORRUPT = object()
+_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
+UPKEEP_S = 1.0          # how often uses are written to the index and totals read back
+RECOVER_EVERY = 10      # upkeep rounds between looks for rows of dead mounts
+PRESSURE_S = 30.0       # how long a full disk lowers the bound to what fitted
+KNOWN_MAX = 65536
 
 
 @dataclass
@@ -56,22 +78,16 @@ class CacheStats:
     writes: int = 0
     skipped: int = 0  # offers refused because the cache disk lags behind
     rescans: int = 0
+    nospace: int = 0  # times the disk was full: the cache yielded (evicted, or skipped a block)
+    errors: int = 0   # blocks not cached because of an index or disk error
 
     def as_dict(self, used: int, limit: int, entries: int) -> dict[str, Any]:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt,
                 "evictions": self.evictions, "writes": self.writes, "skipped": self.skipped,
-                "rescans": self.rescans, "bytes": used, "limit": limit, "entries": entries,
+                "rescans": self.rescans, "nospace": self.nospace, "errors": self.errors,
+                "bytes": used, "limit": limit, "entries": entries,
                 "hit_ratio": round(self.hits / total, 4) if total else 0.0}
-
-
-class _Entry:
-    """One indexed block file; compared by identity (see the protocol above)."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
 
 
 def _trailer(data: bytes | memoryview) -> bytes:
@@ -95,130 +111,132 @@ def _name(digest: str, length: int) -> str:
 
 
 
-def _private_dir(path: str) -> None:
-    """The cache holds the blocks of every volume that used it: only its owner may read
-    it (a pod's user on the node, or another tenant's process, must not). A directory we
-    own is tightened to 0700 whatever made it; the blocks in it are created 0600."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    st = os.stat(path)
-    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-        os.chmod(path, 0o700)
-
 class BlockCache:
-    """Content-addressed block files under ``root``; all disk I/O runs in threads."""
+    """Content-addressed block files under ``root``, shared with the other mounts that
+    use ``root``; ``limit`` bounds the directory, ``volume_limit`` (optional) the bytes
+    that this mount's volume may hold of it."""
 
     def __init__(self, root: str, limit: int, *, max_pending: int = 8,
-                 max_pending_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_pending_bytes: int = 64 * 1024 * 1024, volume: str = "",
+                 volume_limit: int | None = None) -> None:
         self.root = root
         self.limit = limit
+        self.volume = volume
+        self.volume_limit = volume_limit
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
         self.stats = CacheStats()
-        self.used = 0
+        self.index = CacheIndex(root, volume)
         self.pending_writes = 0
         self.pending_bytes = 0
-        self._lru: OrderedDict[str, _Entry] = OrderedDict()
+        self.on_read: Callable[[str], None] | None = None
+        self.disabled: str | None = None  # why the directory could not be used at open
+        self.last_foreground = 0.0
         self._busy: set[str] = set()
-        self._quiet: asyncio.Event | None = None  # set while nothing is busy
-        self._scanning = False
-        self._rescan_task: asyncio.Task[None] | None = None
+        self._unreleased: set[str] = set()  # reservations to give up (the index failed)
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._uses: dict[str, float] = {}
+        self._clock = 0.0
+        self._soft_limit: tuple[int, float] | None = None  # (bound, until) after ENOSPC
+        self._reconciles_at_open = 0
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._blocks = os.path.join(root, "blocks")
-        self._tmp = os.path.join(root, "tmp")
+        self._upkeep: asyncio.Task[None] | None = None
         # disk I/O has threads of its own: a slow disk must not delay the hashing that
-        # uploads and verified reads wait for in the default pool
+        # uploads and verified reads wait for in the default pool; the index has one
+        # thread, which serialises this process's transactions
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-io")
+        self._ix = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-index")
 
     @classmethod
-    async def open(cls, root: str, limit: int, **kw: int) -> BlockCache:
+    async def open(cls, root: str, limit: int, **kw: Any) -> BlockCache:
+        """Open the cache at ``root``; a directory that cannot be used (a full or
+        read-only disk, no permission) gives a mount without a disk cache, not an error."""
         cache = cls(root, limit, **kw)
-        found = await cache._run(cache._list)
-        cache._index(found)
-        await cache._unlink(cache._pick_victims())
+        try:
+            await cache._index_call(cache.index.open)
+            cache._reconciles_at_open = cache.index.reconciles
+            await cache._index_call(cache.index.shrink, limit, cache.volume_limit)
+        except (OSError, sqlite3.Error) as exc:
+            cache.disabled = f"{type(exc).__name__}: {exc}"
+            log.warning("cache directory unusable: serving without a disk cache",
+                        extra={"error": cache.disabled})
         return cache
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
+    async def _index_call(self, fn: Any, *args: Any) -> Any:
+        """Run an index operation in the index thread; a corrupt index is rebuilt."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._ix, fn, *args)
+        except sqlite3.OperationalError:
+            raise  # locked for too long, or a full disk: the caller skips this time
+        except sqlite3.DatabaseError:
+            await loop.run_in_executor(self._ix, self.index.reset)
+            raise
+
+    @property
+    def used(self) -> int:
+        """Bytes the directory holds (all volumes), as of the last index transaction."""
+        return self.index.totals.bytes
+
     def _path(self, name: str) -> str:
-        return os.path.join(self._blocks, name[:2], name)
-
-    # ---- the index ---------------------------------------------------------------------
-    def _list(self) -> list[tuple[float, str, int]]:
-        """What the directory holds (mtime, name, size); drops stray temporary files."""
-        _private_dir(self.root)
-        os.makedirs(self._blocks, mode=0o700, exist_ok=True)
-        os.makedirs(self._tmp, mode=0o700, exist_ok=True)
-        for entry in os.scandir(self._tmp):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-        found: list[tuple[float, str, int]] = []
-        for sub in os.scandir(self._blocks):
-            if not sub.is_dir():
-                continue
-            for entry in os.scandir(sub.path):
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                found.append((st.st_mtime, entry.name, st.st_size))
-        return found
-
-    def _index(self, found: list[tuple[float, str, int]]) -> None:
-        """Replace the index with ``found``, oldest first (the LRU order of a restart)."""
-        self._lru = OrderedDict((name, _Entry(size)) for _, name, size in sorted(found))
-        self.used = sum(e.size for e in self._lru.values())
+        return self.index.path(name)
 
     def entries(self) -> dict[str, int]:
-        """The index: file name -> bytes on disk."""
-        return {name: e.size for name, e in self._lru.items()}
+        """The index: file name -> bytes on disk (blocking: for tests and diagnostics)."""
+        return self.index.entries()
 
-    def _forget(self, name: str, entry: _Entry) -> None:
-        if self._lru.get(name) is entry:
-            del self._lru[name]
-            self.used -= entry.size
+    # ---- uses --------------------------------------------------------------------------
+    def _asked(self, name: str) -> None:
+        """A reader asked for a block (hit or miss): foreground, and part of the hot set."""
+        self.last_foreground = time.monotonic()
+        if self.on_read is not None:
+            self.on_read(name)
 
-    def _begin(self, name: str) -> None:
-        self._busy.add(name)
-        if self._quiet is not None:
-            self._quiet.clear()
+    def _used(self, name: str) -> None:
+        now = max(time.time(), self._clock + 1e-6)  # strictly increasing: an exact LRU here
+        self._clock = now
+        self._uses[name] = now
+        self._remember(name)
 
-    def _end(self, name: str) -> None:
-        self._busy.discard(name)
-        if not self._busy and self._quiet is not None:
-            self._quiet.set()
+    def _remember(self, name: str) -> None:
+        self._known[name] = None
+        self._known.move_to_end(name)
+        if len(self._known) > KNOWN_MAX:
+            self._known.popitem(last=False)
+
+    def _take_uses(self) -> list[tuple[str, float]]:
+        uses, self._uses = list(self._uses.items()), {}
+        return uses
 
     # ---- reads -------------------------------------------------------------------------
     async def get(self, digest: str, length: int) -> bytes | None:
         name = _name(digest, length)
-        entry = self._lru.get(name)
-        if entry is None:
+        self._asked(name)
+        if self.disabled:
             self.stats.misses += 1
             return None
-        self._lru.move_to_end(name)
         data = await self._run(self._load, name, digest, length)
-        if data is None:
-            self._forget(name, entry)
+        if data is None or data is _CORRUPT:
+            self._known.pop(name, None)
             self.stats.misses += 1
+            if data is _CORRUPT:
+                await self._drop(name)
             return None
         self.stats.hits += 1
+        self._used(name)
         return data
 
-    def _load(self, name: str, digest: str, length: int) -> bytes | None:
-        path = self._path(name)
+    def _load(self, name: str, digest: str, length: int) -> Any:
         try:
-            with open(path, "rb") as f:
+            with open(self._path(name), "rb") as f:
                 data = f.read(length)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
-            return self._discard_corrupt(name, path)
-        try:
-            os.utime(path)
-        except OSError:
-            pass
+            return self._corrupt(name)
         return data
 
     async def read_range(self, digest: str, length: int, start: int, size: int) -> bytes | None:
@@ -234,25 +252,26 @@ class BlockCache:
         end = min(start + size, length)
         if start >= end:
             return b""
-        entry = self._lru.get(name)
-        if entry is None:
+        self._asked(name)
+        if self.disabled:
             return None
-        self._lru.move_to_end(name)
         data = await self._run(self._load_range, name, length, start, end)
-        if data is None:
-            self._forget(name, entry)
+        if data is None or data is _CORRUPT:
+            self._known.pop(name, None)
+            if data is _CORRUPT:
+                await self._drop(name)
             return None
         self.stats.hits += 1
+        self._used(name)
         return data
 
-    def _load_range(self, name: str, length: int, start: int, end: int) -> bytes | None:
+    def _load_range(self, name: str, length: int, start: int, end: int) -> Any:
         """Read and verify the chunks covering [start, end), 0 <= start < end <= length."""
-        path = self._path(name)
         first, last = start // CHUNK, (end - 1) // CHUNK
         count = last - first + 1
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = os.open(self._path(name), os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         try:
             body = os.pread(fd, min(length, (last + 1) * CHUNK) - first * CHUNK, first * CHUNK)
@@ -266,28 +285,47 @@ class BlockCache:
                 ok = False
                 break
         if not ok:
-            return self._discard_corrupt(name, path)
+            return self._corrupt(name)
         offset = start - first * CHUNK
         return body[offset:offset + end - start]
 
-    def _discard_corrupt(self, name: str, path: str) -> None:
+    def _corrupt(self, name: str) -> object:
         self.stats.corrupt += 1
         log.warning("corrupt cache block removed", extra={"block": name})
+        return _CORRUPT
+
+    async def _drop(self, name: str) -> None:
+        """Unlink a corrupt file through the index (its bytes stop counting with it)."""
         try:
-            os.unlink(path)
-        except OSError:
-            pass
+            await self._index_call(self.index.drop, name)
+        except (OSError, sqlite3.Error) as exc:
+            self.stats.errors += 1
+            log.warning("cache index error", extra={"error": str(exc)})
+
+    async def contains(self, names: list[str]) -> set[str]:
+        """Which of these block file names the cache holds (one index query)."""
+        if self.disabled:
+            return set()
+        return await self._index_call(self.index.contains, names)
 
     # ---- writes ------------------------------------------------------------------------
     def _admissible(self, name: str, length: int) -> bool:
-        return (name not in self._lru and name not in self._busy and not self._scanning
+        return (name not in self._known and name not in self._busy and not self.disabled
                 and stored_size(length) <= self.limit)
+
+    def _bound(self) -> int:
+        if self._soft_limit is not None:
+            bound, until = self._soft_limit
+            if time.monotonic() < until:
+                return min(self.limit, bound)
+            self._soft_limit = None
+        return self.limit
 
     async def put(self, digest: str, data: bytes) -> bool:
         """Store a block (waiting for the disk); True if the cache holds it afterwards."""
         name = _name(digest, len(data))
         if not self._admissible(name, len(data)):
-            return name in self._lru
+            return name in self._known
         self._reserve(name, len(data))
         return await self._write(name, data)
 
@@ -307,108 +345,154 @@ class BlockCache:
         return True
 
     def _reserve(self, name: str, n: int) -> None:
-        self._begin(name)
+        self._busy.add(name)
         self.pending_writes += 1
         self.pending_bytes += n
 
     async def _write(self, name: str, data: bytes) -> bool:
-        """Write a reserved block; the caller reserved ``name`` (``_reserve``)."""
+        """Reserve room in the index, write the file, commit; never raises for a disk or
+        index that fails (the block is simply not cached). ``_reserve``d by the caller."""
+        size = stored_size(len(data))
+        reserved = False
         try:
-            wiped = await self._run(self._store, name, data)
-        except OSError as exc:
+            outcome = await self._index_call(self.index.reserve, name, size, self._bound(),
+                                             self.volume_limit, self._take_uses())
+            if outcome is Reserved.EXISTS:
+                self._remember(name)
+                return True
+            if outcome is not Reserved.OK:
+                return False
+            reserved = True
+            stored = await self._run(self._store, name, data)
+            if not stored:  # the disk is full: make room below the bound and try once more
+                self.stats.nospace += 1
+                await self._make_room(2 * size)
+                stored = await self._run(self._store, name, data)
+            if not stored:
+                self._disk_full(size)
+                return False
+            await self._index_call(self.index.commit, name, size)
+            reserved = False
+            self.stats.writes += 1
+            self._remember(name)
+            return True
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != SQLITE_FULL:
+                self.stats.errors += 1
+                log.warning("cache write failed", extra={"error": str(exc)})
+                return False
+            await self._make_room(2 * size)  # the index itself cannot write: make room
+            self._disk_full(size)
+            return False
+        except (OSError, sqlite3.Error) as exc:
+            self.stats.errors += 1
             log.warning("cache write failed", extra={"error": str(exc)})
             return False
         finally:
+            if reserved:
+                await self._release_quietly(name)
             self.pending_writes -= 1
             self.pending_bytes -= len(data)
-            self._end(name)
-        # no await since the rename: nobody else can have indexed this name meanwhile
-        entry = _Entry(stored_size(len(data)))
-        self._lru[name] = entry
-        self.used += entry.size
-        self.stats.writes += 1
-        if wiped:
-            self._start_rescan()
-        await self._unlink(self._pick_victims())
-        return True
+            self._busy.discard(name)
+
+    def _disk_full(self, size: int) -> None:
+        """Yield: this block is not cached, and the bound drops to what fitted for a while."""
+        self.stats.nospace += 1
+        self.stats.skipped += 1
+        self._soft_limit = (max(0, self.index.totals.bytes - size),
+                            time.monotonic() + PRESSURE_S)
+        log.info("cache disk full: block not cached, bound lowered for a while",
+                 extra={"bound": self._soft_limit[0]})
+
+    async def _make_room(self, nbytes: int) -> None:
+        """Evict ``nbytes`` of the least recently used files from a full disk."""
+        try:
+            await self._index_call(self.index.evict, nbytes)
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != SQLITE_FULL:
+                raise
+        await self._index_call(self.index.relieve, nbytes)
+
+    async def _release_quietly(self, name: str) -> None:
+        """Give up our reservation; if even that fails, upkeep retries it."""
+        try:
+            await self._index_call(self.index.release, name)
+            self._unreleased.discard(name)
+        except (OSError, sqlite3.Error):
+            self._unreleased.add(name)
 
     def _store(self, name: str, data: bytes) -> bool:
-        """Write tmp + rename; True if the directory had been wiped (and was recreated)."""
-        tmp = os.path.join(self._tmp, f"{name}.{secrets.token_hex(4)}")
+        """Write tmp + rename; False if the disk is full (nothing is left behind)."""
+        tmp = self.index.tmp_path(name)
         final = self._path(name)
         trailer = _trailer(data)
-        wiped = False
         for attempt in (1, 2):
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with open(fd, "wb") as f:
-                    f.write(data)
-                    f.write(trailer)
-                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-                os.rename(tmp, final)
-                return wiped
+                try:
+                    with open(fd, "wb") as f:
+                        f.write(data)
+                        f.write(trailer)
+                    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+                    os.rename(tmp, final)
+                except BaseException:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                    raise
+                return True
             except FileNotFoundError:
                 if attempt == 2:
                     raise
                 # the cache directory was deleted under us: recreate it and try once more
-                wiped = True
-                _private_dir(self.root)
-                os.makedirs(self._tmp, mode=0o700, exist_ok=True)
-                os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-        return wiped
+                # (the index notices at its next transaction and is rebuilt)
+                private_dir(self.root)
+                os.makedirs(self.index.tmp, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                if exc.errno in _NOSPACE:
+                    return False
+                raise
+        return False
 
-    # ---- eviction ----------------------------------------------------------------------
-    def _pick_victims(self) -> list[str]:
-        victims = []
-        while self.used > self.limit and self._lru:
-            name, entry = self._lru.popitem(last=False)
-            self.used -= entry.size
-            self.stats.evictions += 1
-            victims.append(name)
-        return victims
+    # ---- upkeep ------------------------------------------------------------------------
+    def start_upkeep(self) -> None:
+        """Write uses to the index, refresh the totals and recover dead mounts' rows in
+        the background (a mount calls this; ``close`` stops it)."""
+        if self._upkeep is None and not self.disabled:
+            self._upkeep = asyncio.get_running_loop().create_task(self._upkeep_loop())
 
-    async def _unlink(self, names: list[str]) -> None:
-        if not names:
-            return
-        for name in names:
-            self._begin(name)
-        try:
-            await self._run(self._unlink_all, names)
-        finally:
-            for name in names:
-                self._end(name)
-
-    def _unlink_all(self, names: list[str]) -> None:
-        for name in names:
+    async def _upkeep_loop(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(UPKEEP_S)
+            rounds += 1
             try:
-                os.unlink(self._path(name))
-            except OSError:
-                pass
+                await self.flush_uses()
+                for name in list(self._unreleased):
+                    await self._release_quietly(name)
+                if rounds % RECOVER_EVERY == 0:
+                    await self._index_call(self.index.recover)
+            except (OSError, sqlite3.Error) as exc:
+                self.stats.errors += 1
+                log.warning("cache index upkeep failed", extra={"error": str(exc)})
 
-    # ---- rescans -----------------------------------------------------------------------
-    def _start_rescan(self) -> None:
-        if self._rescan_task is None or self._rescan_task.done():
-            self._rescan_task = self._spawn(self.rescan())
+    async def flush_uses(self) -> None:
+        """Write the recorded uses to the index and read the totals back."""
+        if self.disabled:
+            self._uses.clear()
+            return
+        await self._index_call(self.index.touch, self._take_uses())
 
     async def rescan(self) -> None:
-        """Rebuild the index from the directory, once no disk operation is in flight
-        (files deleted behind the cache's back are forgotten, their bytes uncounted)."""
-        if self._scanning:
+        """Make the index say what the directory holds (files deleted behind the cache's
+        back are forgotten, their bytes uncounted; files it did not know are adopted)."""
+        if self.disabled:
             return
-        self._scanning = True
-        try:
-            while self._busy:
-                if self._quiet is None:
-                    self._quiet = asyncio.Event()
-                await self._quiet.wait()
-            found = await self._run(self._list)
-            self._index(found)
-            self.stats.rescans += 1
-            log.info("cache index rebuilt from disk",
-                     extra={"entries": len(self._lru), "bytes": self.used})
-        finally:
-            self._scanning = False
-        await self._unlink(self._pick_victims())
+        await self._index_call(self.index.reconcile)
+        self._known.clear()
+        await self._index_call(self.index.shrink, self.limit, self.volume_limit)
 
     # ---- lifetime ----------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -418,9 +502,36 @@ class BlockCache:
         return task
 
     async def drain(self) -> None:
-        """Wait for the background writes of ``offer`` and any rescan (before shutdown)."""
+        """Wait for the background writes of ``offer`` (before shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def close(self) -> None:
+        """Stop the upkeep, write the last uses, let go of the index."""
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            await asyncio.gather(self._upkeep, return_exceptions=True)
+            self._upkeep = None
+        await self.drain()
+        try:
+            await self.flush_uses()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("cache index: last uses not recorded", extra={"error": str(exc)})
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._ix, self.index.close)
+        except OSError:
+            pass
+        self._io.shutdown(wait=False)
+        self._ix.shutdown(wait=False)
+
     def summary(self) -> dict[str, Any]:
-        return self.stats.as_dict(self.used, self.limit, len(self._lru))
+        totals = self.index.totals
+        self.stats.rescans = self.index.reconciles - self._reconciles_at_open
+        self.stats.evictions = self.index.evicted
+        doc = self.stats.as_dict(totals.bytes, self.limit, totals.entries)
+        doc.update({"dir": self.root, "disabled": self.disabled or "",
+                    "volume_bytes": totals.volume_bytes,
+                    "volume_entries": totals.volume_entries,
+                    "volume_limit": self.volume_limit or 0,
+                    "recovered": self.index.recovered})
+        return doc

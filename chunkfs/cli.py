@@ -237,7 +237,7 @@ def _mount_config(args: argparse.Namespace) -> Any:
     opts = _parse_mount_options(args.options)
     known = {"ro", "rw", "epoch", "buffer-size", "io-timeout", "attr-timeout", "entry-timeout",
              "readahead", "inline", "memory-cache", "allow_other", "noallow_other",
-             "kernel-readahead"}
+             "kernel-readahead", "volume-cache", "hot-set", "prefetch"}
     unknown = sorted(set(opts) - known)
     if unknown:
         raise InvalidArgument(f"unknown mount option(s): {', '.join(unknown)}")
@@ -260,8 +260,12 @@ def _mount_config(args: argparse.Namespace) -> Any:
         readahead_blocks=option("readahead", "4", int),
         inline_limit=option("inline", "16KiB", parse_size),
         allow_other="noallow_other" not in opts, run_dir=args.run_dir,
-        kernel_readahead_kb=option("kernel-readahead", "4MiB", parse_size) // 1024)
-    if min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0:
+        kernel_readahead_kb=option("kernel-readahead", "4MiB", parse_size) // 1024,
+        volume_cache=option("volume-cache", "0", parse_size) or None,
+        hot_set=option("hot-set", "1000", int),
+        prefetch=option("prefetch", "1GiB", parse_size))
+    if (min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0
+            or cfg.hot_set < 0):
         raise InvalidArgument("mount option values must not be negative")
     if not 0 < cfg.io_timeout <= 600:
         # a retried metadata request must end long before its stored reply expires
@@ -607,6 +611,15 @@ def _status_gc_line(doc: dict[str, Any] | None) -> str:
     return _gc_line(GcRun(**{k: v for k, v in doc.items() if k != "age_s"}))
 
 
+def _warm_line(warm: dict[str, Any]) -> str:
+    if not warm or warm.get("state") in ("off", "idle"):
+        return warm.get("state", "off") if warm else "-"
+    return (f"{warm.get('state')}: {warm.get('prefetched', 0)} blocks "
+            f"({format_size(warm.get('prefetched_bytes', 0))}) of {warm.get('planned', 0)} "
+            f"planned, {warm.get('progress', 0):.0%}; {warm.get('cached', 0)} of "
+            f"{warm.get('listed', 0)} hot blocks were cached already")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _read_status(os.path.abspath(args.mountpoint), args.run_dir)
     if args.json:
@@ -618,9 +631,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"dirty bytes:   {status.get('dirty_bytes')} in {status.get('dirty_files', 0)} files"
           f", oldest {status.get('dirty_age_s', 0)}s\n"
           f"writer lease:  {_lease_line(status.get('lease', {}))}\n"
-          f"cache:         {format_size(cache.get('bytes', 0))} of {format_size(cache.get('limit', 0))}"
+          f"cache:         {format_size(cache.get('volume_bytes', 0))} of this volume, "
+          f"{format_size(cache.get('bytes', 0))} of {format_size(cache.get('limit', 0))} on the node"
           f", hit ratio {cache.get('hit_ratio', 0):.2%} ({cache.get('hits', 0)} hits, "
           f"{cache.get('misses', 0)} misses, {cache.get('corrupt', 0)} corrupt)\n"
+          f"warm start:    {_warm_line(status.get('warm', {}))}\n"
           f"s3:            {_latency_line(s3, sum(s3.get('requests', {}).values()))}\n"
           f"redis:         {_latency_line(redis, redis.get('requests', 0))}\n"
           f"{_durability_lines(status.get('redis_durability', {}))}"

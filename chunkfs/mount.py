@@ -32,6 +32,8 @@ from chunkfs.errors import (
     VolumeNotFound,
 )
 from chunkfs.fs import ChunkFS, MountOptions
+from chunkfs.hotset import HotSet, Prefetcher, read_hot_set
+from chunkfs.hotset import cancel as cancel_task
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.mountstatus import MountState
 from chunkfs.startup import Timeline, connect_backends
@@ -46,7 +48,10 @@ class MountConfig:
     meta_url: str
     storage: StorageConfig
     cache_dir: str
-    cache_size: int
+    cache_size: int  # bound of the whole cache directory (shared by the node's mounts)
+    volume_cache: int | None = None  # what this volume may hold of it (None: no own cap)
+    hot_set: int = 1000  # blocks read recently, kept in Redis for a warm start elsewhere
+    prefetch: int = 1 << 30  # bytes of the hot set prefetched at mount start (0: off)
     read_only: bool = False
     epoch: str | None = None
     buffer_size: int = 256 * 1024 * 1024
@@ -100,6 +105,16 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             on_ready(f"{type(exc).__name__}: {exc}")
             return 1
         store, meta, cache, state = backends.store, backends.meta, backends.cache, backends.state
+        cache.start_upkeep()
+        stack.push_async_callback(cache.close)
+        hot = HotSet(meta.keys.hot, cfg.hot_set)
+        warm = Prefetcher(cache, store, budget=min(cfg.prefetch, cache.limit // 2))
+
+        def on_read(name: str) -> None:
+            hot.saw(name)
+            warm.saw(name)
+
+        cache.on_read = on_read
         blocks = BlockStore(store, cache, meta, memory_limit=cfg.memory_cache)
         stack.push_async_callback(blocks.drain)
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
@@ -111,6 +126,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
 
         def extra() -> dict[str, Any]:
             return {"mountpoint": cfg.mountpoint, "cache": cache.summary(),
+                    "warm": warm.stats.as_dict(), "hot_set": hot.as_dict(),
                     "s3": store.stats.as_dict(), "session": meta.session,
                     "redis_durability": backends.durable.as_dict(),
                     **state_of_mount.document(fs.state.record, read_only=meta.read_only,
@@ -145,6 +161,8 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             tick=lambda: state_of_mount.refresh(fs.unflushed()),
             on_dead=lambda why: setattr(fs.status, "last_error", why)))
         housekeeping = asyncio.create_task(_reap_orphans(meta))
+        prefetch = asyncio.create_task(_warm_start(warm, meta, hot, cfg))
+        publisher = asyncio.create_task(hot.keep_publishing(meta.r)) if cfg.hot_set > 0 else None
         clock.mark("ready")
         log.info("mounted", extra={"volume": cfg.volume, "mountpoint": cfg.mountpoint,
                                    "epoch": meta.epoch, "session": meta.session,
@@ -157,11 +175,16 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         finally:
             refresher.cancel()
             housekeeping.cancel()
+            await cancel_task(prefetch)
+            await cancel_task(publisher)
             try:
                 await fs.flush_all()
             except Exception as exc:
                 log.error("flush at unmount failed", extra={"error": str(exc)})
                 clean = False
+            if cfg.hot_set > 0 and not fs.fenced:  # after the data: advisory, and bounded
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(hot.publish_quietly(meta.r), 5.0)
             try:  # housekeeping: what it leaves behind expires with the session
                 await fs.purge_orphans()
                 await meta.end_session()
@@ -172,6 +195,21 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             log.info("unmounted", extra={"mountpoint": cfg.mountpoint})
             await control.close(clean=clean)
         return 0 if clean else 1
+
+
+async def _warm_start(warm: Prefetcher, meta: VolumeMeta, hot: HotSet, cfg: MountConfig) -> None:
+    """Prefetch what the volume's last mounts read most recently (``chunkfs.hotset``):
+    background work that no read waits for, started once the mount serves."""
+    if cfg.hot_set <= 0 or warm.stats.budget <= 0:
+        warm.stats.state = "off"
+        return
+    try:
+        names = await read_hot_set(meta.r, hot.key, cfg.hot_set)
+    except Exception as exc:  # advisory: the mount serves cold
+        warm.stats.state = "failed"
+        log.info("hot set unreadable: no warm start", extra={"error": str(exc)})
+        return
+    await warm.run(names)
 
 
 async def _reap_orphans(meta: VolumeMeta) -> None:

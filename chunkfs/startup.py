@@ -3,7 +3,8 @@
 Before a mount can serve its first read it needs the S3 client (CPU: botocore builds it
 from its JSON models), Redis (the durability check, the volume's record, this engine's
 identity), the storage prefix's claim marker (one S3 GET, ``chunkfs.claim``) and the
-local cache's index (a scan of the cache directory). None of these waits for another,
+local cache's index (the node's shared index of the cache directory; a scan of the
+directory only when no other mount uses it). None of these waits for another,
 so they run concurrently and the mount waits for the slowest of them instead of their
 sum. Only then come the steps that need their results: claiming a prefix nobody has
 claimed yet (rare, and only once the volume is known to exist) and this mount's first
@@ -138,7 +139,8 @@ async def _volume(cfg: MountConfig, admin: Any, clock: Timeline) -> _Volume:
 
 
 async def _cache(cfg: MountConfig, clock: Timeline) -> BlockCache:
-    cache = await BlockCache.open(cfg.cache_dir, cfg.cache_size)
+    cache = await BlockCache.open(cfg.cache_dir, cfg.cache_size, volume=cfg.volume,
+                                  volume_limit=cfg.volume_cache)
     clock.mark("cache scanned")
     return cache
 

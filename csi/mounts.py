@@ -2,9 +2,11 @@
 
 Protocol (what survives what)
 -----------------------------
-* NodeStageVolume runs ``chunkfs mount VOLUME STAGING --cache-dir CACHE/VOLUME
-  -o epoch=N[,ro]``. The mount process detaches into its own session, so it outlives
-  the plugin process; a plugin upgrade or crash does not touch running pods.
+* NodeStageVolume runs ``chunkfs mount VOLUME STAGING --cache-dir CACHE/_shared
+  --cache-size NODE_BOUND -o epoch=N[,ro][,volume-cache=SIZE]``: every mount of the node
+  shares one cache directory and one bound (``chunkfs/cache.py``). The mount process
+  detaches into its own session, so it outlives the plugin process; a plugin upgrade or
+  crash does not touch running pods.
 * NodePublishVolume bind-mounts STAGING onto the pod's target (then remounts the bind
   nosuid,nodev and read-only / with the requested flags).
 * Before acting, every stage and publish is recorded as a JSON file under
@@ -52,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from chunkfs.control import query_status
-from csi import errors, mountcalls, mountinfo, paths
+from csi import errors, mountcalls, mountinfo, paths, validate
 from csi.backends import overlay_env
 from csi.launcher import ChildLauncher, Launcher, MountSpec
 from csi.secretstore import SecretStore
@@ -220,7 +222,8 @@ class Mounter:
 
     ``launcher`` decides where the chunkfs mount processes run (``csi/launcher.py``): as
     children of this process (default) or in the mounter, outside the plugin's container.
-    ``default_cache_size`` bounds each volume's cache unless its StorageClass sets one.
+    ``default_cache_size`` bounds the node's cache, which every mount shares (a
+    StorageClass's ``cache-size`` caps one volume's share of it: ``volume-cache=``).
     """
 
     def __init__(self, log_dir: str, chunkfs: list[str] | None = None,
@@ -245,9 +248,11 @@ class Mounter:
             options.insert(0, f"epoch={rec.epoch}")
         if rec.readonly:
             options.insert(0, "ro")
+        if rec.cache_size:  # the StorageClass's cache-size: this volume's share of the node's
+            options.append(f"volume-cache={rec.cache_size}")
         spec = MountSpec(volume_id=rec.volume_id, staging_path=rec.staging_path,
                          cache_dir=cache_dir, log_file=self.log_path(rec.volume_id),
-                         options=options, cache_size=rec.cache_size or self.default_cache_size)
+                         options=options, cache_size=self.default_cache_size)
         outcome = await self.launcher.mount(spec, env, MOUNT_TIMEOUT)
         if outcome.timed_out:
             await self.force_unmount(rec.staging_path)
@@ -356,6 +361,22 @@ def _flag_names(bits: int) -> str:
 
 # --- the node's mounts --------------------------------------------------------------
 
+SHARED_CACHE = "_shared"  # not a volume id (those start with a letter or a digit)
+
+
+def drop_legacy_cache(cache_dir: str, name: str) -> None:
+    """Remove ``cache_dir/name`` if it is a per-volume cache of an older version: a
+    directory named like a volume id holding ``blocks/`` or ``tmp/``; nothing else."""
+    path = os.path.join(cache_dir, name)
+    if (name == SHARED_CACHE or not validate.is_id(name) or os.path.islink(path)
+            or not os.path.isdir(path)):
+        return
+    if not any(os.path.isdir(os.path.join(path, sub)) for sub in ("blocks", "tmp")):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    log.info("removed the per-volume cache of an older version: %s", path)
+
+
 class NodeMounts:
     """Stage / publish / recover, keeping the records and the mount table in step."""
 
@@ -389,7 +410,27 @@ class NodeMounts:
         return self.store.publishes_of(volume_id)
 
     def cache_dir_of(self, volume_id: str) -> str:
-        return os.path.join(self.cache_dir, volume_id)
+        """The node's one cache directory, shared by every volume staged here under one
+        bound (``chunkfs.cache``); the same for every volume, so a clone's blocks are warm."""
+        return os.path.join(self.cache_dir, SHARED_CACHE)
+
+    async def drop_legacy_cache(self, volume_id: str) -> None:
+        """Delete the per-volume cache directory an older version kept for ``volume_id``
+        (``CACHE/<volume id>``): outside the node's bound, and never read again."""
+        await asyncio.to_thread(drop_legacy_cache, self.cache_dir, volume_id)
+
+    async def drop_legacy_caches(self) -> None:
+        """At start: delete the legacy per-volume caches of volumes not staged here (a
+        staged volume's mount may be an older one still using its own; it goes at unstage)."""
+        staged = set(self.store.staged)
+
+        def drop_all() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(self.cache_dir):
+                    if entry.name not in staged:
+                        drop_legacy_cache(self.cache_dir, entry.name)
+
+        await asyncio.to_thread(drop_all)
 
     def knows(self, volume_id: str, path: str) -> bool:
         stage = self.staged(volume_id)
@@ -483,6 +524,7 @@ class NodeMounts:
     async def unstage(self, volume_id: str, staging_path: str) -> None:
         rec = self.staged(volume_id)
         await self.mounter.unmount_chunkfs(staging_path)
+        await self.drop_legacy_cache(volume_id)
         if rec is not None and rec.staging_path == staging_path:
             self.store.drop_stage(volume_id)
             self.secrets.drop(volume_id)

@@ -61,7 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-id", default=os.environ.get("NODE_ID") or socket.gethostname(),
                    help="this node's id for NodeGetInfo (default: $NODE_ID or the hostname)")
     p.add_argument("--driver-name", default=DRIVER_NAME, help="default: %(default)s")
-    p.add_argument("--cache-dir", help="node: parent of each volume's block cache directory")
+    p.add_argument("--cache-dir", help="node: the node's block cache (in its _shared/ "
+                   "subdirectory, one for every volume staged here)")
     p.add_argument("--state-dir", help="node: where staged/published mounts are recorded")
     p.add_argument("--secrets-dir", default="/run/chunkfs-csi",
                    help="node: where credentials of Secret backends are kept for re-mounts, "
@@ -74,9 +75,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="node: run the chunkfs mount processes in the mounter listening on "
                    "this unix socket (a separate pod, so that they outlive this one); "
                    "mounter: the socket to listen on. Default (node): child processes")
-    p.add_argument("--cache-size", type=_size_arg,
-                   help="node: cache bound of each volume's mount unless its StorageClass "
-                   "sets cache-size (default: chunkfs's, 10GiB)")
+    p.add_argument("--cache-size", type=_size_arg, default="10GiB",
+                   help="node: bound of the node's block cache, every volume staged here "
+                   "together (least recently used blocks go first, whichever volume read "
+                   "them); a StorageClass's cache-size caps one volume's share "
+                   "(default: %(default)s)")
     p.add_argument("--max-volumes-per-node", type=int, default=64)
     p.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL,
                    help="node: seconds between two registrations in the default backend; "
@@ -225,6 +228,7 @@ class Plugin:
     async def start(self) -> None:
         if self.mounts is not None:
             await self.mounts.mounter.launcher.warm()  # first: the zygote imports meanwhile
+            await self.mounts.drop_legacy_caches()
             await self._register()
         path = socket_path(self.args.endpoint)
         os.makedirs(os.path.dirname(path), exist_ok=True)

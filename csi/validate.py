@@ -119,6 +119,11 @@ def split_mount_flags(flags: Iterable[str]) -> tuple[list[str], list[str]]:
     return bind, options
 
 
+def is_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a volume or snapshot id (``check_id``)."""
+    return len(value.encode()) <= MAX_ID and bool(_ID_RE.match(value))
+
+
 def check_id(field: str, value: str) -> str:
     """Volume and snapshot ids double as file names on the node: keep them plain."""
     if len(value.encode()) > MAX_ID or not _ID_RE.match(value):

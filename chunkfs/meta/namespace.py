@@ -225,7 +225,8 @@ async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
     for start in range(0, len(inos), _BATCH):
         keys = [key for ino in inos[start:start + _BATCH] for key in k.per_inode(ino)]
         await r.delete(*keys)
-    await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.vol)
+    await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.hot,
+                   k.vol)
 
 
 def encode_manifest(doc: dict[str, Any]) -> bytes:

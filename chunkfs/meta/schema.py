@@ -66,6 +66,10 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  until a background move puts them in an object; counted in
                                  the volume's slicebytes (bounded by maxslicebytes)
     cfs{ID}:x<ino>         HASH  xattr name -> value
+    cfs{ID}:hot            ZSET  block file name "<sha256 hex>_<object size>" -> unix ms of its last
+                                 read by a mount (the warm-start hot set, chunkfs/hotset.py):
+                                 merged by every mount periodically and at unmount, trimmed to
+                                 the newest few thousand; advisory, prefetched by the next mount
     cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
                                  (access mode, readonly, publish_context); volumes only, written
                                  and removed by the CSI controller, never copied into clones
@@ -190,7 +194,7 @@ class Keys:
     """Key builders for one namespace."""
 
     __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled",
-                 "publications")
+                 "publications", "hot")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -202,6 +206,7 @@ class Keys:
         self.pending = self.prefix + "pending"
         self.settled = self.prefix + "settled"
         self.publications = self.prefix + "pub"
+        self.hot = self.prefix + "hot"
 
     def reply(self, request: str) -> str:
         return f"{self.prefix}r:{request}"

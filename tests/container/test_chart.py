@@ -22,7 +22,7 @@ OVERRIDES = {
                                    "controller": {"replicas": 1}},
     "custom paths and classes": {
         "kubeletDir": "/data/kubelet", "driverName": "csi.example.org",
-        "node": {"cache": {"hostPath": "/mnt/nvme/chunkfs", "sizePerVolume": "50GiB"}},
+        "node": {"cache": {"hostPath": "/mnt/nvme/chunkfs", "size": "50GiB"}},
         "storageClass": {"name": "fast", "isDefault": True, "cacheSize": "20GiB",
                          "mountOptions": ["noatime", "buffer-size=512MiB"],
                          "volumeBindingMode": "WaitForFirstConsumer"},
@@ -265,7 +265,7 @@ def test_pod_disruption_budgets_follow_the_replicas():
 @pytest.mark.parametrize(("values", "message"), [
     ({"controller": {"replicas": 0}}, "/controller/replicas"),
     ({"metrics": {"expose": "public"}}, "value must be one of"),
-    ({"node": {"cache": {"sizePerVolume": "lots"}}}, "/node/cache/sizePerVolume"),
+    ({"node": {"cache": {"size": "lots"}}}, "/node/cache/size"),
     ({"kubeletDir": "var/lib/kubelet"}, "/kubeletDir"),
     ({"backend": {"secretName": ""}}, "/backend/secretName"),
     ({"backend": {"secretName": "s", "accessKeyId": "AKIA"}}, "accessKeyId"),

@@ -120,7 +120,7 @@ def test_reschedule_to_a_node_with_an_empty_cache(nodes) -> None:
 
     ctx_b = attach(ctrl, "pvc-data", "node-b")
     assert int(ctx_b["epoch"]) > int(ctx_a["epoch"])
-    assert not (node_b.cache_dir / "pvc-data").exists()  # node B starts cold
+    assert not list((node_b.cache_dir / "_shared").glob("blocks/*/*"))  # node B starts cold
     pod = Pod(node_b, "pvc-data", ctx_b).start()
     assert tree_digest(pod.target) == expected
 

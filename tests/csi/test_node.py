@@ -107,13 +107,43 @@ def test_stage_mounts_chunkfs_with_the_epoch_and_is_idempotent(plugin, kubelet) 
     with open(f"/proc/{pids[0]}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     assert f"epoch={ctx['epoch']}".encode() in b",".join(argv)
-    assert os.path.isdir(os.path.join(plugin.cache_dir, "pvc-1"))
+    assert os.path.isdir(os.path.join(plugin.cache_dir, "_shared", "blocks"))  # the node's cache
     stage(plugin, "pvc-1", staging, ctx)  # repeat: OK, nothing new
     assert mount_pids(staging) == pids
     unstage(plugin, "pvc-1", staging)
     assert staging not in mount_table()
     assert not mount_pids(staging)
     unstage(plugin, "pvc-1", staging)  # repeat: OK
+
+
+def test_volumes_on_one_node_share_one_cache_under_the_node_bound(cluster) -> None:
+    """Every mount gets the node's one cache dir and the node's --cache-size; a legacy
+    per-volume cache of an older version is removed at start (it is outside the bound)."""
+    legacy = cluster.root / "node-a" / "cache" / "pvc-old" / "blocks" / "ab"
+    legacy.mkdir(parents=True)
+    (legacy / ("ab" * 32 + "_3")).write_bytes(b"old")
+    plugin = cluster.start("node-a", "all", extra=["--cache-size", "8MiB"])
+    assert not legacy.parent.parent.exists()
+    stagings = {}
+    for name in ("pvc-1", "pvc-2"):
+        ctx = make_volume(plugin, name)
+        stagings[name] = plugin.kubelet.staging(name)
+        stage(plugin, name, stagings[name], ctx)
+    for staging in stagings.values():
+        (pid,) = mount_pids(staging)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode() for a in f.read().split(b"\0")]
+        assert argv[argv.index("--cache-dir") + 1] == str(plugin.cache_dir / "_shared")
+        assert argv[argv.index("--cache-size") + 1] == "8MiB"
+    for staging in stagings.values():
+        for i in range(4):
+            with open(os.path.join(staging, f"f{i}"), "wb") as f:
+                f.write(os.urandom(MiB))
+                os.fsync(f.fileno())
+    blocks = [p for p in (plugin.cache_dir / "_shared" / "blocks").glob("*/*")]
+    assert 0 < sum(p.stat().st_size for p in blocks) <= 8 * MiB
+    for name, staging in stagings.items():
+        unstage(plugin, name, staging)
 
 
 def _children(pid: int, word: str) -> list[int]:
@@ -436,7 +466,9 @@ def test_metrics_per_rpc_and_per_mount(plugin, staged) -> None:
                  "fenced", "dirty_files", "dirty_age_s", "lease_epoch", "lease_writes",
                  "cache_bytes", "cache_limit", "s3_latency_recent_ms", "s3_latency_max_ms",
                  "s3_latency_le_ms_inf", "redis_latency_recent_ms", "redis_latency_le_ms_50",
-                 "redis_latency_last_error_at"):
+                 "redis_latency_last_error_at", "cache_volume_bytes", "cache_volume_entries",
+                 "cache_nospace", "warm_prefetched", "warm_prefetched_bytes", "warm_progress",
+                 "warm_listed", "hot_set_entries"):
         assert f'chunkfs_mount_{name}{{volume="pvc-1"}}' in text, name
     assert plugin.metric("chunkfs_mount_fenced", volume="pvc-1") == 0
     assert plugin.metric("chunkfs_mount_lease_writes", volume="pvc-1") == 1
