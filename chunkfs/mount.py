@@ -182,7 +182,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             except Exception as exc:
                 log.error("flush at unmount failed", extra={"error": str(exc)})
                 clean = False
-            if cfg.hot_set > 0 and not fs.fenced:  # after the data: advisory, and bounded
+            if cfg.hot_set > 0 and not fs.state.fenced:  # after the data: advisory, and bounded
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(hot.publish_quietly(meta.r), 5.0)
             try:  # housekeeping: what it leaves behind expires with the session
