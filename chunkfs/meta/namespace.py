@@ -128,7 +128,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
             "inodes": inodes}
 
 
-def _node_bytes(node: dict[str, Any]) -> int:
+def node_bytes(node: dict[str, Any]) -> int:
     """What an exported inode charges to its volume: data, names, symlink target, xattrs."""
     n = len(base64.b64decode(node["data"])) if "data" in node else 0
     n += sum(slices.extent(slices.parse(v)) for v in node.get("blocks", {}).values())
@@ -149,7 +149,7 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
     k = Keys(ns)
     items = list(doc["inodes"].items())
     src = doc["settings"]
-    used = sum(_node_bytes(node) for _, node in items)
+    used = sum(node_bytes(node) for _, node in items)
     slicebytes = sum(len(base64.b64decode(v)) for _, node in items
                      for v in node.get("slices", {}).values())
     base = {"used": used, "inodes": len(items), "next_ino": src.get("next_ino", 1),
@@ -223,7 +223,8 @@ async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
     for start in range(0, len(inos), _BATCH):
         keys = [key for ino in inos[start:start + _BATCH] for key in k.per_inode(ino)]
         await r.delete(*keys)
-    await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.vol)
+    await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.backup,
+                   k.vol)
 
 
 def encode_manifest(doc: dict[str, Any]) -> bytes:

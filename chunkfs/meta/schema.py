@@ -67,11 +67,22 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
     cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
                                  (access mode, readonly, publish_context); volumes only, written
                                  and removed by the CSI controller, never copied into clones
+    cfs{ID}:backup         HASH  the volume's last backup (chunkfs/backup.py, volumes only): id,
+                                 url, created, finished (unix s), files, size_bytes, pages,
+                                 pages_written, bytes_written; temp: the namespace id of the
+                                 point-in-time copy a backup in progress exports (a leftover
+                                 of a backup that died is deleted by the next one)
+
+    cfs:backup:<volume>    STRING a backup of that volume in progress (its random token);
+                                 expires unless renewed (chunkfs/backup.py backup_lock)
 
 Objects (in the bucket, under the storage prefix):
 
     blocks/<h[0:2]>/<h[2:4]>/<h>_<length>      immutable block, h = sha256(content)
     snapshots/<snapshot id>/manifest.json.gz   immutable snapshot manifest
+    backups/<volume>/<backup id>/manifest.json.gz   immutable backup manifest: its pages
+    backups/<volume>/pages/<h>.json.gz         immutable page of inodes, h = sha256 of its
+                                               canonical JSON (docs/dev/backup.md)
 """
 
 from __future__ import annotations
@@ -109,7 +120,7 @@ class Keys:
     """Key builders for one namespace."""
 
     __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled",
-                 "publications")
+                 "publications", "backup")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -121,6 +132,7 @@ class Keys:
         self.pending = self.prefix + "pending"
         self.settled = self.prefix + "settled"
         self.publications = self.prefix + "pub"
+        self.backup = self.prefix + "backup"
 
     def reply(self, request: str) -> str:
         return f"{self.prefix}r:{request}"
