@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import contextlib
 import gzip
 import hashlib
@@ -57,8 +58,8 @@ LOCK_MS = 120_000        # a backup lock not renewed for this long is free again
 MANIFEST = "manifest.json.gz"
 SNAPSHOTS_DIR = "snapshots/"
 BACKUPS_DIR = "backups/"
-_ID_RE = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
-_ROOT_RE = re.compile(r"^(snapshots/[^/]+|backups/[^/]+/\d{8}T\d{6}Z-[0-9a-f]{6})/"
+_ID_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{6}$")
+_ROOT_RE = re.compile(r"^(snapshots/[^/]+|backups/[^/]+/\d{8}T\d{9}Z-[0-9a-f]{6})/"
                       + re.escape(MANIFEST) + "$")
 _PAGE_RE = re.compile(r"^backups/[^/]+/pages/([0-9a-f]{64})\.json\.gz$")
 
@@ -89,10 +90,20 @@ def is_manifest_key(key: str) -> bool:
     return bool(_ROOT_RE.match(key))
 
 
-def new_backup_id(now: float | None = None) -> str:
-    """Sortable by time: the newest backup is the last in key order."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+def new_backup_id(after: str | None = None, now: float | None = None) -> str:
+    """``<UTC time to the millisecond>Z-<random>``, later than ``after`` (the volume's
+    newest backup): key order is the order the backups were made in."""
+    ms = int((time.time() if now is None else now) * 1000)
+    if after is not None:
+        ms = max(ms, _id_ms(after) + 1)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ms // 1000)) + f"{ms % 1000:03d}Z"
     return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _id_ms(backup_id: str) -> int:
+    stamp = backup_id.partition("Z")[0]
+    whole = time.strptime(stamp[:15], "%Y%m%dT%H%M%S")
+    return int(calendar.timegm(whole)) * 1000 + int(stamp[15:18])
 
 
 def split_manifest_url(url: str) -> tuple[str, str]:
@@ -164,10 +175,11 @@ class BackupReport:
         return asdict(self)
 
 
-async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any],
-                       backup_id: str) -> BackupReport:
+async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> BackupReport:
     """Write the pages ``doc`` (an exported namespace) needs that the prefix lacks, then
     the backup's manifest. The caller holds the volume's backup lock."""
+    earlier = await backup_ids(store, volume)
+    backup_id = new_backup_id(earlier[-1] if earlier else None)
     have = {m.group(1) async for key, _, _ in store.list(backups_of(volume) + "pages/")
             if (m := _PAGE_RE.match(key))}
     pages, written, out_bytes = [], 0, 0

@@ -276,7 +276,7 @@ class VolumeService:
                 await self._copy_live(ns, tmp, settings)
                 doc = await self._redis(lambda: nsops.export_namespace(self.r, tmp))
                 doc["settings"]["kind"] = "volume"
-                report = await backup.write_backup(self.store, name, doc, backup.new_backup_id())
+                report = await backup.write_backup(self.store, name, doc)
             finally:  # the manifest (if any) protects the blocks from here on
                 await self._redis(lambda: nsops.delete_namespace(self.r, tmp))
                 await self._redis(lambda: self.r.hdel(record, "temp"))
