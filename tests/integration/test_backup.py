@@ -319,3 +319,19 @@ def test_gc_keeps_what_a_backup_needs_and_frees_what_only_expired_backups_held(
     lose_redis(cli)
     out = cli.run("volume", "restore", second.url, "back").stdout
     assert "verified" in out
+
+
+async def test_gc_refuses_to_run_while_a_backup_names_a_page_that_is_missing(
+        svc: VolumeService) -> None:
+    from chunkfs.gc import GcRefused, collect_garbage
+
+    info = await svc.create_volume("v", GiB)
+    await put_file(meta_of(svc, info.id), ROOT_INODE, b"x", b"y")
+    report = await svc.backup_volume("v")
+    assert (await collect_garbage(svc.r, svc.store, grace=0)).manifests == 1
+    page = [k async for k, _, _ in svc.store.list("backups/v/pages/")][0]
+    await svc.store.delete(page)
+    with pytest.raises(GcRefused, match=page):
+        await collect_garbage(svc.r, svc.store, grace=0)
+    await svc.store.delete(report.key)  # the broken backup removed: GC runs again
+    assert (await collect_garbage(svc.r, svc.store, grace=0)).manifests == 0
