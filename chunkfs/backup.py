@@ -38,9 +38,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -51,9 +51,10 @@ from chunkfs.meta import namespace as nsops
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.objstore import ObjectStore, block_key
 
-PAGE_INODES = 128        # inode numbers per manifest page: a change rewrites one page
+PAGE_INODES = 16         # inode numbers per manifest page: a change rewrites one page
 DEFAULT_KEEP = 24        # backups kept per volume (the newest ones)
 VERIFY_PARALLEL = 8      # block objects read at once by a restore's verification
+PAGES_PARALLEL = 8       # pages written or read at once
 LOCK_MS = 120_000        # a backup lock not renewed for this long is free again
 MANIFEST = "manifest.json.gz"
 SNAPSHOTS_DIR = "snapshots/"
@@ -62,6 +63,9 @@ _ID_RE = re.compile(r"^\d{8}T\d{9}Z-[0-9a-f]{6}$")
 _ROOT_RE = re.compile(r"^(snapshots/[^/]+|backups/[^/]+/\d{8}T\d{9}Z-[0-9a-f]{6})/"
                       + re.escape(MANIFEST) + "$")
 _PAGE_RE = re.compile(r"^backups/[^/]+/pages/([0-9a-f]{64})\.json\.gz$")
+
+
+T = TypeVar("T")
 
 
 class RestoreFailed(ChunkfsError):
@@ -182,15 +186,15 @@ async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> 
     backup_id = new_backup_id(earlier[-1] if earlier else None)
     have = {m.group(1) async for key, _, _ in store.list(backups_of(volume) + "pages/")
             if (m := _PAGE_RE.match(key))}
-    pages, written, out_bytes = [], 0, 0
+    pages: list[list[Any]] = []
+    todo: dict[str, bytes] = {}
     for inodes in paginate(doc["inodes"]):
         digest, body = await asyncio.to_thread(encode_page, inodes)
         pages.append([digest, len(inodes)])
         if digest not in have:
-            await store.put(page_key(volume, digest), body)
-            have.add(digest)
-            written += 1
-            out_bytes += len(body)
+            todo[digest] = body
+    await _bounded([lambda d=d, b=b: store.put(page_key(volume, d), b) for d, b in todo.items()])
+    written, out_bytes = len(todo), sum(len(b) for b in todo.values())
     settings = doc["settings"]
     files = len(doc["inodes"])
     size = sum(nsops.node_bytes(node) for node in doc["inodes"].values())
@@ -204,6 +208,30 @@ async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> 
                         url=manifest_url(store.config.url, key), created=doc["created"],
                         files=files, size_bytes=size, pages=len(pages),
                         pages_written=written, bytes_written=out_bytes + len(body))
+
+
+async def _bounded(calls: list[Callable[[], Awaitable[T]]],
+                   parallel: int = PAGES_PARALLEL) -> list[T]:
+    """Run ``calls`` at most ``parallel`` at a time; results in order; the first error
+    propagates once the calls in flight are done."""
+    results: list[Any] = [None] * len(calls)
+    queue = iter(enumerate(calls))
+    failed: list[BaseException] = []
+
+    async def worker() -> None:
+        for i, call in queue:
+            if failed:
+                return
+            try:
+                results[i] = await call()
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others
+                failed.append(exc)
+                return
+
+    await asyncio.gather(*(worker() for _ in range(min(parallel, len(calls)))))
+    if failed:
+        raise failed[0]
+    return results
 
 
 async def backup_ids(store: ObjectStore, volume: str) -> list[str]:
@@ -313,21 +341,21 @@ async def load(store: ObjectStore, key: str) -> dict[str, Any]:
         raise RestoreFailed(f"manifest {key} not found in {store.config.url}") from None
     except ValueError as exc:
         raise RestoreFailed(f"manifest {key} is corrupt ({exc})") from None
+    try:
+        return await _document(store, key, doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RestoreFailed(f"manifest {key} is malformed ({type(exc).__name__}: "
+                            f"{str(exc)[:100]})") from None
+
+
+async def _document(store: ObjectStore, key: str, doc: dict[str, Any]) -> dict[str, Any]:
     if doc.get("format") not in (1, nsops.FORMAT):
         raise RestoreFailed(f"manifest {key} has unsupported format {doc.get('format')!r}")
     if "pages" in doc:
         inodes: dict[str, Any] = {}
-        for digest, count in doc["pages"]:
-            pkey = page_key(doc["volume"], digest)
-            try:
-                page = decode_page(digest, await store.get(pkey))
-            except NoSuchObject:
-                raise RestoreFailed(f"backup page {pkey} (named by {key}) is missing") from None
-            except ValueError as exc:
-                raise RestoreFailed(f"backup page {pkey} is corrupt: {exc}") from None
-            if len(page) != count:
-                raise RestoreFailed(f"backup page {pkey} holds {len(page)} inodes, "
-                                    f"{key} says {count}")
+        pages = await _bounded([lambda d=d, n=n: _page(store, key, doc["volume"], d, n)
+                                for d, n in doc["pages"]])
+        for page in pages:
             inodes.update(page)
         doc = {"format": doc["format"], "namespace": doc.get("volume"),
                "created": doc["created"], "settings": doc["settings"], "inodes": inodes}
@@ -336,6 +364,20 @@ async def load(store: ObjectStore, key: str) -> dict[str, Any]:
             node["blocks"] = {i: slices.from_legacy(e) for i, e in node.get("blocks", {}).items()}
         doc["format"] = nsops.FORMAT
     return doc
+
+
+async def _page(store: ObjectStore, key: str, volume: str, digest: str,
+                count: int) -> dict[str, Any]:
+    pkey = page_key(volume, digest)
+    try:
+        page = decode_page(digest, await store.get(pkey))
+    except NoSuchObject:
+        raise RestoreFailed(f"backup page {pkey} (named by {key}) is missing") from None
+    except ValueError as exc:
+        raise RestoreFailed(f"backup page {pkey} is corrupt: {exc}") from None
+    if len(page) != count:
+        raise RestoreFailed(f"backup page {pkey} holds {len(page)} inodes, {key} says {count}")
+    return page
 
 
 def _structure_problems(doc: dict[str, Any]) -> Iterable[str]:

@@ -230,7 +230,7 @@ async def test_a_backup_after_a_small_change_writes_a_fraction_of_a_full_one(
             files[d, i] = await put_file(meta, parent, f"f{i:02d}".encode(),
                                          f"content {d} {i} ".encode() * 20)
     first = await svc.backup_volume("many", keep=2)
-    assert first.files == 2041 and first.pages == first.pages_written >= 15
+    assert first.files == 2041 and first.pages == first.pages_written >= 2041 // backup.PAGE_INODES
 
     async def page_objects() -> dict[str, int]:
         return {k: n async for k, n, _ in svc.store.list("backups/many/pages/")}
@@ -241,7 +241,7 @@ async def test_a_backup_after_a_small_change_writes_a_fraction_of_a_full_one(
     await meta.commit(files[7, 7], size=len(changed), inline=changed)  # one file of 2000
     second = await svc.backup_volume("many", keep=2)
     assert second.files == 2041 and second.pages_written == 1, second
-    assert second.bytes_written * 8 < first.bytes_written, (first, second)
+    assert second.bytes_written * 10 < first.bytes_written, (first, second)  # the manifest, mostly
     after = await page_objects()
     assert len(after) - len(before) == second.pages_written
     assert sum(after.values()) - sum(before.values()) <= second.bytes_written

@@ -48,9 +48,10 @@ def test_a_page_is_the_same_bytes_for_the_same_inodes_and_checks_its_hash() -> N
 
 
 def test_pages_group_inode_numbers_so_a_change_touches_one_page() -> None:
-    inodes = {str(i): {"attr": {}} for i in (1, 2, 127, 128, 300, 129)}
+    n = backup.PAGE_INODES
+    inodes = {str(i): {"attr": {}} for i in (1, 2, n - 1, n, 20 * n, n + 1)}
     pages = backup.paginate(inodes)
-    assert [sorted(map(int, p)) for p in pages] == [[1, 2, 127], [128, 129], [300]]
+    assert [sorted(map(int, p)) for p in pages] == [[1, 2, n - 1], [n, n + 1], [20 * n]]
 
 
 def test_backup_ids_sort_in_the_order_they_were_made_even_within_a_millisecond() -> None:
