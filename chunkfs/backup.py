@@ -46,7 +46,7 @@ from urllib.parse import quote, unquote, urlsplit
 import redis.asyncio as aioredis
 
 from chunkfs.blocks import slices
-from chunkfs.errors import ChunkfsError, InvalidArgument, NoSuchObject
+from chunkfs.errors import BackupBusy, InvalidArgument, NoSuchObject, RestoreFailed
 from chunkfs.meta import namespace as nsops
 from chunkfs.meta.schema import ROOT_INODE
 from chunkfs.objstore import ObjectStore, block_key
@@ -66,10 +66,7 @@ _PAGE_RE = re.compile(r"^backups/[^/]+/pages/([0-9a-f]{64})\.json\.gz$")
 
 
 T = TypeVar("T")
-
-
-class RestoreFailed(ChunkfsError):
-    """A manifest, a page or a block object a restore needs is missing or corrupt."""
+__all__ = ["BackupBusy", "RestoreFailed"]  # raised here, defined in chunkfs.errors
 
 
 # ---- where things are -------------------------------------------------------------
@@ -298,10 +295,6 @@ return 0
 
 def lock_key(volume: str) -> str:
     return f"cfs:backup:{volume}"
-
-
-class BackupBusy(ChunkfsError):
-    """Another backup of the volume is in progress."""
 
 
 @contextlib.asynccontextmanager

@@ -302,7 +302,6 @@ class VolumeService:
             existing = await self.get_volume(name)
             raise VolumeExists(f"volume {name!r} already exists", existing)
         doc = await backup.load(self.store, key)
-        checked = await backup.verify(self.store, doc)
         src = doc["settings"]
         used = sum(nsops.node_bytes(node) for node in doc["inodes"].values())
         capacity = capacity or int(src.get("capacity") or 0)
@@ -311,6 +310,7 @@ class VolumeService:
         if capacity < used:
             raise InvalidArgument(f"capacity {capacity} is smaller than the {used} bytes of "
                                   "the manifest")
+        checked = await backup.verify(self.store, doc)
         await self.claim(adopt=True)  # a Redis that lost everything takes the prefix over
         ns = nsops.new_namespace_id()
         settings: dict[str, Any] = {

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import prometheus_client
 from prometheus_client import Counter, Gauge
 
-from chunkfs.backup import DEFAULT_KEEP, BackupBusy
-from chunkfs.errors import VolumeNotFound
+from chunkfs.backup import DEFAULT_KEEP
+from chunkfs.errors import BackupBusy, VolumeNotFound
 from chunkfs.logs import scrub
 from csi.backends import Backend
 from csi.gc_runner import GcRunner, _Tracked

@@ -210,6 +210,8 @@ def test_a_missing_or_corrupt_object_fails_the_restore_and_leaves_no_volume(
     other = make_env(cli.env, CHUNKFS_STORAGE=storage_url(cli) + "-elsewhere")
     proc = Cli(other).run("volume", "restore", snap, "new", check=False)
     assert proc.returncode == 2 and "the manifest is under" in proc.stderr
+    small = cli.run("volume", "restore", snap, "new", "--capacity", "1KiB", check=False)
+    assert small.returncode == 2 and "smaller than" in small.stderr and redis_keys(cli) == 0
 
     cli.run("volume", "restore", snap, "new")  # the snapshot is intact: restores
     assert cli.volume_names() == ["new"]
