@@ -35,6 +35,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -66,6 +67,7 @@ _PAGE_RE = re.compile(r"^backups/[^/]+/pages/([0-9a-f]{64})\.json\.gz$")
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 __all__ = ["BackupBusy", "RestoreFailed"]  # raised here, defined in chunkfs.errors
 
 
@@ -262,8 +264,14 @@ async def expire(store: ObjectStore, volume: str, keep: int) -> list[str]:
         await store.delete(backup_manifest_key(volume, bid))
     needed: set[str] = set()
     for bid in ids[len(gone):]:
-        root = await read_root(store, backup_manifest_key(volume, bid))
-        needed.update(digest for digest, _ in root["pages"])
+        try:
+            root = await read_root(store, backup_manifest_key(volume, bid))
+            needed.update(digest for digest, _ in root["pages"])
+        except (NoSuchObject, ValueError, KeyError, TypeError):
+            # its pages are unknown: delete none (restores and GC report it by name)
+            log.warning("backup manifest unreadable: no page of the volume is deleted",
+                        extra={"volume": volume, "backup": bid})
+            return gone
     stale = [key async for key, _, _ in store.list(backups_of(volume) + "pages/")
              if (m := _PAGE_RE.match(key)) is None or m.group(1) not in needed]
     await store.delete_many(stale)

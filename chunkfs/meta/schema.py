@@ -36,7 +36,8 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
-                                 frozen (snapshot in progress: writers wait), version
+                                 frozen (snapshot in progress: writers wait), version,
+                                 restored_from (the manifest URL a restored volume came from)
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
                                  inode open or known to its kernel; removed when it lets go

@@ -337,3 +337,25 @@ async def test_gc_refuses_to_run_while_a_backup_names_a_page_that_is_missing(
         await collect_garbage(svc.r, svc.store, grace=0)
     await svc.store.delete(report.key)  # the broken backup removed: GC runs again
     assert (await collect_garbage(svc.r, svc.store, grace=0)).manifests == 0
+
+
+async def test_an_unreadable_old_backup_keeps_every_page_until_retention_drops_it(
+        svc: VolumeService) -> None:
+    info = await svc.create_volume("v", GiB)
+    meta = meta_of(svc, info.id)
+    ino = await put_file(meta, ROOT_INODE, b"f", b"one")
+    first = await svc.backup_volume("v", keep=3)
+    await meta.commit(ino, size=3, inline=b"two")
+    await svc.backup_volume("v", keep=3)
+    await svc.store.put(first.key, b"rotten")
+
+    async def pages() -> set[str]:
+        return {k async for k, _, _ in svc.store.list("backups/v/pages/")}
+
+    before = await pages()
+    await meta.commit(ino, size=5, inline=b"three")
+    third = await svc.backup_volume("v", keep=3)  # the rotten manifest fails nothing
+    assert before <= await pages()  # its pages are unknown: none was deleted
+    last = await svc.backup_volume("v", keep=1)  # the rotten one expires with the others
+    assert last.expired[0] == first.id and await backup.backup_ids(svc.store, "v") == [last.id]
+    assert len(await pages()) == last.pages and third.pages == last.pages
