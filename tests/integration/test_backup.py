@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from chunkfs import backup
+from chunkfs.errors import VolumeExists
 from chunkfs.meta.schema import ROOT_INODE, Keys
 from chunkfs.volumes import VolumeService
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
@@ -266,13 +267,21 @@ async def test_a_backup_after_a_small_change_writes_a_fraction_of_a_full_one(
     assert restored.used_inodes == 2041
 
 
-async def test_a_second_backup_of_a_volume_at_the_same_time_is_refused(
+async def test_a_second_backup_at_the_same_time_is_refused_and_a_restore_may_sit_beside_its_source(
         svc: VolumeService) -> None:
     await svc.create_volume("v", GiB)
     async with backup.backup_lock(svc.r, "v"):
         with pytest.raises(backup.BackupBusy):
             await svc.backup_volume("v")
-    assert (await svc.backup_volume("v")).files == 1
+    report = await svc.backup_volume("v")
+    assert report.files == 1
+    # into the Redis that still has the volume: under another name, once
+    key = backup.split_manifest_url(report.url)[1]
+    copy, _ = await svc.restore_volume(key, "v-copy")
+    assert copy.id != (await svc.get_volume("v")).id and copy.used_inodes == 1
+    with pytest.raises(VolumeExists):
+        await svc.restore_volume(key, "v-copy")
+    assert sorted(v.name for v in await svc.list_volumes()) == ["v", "v-copy"]
 
 
 async def test_deleting_a_volume_deletes_its_backups(svc: VolumeService) -> None:
