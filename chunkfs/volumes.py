@@ -409,20 +409,21 @@ class VolumeService:
         """Copy a volume in use: its writers wait while its metadata is copied. The freeze
         is renewed while the copy runs (it ends by itself if this process dies), so the
         copy is one instant of the volume however long it takes."""
-        await self._redis(lambda: nsops.freeze(self.r, src))
+        token = nsops.new_namespace_id()  # this freeze's own (freezes nest)
+        await self._redis(lambda: nsops.freeze(self.r, src, token))
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(nsops.FREEZE_SECONDS / 4)
                 with contextlib.suppress(Exception):
-                    await nsops.freeze(self.r, src)
+                    await nsops.freeze(self.r, src, token)
 
         renewer = asyncio.create_task(renew())
         try:
             await self._copy(src, dst, settings)
         finally:
             renewer.cancel()
-            await self._redis(lambda: nsops.thaw(self.r, src))
+            await self._redis(lambda: nsops.thaw(self.r, src, token))
 
     async def _clone_snapshot(self, name: str, ns: str, settings: dict[str, Any]) -> None:
         """A new volume from a snapshot: copied in Redis, or restored from its S3 manifest

@@ -84,19 +84,53 @@ async def init_namespace(r: aioredis.Redis, ns: str, settings: dict[str, Any],
         await pipe.execute()
 
 
-async def freeze(r: aioredis.Redis, ns: str) -> None:
-    """Make writers of ``ns`` wait (for at most FREEZE_SECONDS) while it is copied."""
-    await r.hset(Keys(ns).vol, "frozen", int(time.time() * 1000) + FREEZE_SECONDS * 1000)
+# Freezes nest: every freezer (a snapshot, a clone, a backup) holds its own deadline in a
+# field "frozen:<token>" of the volume hash, and ``frozen`` (what the scripts check) is the
+# latest deadline of them all, so the first freezer to thaw does not thaw the others.
+# KEYS: vol ; ARGV: "frozen:<token>", deadline (unix ms) or "" to thaw
+_FREEZE = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else redis.call('HDEL', KEYS[1], ARGV[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all, top = redis.call('HGETALL', KEYS[1]), nil
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 7) == 'frozen:' then
+    local d = tonumber(all[i + 1]) or 0
+    if d <= now then redis.call('HDEL', KEYS[1], all[i])
+    elseif not top or d > top then top = d end
+  end
+end
+if top then redis.call('HSET', KEYS[1], 'frozen', string.format('%d', top))
+else redis.call('HDEL', KEYS[1], 'frozen') end
+return top
+"""
 
 
-async def thaw(r: aioredis.Redis, ns: str) -> None:
-    await r.hdel(Keys(ns).vol, "frozen")
+def _frozen_field(token: str) -> str:
+    return f"frozen:{token}"
+
+
+async def freeze(r: aioredis.Redis, ns: str, token: str = "-") -> None:
+    """Make writers of ``ns`` wait (for at most FREEZE_SECONDS unless renewed) while it
+    is copied; ``token`` names this freezer (another one's thaw does not end it)."""
+    deadline = int(time.time() * 1000) + FREEZE_SECONDS * 1000
+    await r.eval(_FREEZE, 1, Keys(ns).vol, _frozen_field(token), deadline)
+
+
+async def thaw(r: aioredis.Redis, ns: str, token: str = "-") -> None:
+    await r.eval(_FREEZE, 1, Keys(ns).vol, _frozen_field(token), "")
+
+
+def _unfrozen(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != "frozen" and not k.startswith("frozen:")}
 
 
 async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
     """Everything of a namespace but block data, as a JSON-able document."""
     k = Keys(ns)
-    settings = {_s(a): _s(b) for a, b in (await r.hgetall(k.vol)).items()}
+    settings = _unfrozen({_s(a): _s(b) for a, b in (await r.hgetall(k.vol)).items()})
     inos = sorted(int(i) for i in await r.smembers(k.idx))
     inodes: dict[str, Any] = {}
     for start in range(0, len(inos), _BATCH):
@@ -211,7 +245,8 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
         used -= sum(slices.extent(slices.parse(v)) for v in await r.hvals(s.blocks(ino)))
         used -= sum(len(a) + len(b) for a, b in (await r.hgetall(s.xattr(ino))).items())
         slicebytes -= sum(len(v) for v in await r.hvals(s.slices(ino)))
-    await r.hdel(d.vol, "frozen", "ready", "source_volume")
+    freezers = [f for f in await r.hkeys(d.vol) if f.startswith(b"frozen:")]
+    await r.hdel(d.vol, "frozen", "ready", "source_volume", *freezers)
     await r.hset(d.vol, mapping={"used": used, "inodes": len(live), "epoch": 1, "writer": "",
                                  "slicebytes": slicebytes, **settings})
     return True

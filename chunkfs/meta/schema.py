@@ -36,7 +36,10 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
-                                 frozen (snapshot in progress: writers wait), version,
+                                 frozen (unix ms until which writers wait: a snapshot, clone
+                                 or backup is copying the volume; the latest deadline of the
+                                 fields frozen:<token>, one per freezer, so freezes nest),
+                                 version,
                                  restored_from (the manifest URL a restored volume came from)
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the

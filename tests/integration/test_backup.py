@@ -5,6 +5,7 @@ leaves nothing), incremental backups, retention, and GC with backups."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -368,3 +369,27 @@ async def test_an_unreadable_old_backup_keeps_every_page_until_retention_drops_i
     last = await svc.backup_volume("v", keep=1)  # the rotten one expires with the others
     assert last.expired[0] == first.id and await backup.backup_ids(svc.store, "v") == [last.id]
     assert len(await pages()) == last.pages and third.pages == last.pages
+
+
+async def test_freezes_nest_so_a_backup_ending_does_not_thaw_a_snapshot_still_copying(
+        svc: VolumeService) -> None:
+    """A periodic backup and a snapshot may copy one volume at once: the first to finish
+    must not let writers in while the other still copies."""
+    from chunkfs.meta import namespace as nsops
+
+    info = await svc.create_volume("v", GiB)
+    vol = Keys(info.id).vol
+    meta = meta_of(svc, info.id)
+    await nsops.freeze(svc.r, info.id, "snapshot")
+    await nsops.freeze(svc.r, info.id, "backup")
+    await nsops.thaw(svc.r, info.id, "backup")
+    waiting = asyncio.create_task(meta.create(ROOT_INODE, b"during", stat.S_IFREG | 0o644,
+                                              0, 0))
+    await asyncio.sleep(0.5)
+    assert not waiting.done(), "one thaw ended both freezes: a writer got in"
+    await nsops.thaw(svc.r, info.id, "snapshot")
+    await asyncio.wait_for(waiting, 10)  # through once the last freezer thawed
+    assert not [f for f in await svc.r.hkeys(vol) if f.startswith(b"frozen")]
+    await svc.backup_volume("v")  # and a copy of the volume carries no freeze along
+    snap = await svc.create_snapshot("v", "s")
+    assert not [f for f in await svc.r.hkeys(Keys(snap.id).vol) if f.startswith(b"frozen")]
