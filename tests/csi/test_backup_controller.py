@@ -36,30 +36,32 @@ def test_the_controller_backs_every_volume_up_keeps_the_newest_and_they_restore(
     def volumes_backed_up() -> float:
         return ctrl.metric("chunkfs_backup_volumes_total", storage=storage, result="ok")
 
-    wait_for("six volume backups", lambda: volumes_backed_up() >= 6)
+    async def last(svc: VolumeService) -> dict | None:
+        return (await svc.volume_details("pvc-1")).last_backup
+
+    # a backup made after the file was written (the first ones may predate it)
+    wait_for("a backup with the file", lambda: (r := service_call(cluster.env, last))
+             and r["files"] == 2)
+    made = volumes_backed_up()
+    wait_for("three more runs", lambda: volumes_backed_up() >= made + 6)
     pod.stop()
     detach(ctrl, "pvc-1", "node-a")
-    assert 1 <= len(backups(cluster.env, "pvc-1")) <= 2  # the newest two, older ones expired
-    assert 1 <= len(backups(cluster.env, "pvc-2")) <= 2
+    assert len(backups(cluster.env, "pvc-1")) == 2  # the newest two: older ones expired
+    assert len(backups(cluster.env, "pvc-2")) == 2
     assert ctrl.metric("chunkfs_backup_leader", storage=storage) == 1
     assert ctrl.metric("chunkfs_backup_interval_seconds") == 1
     assert ctrl.metric("chunkfs_backup_keep") == 2
     assert ctrl.metric("chunkfs_backup_last_success_timestamp_seconds", storage=storage) > 0
     assert ctrl.metric("chunkfs_backup_runs_total", storage=storage, result="error") == 0
-
-    async def last(svc: VolumeService) -> dict:
-        details = await svc.volume_details("pvc-1")
-        assert details.last_backup is not None
-        return details.last_backup
-
-    record = service_call(cluster.env, last)
     ctrl.stop()  # no backup runs while its Redis is replaced
-    assert record["files"] == 2  # the root and "data": written before the last backups
+    record = service_call(cluster.env, last)  # the newest
+    assert record["files"] == 2 and record["url"].endswith(
+        f"/{backups(cluster.env, 'pvc-1')[-1]}/manifest.json.gz")
 
     redis = local_services.redis
     db = int(cluster.env["CHUNKFS_META"].rsplit("/", 1)[1]) % 255 + 1
     with redis.client(db=db) as client:
-        client.flushdb()  # an empty Redis: the old one is lost
+        client.flushdb()  # an empty database, standing in for a Redis that lost everything
 
     async def restore(svc: VolumeService) -> tuple[int, bytes | None]:
         info, checked = await svc.restore_volume(backup.split_manifest_url(record["url"])[1],
