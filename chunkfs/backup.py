@@ -56,6 +56,7 @@ PAGE_INODES = 16         # inode numbers per manifest page: a change rewrites on
 DEFAULT_KEEP = 24        # backups kept per volume (the newest ones)
 VERIFY_PARALLEL = 8      # block objects read at once by a restore's verification
 PAGES_PARALLEL = 8       # pages written or read at once
+_PAGES_PER_ROUND = 256   # pages encoded, then written, per round
 LOCK_MS = 120_000        # a backup lock not renewed for this long is free again
 MANIFEST = "manifest.json.gz"
 SNAPSHOTS_DIR = "snapshots/"
@@ -186,14 +187,22 @@ async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> 
     have = {m.group(1) async for key, _, _ in store.list(backups_of(volume) + "pages/")
             if (m := _PAGE_RE.match(key))}
     pages: list[list[Any]] = []
-    todo: dict[str, bytes] = {}
-    for inodes in paginate(doc["inodes"]):
-        digest, body = await asyncio.to_thread(encode_page, inodes)
-        pages.append([digest, len(inodes)])
-        if digest not in have:
-            todo[digest] = body
-    await _bounded([lambda d=d, b=b: store.put(page_key(volume, d), b) for d, b in todo.items()])
-    written, out_bytes = len(todo), sum(len(b) for b in todo.values())
+    written = out_bytes = 0
+    groups = paginate(doc["inodes"])
+    for start in range(0, len(groups), _PAGES_PER_ROUND):  # bounded memory: a round at a time
+        encoded = await asyncio.to_thread(
+            lambda part=groups[start:start + _PAGES_PER_ROUND]: [encode_page(p) for p in part])
+        todo: dict[str, bytes] = {}
+        for (digest, body), inodes in zip(encoded, groups[start:start + _PAGES_PER_ROUND],
+                                          strict=True):
+            pages.append([digest, len(inodes)])
+            if digest not in have:
+                todo[digest] = body
+                have.add(digest)
+        await _bounded([lambda d=d, b=b: store.put(page_key(volume, d), b)
+                        for d, b in todo.items()])
+        written += len(todo)
+        out_bytes += sum(len(b) for b in todo.values())
     settings = doc["settings"]
     files = len(doc["inodes"])
     size = sum(nsops.node_bytes(node) for node in doc["inodes"].values())

@@ -223,7 +223,8 @@ def test_a_missing_or_corrupt_object_fails_the_restore_and_leaves_no_volume(
 
 
 async def test_a_backup_after_a_small_change_writes_a_fraction_of_a_full_one(
-        svc: VolumeService) -> None:
+        svc: VolumeService, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(backup, "_PAGES_PER_ROUND", 10)  # pages go out in many rounds
     info = await svc.create_volume("many", GiB)
     meta = meta_of(svc, info.id)
     files = {}
