@@ -122,11 +122,20 @@ def _gc_line(run: GcRun | None) -> str:
     return f"{_when(run.finished)}, FAILED: {run.error} (last success: {last_ok})"
 
 
+def _backup_line(last: dict[str, Any] | None) -> str:
+    if not last:
+        return "never"
+    return (f"{_when(float(last['finished']))}: {last.get('files')} files, "
+            f"{format_size(int(last.get('size_bytes', 0)))}, wrote "
+            f"{last.get('pages_written')} of {last.get('pages')} pages "
+            f"({format_size(int(last.get('bytes_written', 0)))}); {last.get('url')}")
+
+
 def _print_volume(d: VolumeDetails, as_json: bool) -> None:
     v = d.info
     if as_json:
         print(json.dumps({**_volume_doc(v), "files": v.used_inodes, "snapshots": d.snapshots,
-                          "clones": d.clones, "backups": d.backups,
+                          "clones": d.clones, "backups": d.backups, "last_backup": d.last_backup,
                           "last_gc": d.last_gc.as_dict() if d.last_gc else None}, indent=2))
         return
     print(f"name:       {v.name}\nid:         {v.id}\ncapacity:   {format_size(v.capacity)}"
@@ -136,7 +145,9 @@ def _print_volume(d: VolumeDetails, as_json: bool) -> None:
           f"\nsource:     {v.source or '-'}\ncreated:    {_when(v.created)}"
           f"\nsnapshots:  {', '.join(d.snapshots) or '-'}"
           f"\nclones:     {', '.join(d.clones) or '-'}"
-          f"\nbackups:    {'-' if d.backups is None else ', '.join(d.backups) or '-'}"
+          f"\nbackups:    {len(d.backups)} ({', '.join(d.backups[-3:]) or '-'}"
+          f"{', ...' if len(d.backups) > 3 else ''})"
+          f"\nlast backup: {_backup_line(d.last_backup)}"
           f"\nlast gc:    {_gc_line(d.last_gc)}")
 
 
@@ -154,7 +165,81 @@ async def cmd_volume_create(args: argparse.Namespace) -> int:
     return await _with_service(args, act)
 
 
+async def cmd_volume_backup(args: argparse.Namespace) -> int:
+    async def act(svc: VolumeService) -> int:
+        report = await svc.backup_volume(args.name, keep=args.keep)
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2))
+            return EXIT_OK
+        print(f"backed up volume {report.volume}: {report.files} files, "
+              f"{format_size(report.size_bytes)}; wrote {report.pages_written} of "
+              f"{report.pages} pages ({format_size(report.bytes_written)}) in "
+              f"{report.seconds:.1f}s; expired {len(report.expired)} old backup(s)")
+        print(report.url)  # the last line: what `volume restore` takes
+        return EXIT_OK
+    return await _with_service(args, act)
+
+
+def _restore_backend(args: argparse.Namespace, url: str) -> tuple[str, str, Any]:
+    """(meta URL, manifest key, storage config) of a restore: the prefix is the URL's."""
+    from chunkfs.backup import split_manifest_url
+    from chunkfs.config import StorageConfig
+
+    storage_url, key = split_manifest_url(url)
+    given = args.storage or os.environ.get("CHUNKFS_STORAGE")
+    if given and StorageConfig.from_url(given).url != StorageConfig.from_url(storage_url).url:
+        raise InvalidArgument(f"the manifest is under {storage_url}, but the storage is "
+                              f"{StorageConfig.from_url(given).url}: a volume's blocks stay "
+                              "where its manifest is (drop --storage or make them agree)")
+    meta, storage = backend_from_env(args.meta, storage_url)
+    return meta, key, storage
+
+
+async def cmd_volume_restore(args: argparse.Namespace) -> int:
+    from chunkfs.volumes import VolumeService
+
+    meta, key, storage = _restore_backend(args, args.url)
+    svc = await VolumeService.open(meta, storage)
+    try:
+        try:
+            info, checked = await svc.restore_volume(key, args.name, capacity=args.capacity)
+        except VolumeExists as exc:
+            raise CliError(f"volume {args.name!r} already exists") from exc
+    finally:
+        await svc.close()
+    print(f"restored volume {info.name} from {args.url}: {info.used_inodes} files, "
+          f"{format_size(info.used_bytes)}, {checked} block objects read and verified")
+    return EXIT_OK
+
+
+async def _list_from(args: argparse.Namespace) -> int:
+    """What a prefix can restore, read from the object store alone (no Redis)."""
+    from chunkfs.backup import restore_points
+    from chunkfs.config import StorageConfig
+    from chunkfs.objstore import ObjectStore
+
+    store = await ObjectStore.create(StorageConfig.from_url(args.from_url), deadline=15.0)
+    try:
+        points, bad = await restore_points(store)
+    finally:
+        await store.close()
+    if args.json:
+        print(json.dumps({"restorable": [p.as_dict() for p in points], "unreadable": bad},
+                         indent=2))
+        return EXIT_OK
+    print(f"{'KIND':<9} {'NAME':<30} {'CREATED':<20} {'SIZE':>10} {'FILES':>8} URL")
+    for p in points:
+        print(f"{p.kind:<9} {p.name:<30} {_when(p.created):<20} "
+              f"{format_size(p.size_bytes):>10} {p.files:>8} {p.url}")
+    for key in bad:
+        print(f"chunkfs: manifest {key} is unreadable", file=sys.stderr)
+    return EXIT_ERROR if bad else EXIT_OK
+
+
 async def cmd_volume_list(args: argparse.Namespace) -> int:
+    if args.from_url:
+        return await _list_from(args)
+
     async def act(svc: VolumeService) -> int:
         vols = await svc.list_volumes()
         if args.json:
@@ -204,6 +289,7 @@ async def cmd_snapshot_create(args: argparse.Namespace) -> int:
         except SnapshotExists as exc:
             raise CliError(f"snapshot {args.name!r} already exists") from exc
         print(f"created snapshot {snap.name} of {snap.source_volume}")
+        print(svc.snapshot_url(snap.name))  # the last line: what `volume restore` takes
         return EXIT_OK
     return await _with_service(args, act)
 
@@ -640,7 +726,7 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"redis:         {_latency_line(redis, redis.get('requests', 0))}\n"
           f"{_durability_lines(status.get('redis_durability', {}))}"
           f"last gc:       {_status_gc_line(status.get('last_gc'))}\n"
-          f"last backup:   {status.get('last_backup') or '- (no backups yet)'}\n"
+          f"last backup:   {_backup_line(status.get('last_backup'))}\n"
           f"errors:        {status.get('errors', 0)} {status.get('last_error', '')}")
     return EXIT_OK
 
@@ -735,7 +821,27 @@ def build_parser(parser_class: type[OneLineParser] = OneLineParser) -> argparse.
     p.set_defaults(run=cmd_volume_create)
     p = vsub.add_parser("list", parents=[backend], help="list volumes")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--from", dest="from_url", metavar="s3://bucket/prefix",
+                   help="list the snapshots and backups this prefix can restore, from the "
+                        "object store alone (no Redis needed)")
     p.set_defaults(run=cmd_volume_list)
+    p = vsub.add_parser("backup", parents=[backend],
+                        help="back a volume up to the object store (incremental); prints the "
+                             "backup's s3:// URL on its last line")
+    p.add_argument("name")
+    p.add_argument("--keep", type=_positive_int_arg, default=24,
+                   help="backups of the volume to keep, the newest (default 24)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=cmd_volume_backup)
+    p = vsub.add_parser("restore", parents=[backend],
+                        help="recreate a volume from a snapshot's or backup's manifest URL, "
+                             "every byte verified (works on an empty Redis)")
+    p.add_argument("url", help="s3://bucket/prefix/snapshots/<snapshot>/manifest.json.gz or "
+                               "s3://bucket/prefix/backups/<volume>/<id>/manifest.json.gz")
+    p.add_argument("name")
+    p.add_argument("--capacity", type=_size_arg, default=None,
+                   help="the new volume's capacity (default: the manifest's)")
+    p.set_defaults(run=cmd_volume_restore)
     p = vsub.add_parser("info", parents=[backend], help="show one volume")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")

@@ -126,6 +126,15 @@ class BlockMissing(CorruptObject):
     old block map: the file changed and GC collected the replaced block)."""
 
 
+class RestoreFailed(CorruptObject):
+    """A manifest, a page or a block object a restore needs is missing or corrupt
+    (chunkfs/backup.py): nothing was restored."""
+
+
+class BackupBusy(ChunkfsError):
+    """Another backup (or the deletion) of the volume is in progress: retry later."""
+
+
 class FsError(ChunkfsError):
     """A POSIX error from the metadata layer (ENOENT, EEXIST, ENOTEMPTY, ...)."""
 

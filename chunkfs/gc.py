@@ -3,15 +3,16 @@
 Blocks are shared between files, volumes, snapshots and clones (content addressing
 deduplicates them), so nothing is deleted when a file goes away; this sweep deletes
 the objects that nothing can reference any more. "Nothing" is exact, whatever the
-grace period: the block maps of every namespace, every snapshot manifest, and every
-upload a mount registered and has not committed yet (``pending``), or committed
+grace period: the block maps of every namespace, every snapshot and backup manifest
+(``chunkfs.backup``), and every upload a mount registered and has not committed yet
+(``pending``), or committed
 after this run began (``settled``). The protocol, and why each step sits where it
 does, is ``docs/dev/gc.md``; in short:
 
 1. list the objects older than the grace period (the candidates);
 2. per namespace, read its protected uploads, then its block maps; repeat for
    namespaces created meanwhile (clones, snapshots), until none is new;
-3. read every snapshot manifest;
+3. read every snapshot and backup manifest (a backup's pages too);
 4. publish the candidates nothing protects as ``doomed`` and bump the generation:
    an upload of a doomed object from now on waits until this run is over;
 5. read every namespace's protected uploads again: what was registered before step 4
@@ -41,12 +42,11 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from chunkfs import spill
+from chunkfs import backup, spill
 from chunkfs.blocks import slices
 from chunkfs.claim import claim_storage, read_marker
 from chunkfs.errors import NoSuchObject, StorageClaimed
 from chunkfs.gc_lease import GcRefused, Lease, check_layout, gc_lease
-from chunkfs.meta import namespace as nsops
 from chunkfs.meta import scripts, topology
 from chunkfs.meta.schema import GC_DOOMED, GC_LAST, GcRun, Keys
 from chunkfs.objstore import ObjectStore, block_key
@@ -213,28 +213,25 @@ async def protected_uploads(r: aioredis.Redis, ns: str, run_start_ms: int, marks
 
 
 async def manifest_blocks(store: ObjectStore, marks: spill.Spill) -> int:
-    """Mark every block of every snapshot manifest; returns how many manifests. (A
-    manifest is one document: it is read whole, one at a time.)"""
+    """Mark every block of every snapshot and backup manifest; returns how many
+    manifests. (A snapshot manifest is one document, read whole; a backup's pages are
+    read one at a time, each once per run however many backups share it.)"""
     count = 0
-    async for key, _, _ in store.list("snapshots/"):
-        if not key.endswith("manifest.json.gz"):
-            continue
-        try:
-            doc = nsops.decode_manifest(await store.get(key))
-        except NoSuchObject:  # its snapshot was deleted since the listing (namespace first)
-            continue
-        except (OSError, EOFError, ValueError) as exc:  # gzip or JSON: it protects unknown blocks
-            raise GcRefused(f"snapshot manifest {key} is unreadable ({type(exc).__name__}); "
-                            "refusing to delete anything until it is repaired or removed") from exc
-        count += 1
-        refs = []
-        for node in doc["inodes"].values():
-            for raw in node.get("blocks", {}).values():
-                if doc.get("format") == 1:
-                    raw = slices.from_legacy(raw)
-                refs.extend(block_key(d, n) for d, n in slices.object_refs(raw))
-        del doc
-        await marks.add_keys(refs, REFERENCED)
+    seen_pages: set[str] = set()
+    for top in (backup.SNAPSHOTS_DIR, backup.BACKUPS_DIR):
+        keys = [key async for key, _, _ in store.list(top) if backup.is_manifest_key(key)]
+        for key in keys:
+            try:
+                refs = await backup.manifest_refs(store, key, seen_pages)
+            except NoSuchObject:  # deleted since the listing (its snapshot, or retention)
+                continue
+            except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+                # it protects blocks nobody can name any more
+                raise GcRefused(f"manifest {key} is unreadable ({type(exc).__name__}: {exc}); "
+                                "refusing to delete anything until it is repaired or "
+                                "removed") from exc
+            count += 1
+            await marks.add_keys(refs, REFERENCED)
     return count
 
 

@@ -5,7 +5,9 @@
 * who holds the volume's writer lease, at which epoch, and whether this mount's commits
   are accepted (``writes``: not read-only, not fenced, at the volume's current epoch);
 * the metadata engine's last GC run (``cfs{_gc}:last``, read every ``GC_EVERY_S``);
-* the last backup: ``null`` until chunkfs makes backups.
+* the volume's last backup (``cfs{ID}:backup``, read with the GC record): ``null``
+  until one was made, else its id, url, finished, files, size_bytes, pages_written,
+  bytes_written and ``age_s``.
 
 The document stays shallow (the control socket's reader caps the depth at 8) and every
 number in it becomes a node metric (``chunkfs_mount_<path>{volume}``).
@@ -17,7 +19,9 @@ import logging
 import time
 from typing import Any
 
+from chunkfs.backup import parse_record
 from chunkfs.meta.redis_meta import VolumeMeta
+from chunkfs.meta.resp import pairs_to_dict
 from chunkfs.meta.schema import GcRun, VolumeRecord
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class MountState:
         self.meta = meta
         self.dirty = DirtyClock()
         self.last_gc: GcRun | None = None
+        self.last_backup: dict[str, Any] | None = None
         self._gc_read = 0.0
 
     async def refresh(self, unflushed: dict[int, int]) -> None:
@@ -65,6 +70,11 @@ class MountState:
             self.last_gc = await self.meta.gc_record()
         except Exception as exc:  # noqa: BLE001 - status only: the next round tries again
             log.warning("reading the last gc run failed", extra={"error": type(exc).__name__})
+        try:
+            raw = await self.meta.r.execute("HGETALL", self.meta.keys.backup)
+            self.last_backup = parse_record(pairs_to_dict(raw))
+        except Exception as exc:  # noqa: BLE001 - status only: the next round tries again
+            log.warning("reading the last backup failed", extra={"error": type(exc).__name__})
 
     def document(self, volume: VolumeRecord, *, read_only: bool, fenced: bool) -> dict[str, Any]:
         epoch = volume.epoch
@@ -74,7 +84,7 @@ class MountState:
                       "epoch": int(epoch) if epoch.isdigit() else 0,
                       "writes": not read_only and not fenced and epoch == self.meta.epoch},
             "last_gc": self._gc(),
-            "last_backup": None,
+            "last_backup": self._backup(),
         }
 
     def _gc(self) -> dict[str, Any] | None:
@@ -82,3 +92,9 @@ class MountState:
         if run is None:
             return None
         return {**run.as_dict(), "age_s": round(max(0.0, time.time() - run.finished), 1)}
+
+    def _backup(self) -> dict[str, Any] | None:
+        last = self.last_backup
+        if last is None:
+            return None
+        return {**last, "age_s": round(max(0.0, time.time() - float(last["finished"])), 1)}

@@ -14,10 +14,10 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
+from chunkfs import backup
 from chunkfs.claim import claim_storage
 from chunkfs.config import StorageConfig, redact_url
 from chunkfs.errors import (
@@ -61,8 +61,9 @@ class VolumeDetails:
     info: VolumeInfo
     snapshots: list[str]        # snapshots taken of it
     clones: list[str]           # volumes cloned from it (source volume:<name>)
-    backups: list[str] | None   # None: this release makes no backups yet
+    backups: list[str]          # ids of its backups in the object store, oldest first
     last_gc: GcRun | None       # the engine's last GC run (None: none recorded)
+    last_backup: dict[str, Any] | None = None  # its last backup (``cfs{ID}:backup``)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def check_name(kind: str, name: str) -> str:
 
 
 def manifest_key(snapshot_name: str) -> str:
-    return f"snapshots/{quote(snapshot_name, safe='')}/manifest.json.gz"
+    """Where a snapshot's manifest is: the CSI snapshot id is the snapshot's name."""
+    return backup.snapshot_manifest_key(snapshot_name)
 
 
 def _volume_info(name: str, ns: str, raw: dict[bytes, bytes]) -> VolumeInfo:
@@ -169,7 +171,12 @@ class VolumeService:
         snapshots = [s.name for s in await self.list_snapshots(name)]
         clones = [v.name for v in await self.list_volumes() if v.source == f"volume:{name}"]
         last_gc = GcRun.parse(await self._redis(lambda: self.r.hgetall(GC_LAST)))
-        return VolumeDetails(info, snapshots, clones, None, last_gc)
+        backups = await backup.backup_ids(self.store, name)
+        return VolumeDetails(info, snapshots, clones, backups, last_gc,
+                             await self.last_backup(info.id))
+
+    async def last_backup(self, ns: str) -> dict[str, Any] | None:
+        return backup.parse_record(await self._redis(lambda: self.r.hgetall(Keys(ns).backup)))
 
     async def list_volumes(self) -> list[VolumeInfo]:
         registry = await self._redis(lambda: self.r.hgetall(VOLUMES))
@@ -227,10 +234,96 @@ class VolumeService:
         return await self.get_volume(name)
 
     async def delete_volume(self, name: str) -> None:
+        """Delete a volume and its backups (first: a failure leaves the volume, and the
+        call can be repeated, instead of backups that nothing would ever delete)."""
         check_name("volume", name)
         ns = await self._volume_ns(name)
-        await self._redis(lambda: self.r.hdel(VOLUMES, name))
-        await self._redis(lambda: nsops.delete_namespace(self.r, ns))
+        async with backup.backup_lock(self.r, name, wait=backup.LOCK_MS / 2000):
+            await backup.delete_backups(self.store, name)
+            await self._redis(lambda: self.r.hdel(VOLUMES, name))
+            await self._redis(lambda: nsops.delete_namespace(self.r, ns))
+
+    # ---- backups and restores (chunkfs.backup, docs/dev/backup.md) -------------------
+    async def backup_volume(self, name: str, *, keep: int = backup.DEFAULT_KEEP,
+                            wait: float = 0.0) -> backup.BackupReport:
+        """Back a live volume up to the object store: a point-in-time copy of its
+        metadata (writers wait only while it is copied in Redis), exported as pages of
+        which only the changed ones are written, and one manifest; then the backups
+        beyond the newest ``keep`` are deleted. BackupBusy if one is in progress."""
+        if not isinstance(keep, int) or keep < 1:
+            raise InvalidArgument(f"keep must be a positive number of backups, got {keep!r}")
+        ns = await self._volume_ns(check_name("volume", name))
+        await self.claim()
+        began = time.monotonic()
+        record = Keys(ns).backup
+        async with backup.backup_lock(self.r, name, wait=wait):
+            leftover = await self._redis(lambda: self.r.hget(record, "temp"))
+            if leftover is not None:  # a backup that died midway
+                await self._redis(lambda: nsops.delete_namespace(self.r, leftover.decode()))
+            tmp = nsops.new_namespace_id()
+            await self._redis(lambda: self.r.hset(record, "temp", tmp))
+            settings = {"name": name, "kind": "backup", "created": time.time(),
+                        "source_volume": name, "source": ""}
+            try:
+                await self._copy_live(ns, tmp, settings)
+                doc = await self._redis(lambda: nsops.export_namespace(self.r, tmp))
+                doc["settings"]["kind"] = "volume"
+                report = await backup.write_backup(self.store, name, doc)
+            finally:  # the manifest (if any) protects the blocks from here on
+                await self._redis(lambda: nsops.delete_namespace(self.r, tmp))
+                await self._redis(lambda: self.r.hdel(record, "temp"))
+            report.expired = await backup.expire(self.store, name, keep)
+            report.seconds = round(time.monotonic() - began, 3)
+            fields = {k: v for k, v in report.as_dict().items()
+                      if k in ("id", "url", "created", "files", "size_bytes", "pages",
+                               "pages_written", "bytes_written", "seconds")}
+            await self._redis(lambda: self.r.hset(record, mapping={**fields,
+                                                                    "finished": time.time()}))
+        return report
+
+    async def restore_volume(self, key: str, name: str, *,
+                             capacity: int | None = None) -> tuple[VolumeInfo, int]:
+        """A new volume ``name`` from the manifest at ``key`` of this service's prefix (a
+        snapshot's or a backup's), into a Redis that may have lost everything. Every
+        page and block object is read and checked against its hash before anything is
+        written; a failure leaves no volume. Returns the volume and the objects checked."""
+        check_name("volume", name)
+        if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
+            raise InvalidArgument(f"capacity must be a positive number of bytes, got {capacity!r}")
+        with contextlib.suppress(VolumeNotFound):
+            existing = await self.get_volume(name)
+            raise VolumeExists(f"volume {name!r} already exists", existing)
+        doc = await backup.load(self.store, key)
+        src = doc["settings"]
+        used = sum(nsops.node_bytes(node) for node in doc["inodes"].values())
+        capacity = capacity or int(src.get("capacity") or 0)
+        if capacity <= 0:
+            raise InvalidArgument("the manifest records no capacity: give one")
+        if capacity < used:
+            raise InvalidArgument(f"capacity {capacity} is smaller than the {used} bytes of "
+                                  "the manifest")
+        checked = await backup.verify(self.store, doc)
+        await self.claim(adopt=True)  # a Redis that lost everything takes the prefix over
+        ns = nsops.new_namespace_id()
+        settings: dict[str, Any] = {
+            "name": name, "kind": "volume", "capacity": capacity, "created": time.time(),
+            "block_size": int(src.get("block_size") or DEFAULT_BLOCK_SIZE), "source": "",
+            V.RESTORED_FROM: backup.manifest_url(self.store.config.url, key)}
+        if src.get("max_inodes"):
+            settings["max_inodes"] = int(src["max_inodes"])
+        try:
+            await self._redis(lambda: nsops.import_namespace(self.r, ns, doc, settings))
+            if not await self._register(VOLUMES, name, ns):
+                raise VolumeExists(f"volume {name!r} already exists")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await nsops.delete_namespace(self.r, ns)
+            raise
+        return await self.get_volume(name), checked
+
+    def snapshot_url(self, snapshot_name: str) -> str:
+        """The s3:// URL of a snapshot's manifest (what ``volume restore`` takes)."""
+        return backup.manifest_url(self.store.config.url, manifest_key(snapshot_name))
 
     # ---- writer lease (fencing) -----------------------------------------------------
     async def acquire_writer(self, name: str, node_id: str, *, steal: bool = True) -> int:
@@ -308,20 +401,21 @@ class VolumeService:
         """Copy a volume in use: its writers wait while its metadata is copied. The freeze
         is renewed while the copy runs (it ends by itself if this process dies), so the
         copy is one instant of the volume however long it takes."""
-        await self._redis(lambda: nsops.freeze(self.r, src))
+        token = nsops.new_namespace_id()  # this freeze's own (freezes nest)
+        await self._redis(lambda: nsops.freeze(self.r, src, token))
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(nsops.FREEZE_SECONDS / 4)
                 with contextlib.suppress(Exception):
-                    await nsops.freeze(self.r, src)
+                    await nsops.freeze(self.r, src, token)
 
         renewer = asyncio.create_task(renew())
         try:
             await self._copy(src, dst, settings)
         finally:
             renewer.cancel()
-            await self._redis(lambda: nsops.thaw(self.r, src))
+            await self._redis(lambda: nsops.thaw(self.r, src, token))
 
     async def _clone_snapshot(self, name: str, ns: str, settings: dict[str, Any]) -> None:
         """A new volume from a snapshot: copied in Redis, or restored from its S3 manifest

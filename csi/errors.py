@@ -215,6 +215,7 @@ _CODES: list[tuple[type[cf.ChunkfsError], grpc.StatusCode]] = [
     (cf.Fenced, grpc.StatusCode.FAILED_PRECONDITION),
     (cf.ReadOnly, grpc.StatusCode.FAILED_PRECONDITION),
     (cf.LeaseHeld, grpc.StatusCode.FAILED_PRECONDITION),
+    (cf.BackupBusy, grpc.StatusCode.ABORTED),
     (cf.MetaUnavailable, grpc.StatusCode.UNAVAILABLE),
     (cf.StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (cf.CorruptObject, grpc.StatusCode.DATA_LOSS),

@@ -147,7 +147,12 @@ Opener = Callable[[str, Any], Awaitable[Any]]
 
 
 class GcRunner:
-    def __init__(self, settings: GcSettings, metrics: GcMetrics, *,
+    """Runs GC on each tracked backend, one replica per backend. ``csi/backup_runner.py``
+    reuses the schedule for backups (another schedule key, another ``_run``)."""
+
+    SCHEDULE = GC_SCHEDULE
+
+    def __init__(self, settings: Any, metrics: Any, *,
                  opener: Opener | None = None, replica: str | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -156,8 +161,15 @@ class GcRunner:
         self._tracked: dict[tuple[str, str], _Tracked] = {}
         self._started = False
         self._warned_full = False
-        metrics.interval.set(settings.interval if settings.enabled else 0)
-        metrics.dry_run.set(1 if settings.dry_run else 0)
+        self._announce_settings()
+
+    def _announce_settings(self) -> None:
+        self.metrics.interval.set(self.settings.interval if self.settings.enabled else 0)
+        self.metrics.dry_run.set(1 if self.settings.dry_run else 0)
+
+    def _describe(self, backend: Backend) -> str:
+        return (f"collecting garbage of {backend.describe()} every "
+                f"{self.settings.interval:.0f}s{' (dry run)' if self.settings.dry_run else ''}")
 
     # --- which backends ---------------------------------------------------------------
 
@@ -181,8 +193,7 @@ class GcRunner:
         tracked = _Tracked(backend, backend.storage.url)
         self._tracked[key] = tracked
         self.metrics.backends.set(len(self._tracked))
-        log.info("collecting garbage of %s every %.0fs%s", backend.describe(),
-                 self.settings.interval, " (dry run)" if self.settings.dry_run else "")
+        log.info("%s", self._describe(backend))
         if self._started:
             tracked.loop = asyncio.create_task(self._schedule(tracked))
 
@@ -240,7 +251,7 @@ class GcRunner:
         s = self.settings
         hold_ms = int(s.tick * HOLD_TICKS * 1000)
         after_ms = int((s.interval if action == "tick" else min(s.interval, RETRY_S)) * 1000)
-        verdict, _ = await svc.r.eval(_SCHEDULE, 1, f"{GC_SCHEDULE}:{tracked.label}",
+        verdict, _ = await svc.r.eval(_SCHEDULE, 1, f"{self.SCHEDULE}:{tracked.label}",
                                       self.replica, action, after_ms, hold_ms)
         return int(verdict)
 
@@ -250,8 +261,8 @@ class GcRunner:
                 verdict = await self._claim(tracked)
             except Exception as exc:  # noqa: BLE001 - Redis down: try again next tick
                 verdict = OTHER
-                log.warning("gc schedule of %s unreachable: %s", tracked.label,
-                            type(exc).__name__)
+                log.warning("schedule %s of %s unreachable: %s", self.SCHEDULE,
+                            tracked.label, type(exc).__name__)
             tracked.leader = verdict != OTHER
             self.metrics.leader.labels(tracked.label).set(1 if tracked.leader else 0)
             if verdict == RUN and (tracked.run is None or tracked.run.done()):

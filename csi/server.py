@@ -9,7 +9,8 @@ in-flight RPCs get ``--grace`` seconds, and chunkfs mounts are left running (the
 belong to the pods, not to the plugin). A node plugin re-establishes dead mounts from
 its state directory at start and every ``--recover-interval`` seconds. A controller
 collects garbage on every backend it served, every ``--gc-interval`` seconds
-(``csi/gc_runner.py``).
+(``csi/gc_runner.py``), and backs up every volume of those backends every
+``--backup-interval`` seconds (``csi/backup_runner.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from chunkfs.config import parse_size
 from chunkfs.errors import InvalidArgument
 from csi import validate
 from csi.backends import ServiceCache, default_configured, resolve
+from csi.backup_runner import BackupMetrics, BackupRunner, BackupSettings
 from csi.controller import ControllerServicer
 from csi.gc_runner import GcMetrics, GcRunner, GcSettings
 from csi.identity import DRIVER_NAME, IdentityServicer, vendor_version
@@ -106,6 +108,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gc-work-dir",
                    help="controller: where a GC run keeps its sorted sets of object keys, about "
                    "100 bytes per object in the bucket (default: $TMPDIR or /tmp)")
+    p.add_argument("--backup-interval", type=_seconds, default=3600.0,
+                   help="controller: seconds between two backups of every volume of each "
+                   "backend it serves (one replica runs them; incremental); 0 turns automatic "
+                   "backups off (default: %(default)s)")
+    p.add_argument("--backup-keep", type=int, default=24,
+                   help="controller: backups kept per volume, the newest (default: %(default)s)")
     p.add_argument("--metrics-address",
                    help="[host]:port to serve Prometheus metrics on (no authentication); "
                    "without a host, loopback only (127.0.0.1:port). Give the pod IP or "
@@ -185,6 +193,7 @@ class Plugin:
             options=[("grpc.max_receive_message_length", args.max_request_bytes)])
         self.mounts: NodeMounts | None = None
         self.gc: GcRunner | None = None
+        self.backups: BackupRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         controller = args.role in ("controller", "all")
         csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -196,6 +205,7 @@ class Plugin:
             csi_pb2_grpc.add_ControllerServicer_to_server(
                 ControllerServicer(self.services, rules, self.registry), self.server)
             self.gc = self._gc_runner(args, registry)
+            self.backups = self._backup_runner(args, registry)
         if args.role in ("node", "all"):
             locks = KeyLocks()
             launcher = MounterClient(args.mounter_socket) if args.mounter_socket else None
@@ -219,6 +229,19 @@ class Plugin:
         runner = GcRunner(settings, GcMetrics(registry or prometheus_client.CollectorRegistry()))
         if not settings.enabled:
             log.info("automatic garbage collection is off (--gc-interval 0)")
+            return runner
+        self.services.observers.append(runner.track)
+        if default_configured():
+            runner.track(resolve({}))
+        return runner
+
+    def _backup_runner(self, args: argparse.Namespace,
+                       registry: prometheus_client.CollectorRegistry | None) -> BackupRunner:
+        settings = BackupSettings(interval=args.backup_interval, keep=args.backup_keep)
+        runner = BackupRunner(settings, BackupMetrics(registry
+                                                      or prometheus_client.CollectorRegistry()))
+        if not settings.enabled:
+            log.info("automatic backups are off (--backup-interval 0)")
             return runner
         self.services.observers.append(runner.track)
         if default_configured():
@@ -249,6 +272,8 @@ class Plugin:
                                    "driver": self.args.driver_name}})
         if self.gc is not None:
             self.gc.start()
+        if self.backups is not None:
+            self.backups.start()
         if self.mounts is not None:
             self._tasks.append(asyncio.create_task(self._recover()))
             if self.registry.available():
@@ -284,6 +309,8 @@ class Plugin:
         await self.server.stop(self.args.grace)
         if self.gc is not None:
             await self.gc.stop()
+        if self.backups is not None:
+            await self.backups.stop()
         await self.services.close()
         if self.mounts is not None:
             await self.mounts.mounter.launcher.close()
@@ -324,6 +351,8 @@ async def serve(args: argparse.Namespace) -> None:
 def check_paths(args: argparse.Namespace) -> str | None:
     """What is wrong with the directories the flags name (checked where the plugin runs,
     not by ``parse_args``: a chart's flags are parsed anywhere)."""
+    if args.backup_keep < 1:
+        return f"--backup-keep must be at least 1, got {args.backup_keep}"
     if args.role in ("controller", "all") and args.gc_work_dir and not os.path.isdir(
             args.gc_work_dir):
         return f"--gc-work-dir {args.gc_work_dir!r} is not an existing directory"

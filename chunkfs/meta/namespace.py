@@ -86,19 +86,53 @@ async def init_namespace(r: aioredis.Redis, ns: str, settings: dict[str, Any],
         await pipe.execute()
 
 
-async def freeze(r: aioredis.Redis, ns: str) -> None:
-    """Make writers of ``ns`` wait (for at most FREEZE_SECONDS) while it is copied."""
-    await r.hset(Keys(ns).vol, V.FROZEN, int(time.time() * 1000) + FREEZE_SECONDS * 1000)
+# Freezes nest: every freezer (a snapshot, a clone, a backup) holds its own deadline in a
+# field "frozen:<token>" of the volume hash, and ``frozen`` (what the scripts check) is the
+# latest deadline of them all, so the first freezer to thaw does not thaw the others.
+# KEYS: vol ; ARGV: "frozen:<token>", deadline (unix ms) or "" to thaw
+_FREEZE = lua(r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+else redis.call('HDEL', KEYS[1], ARGV[1]) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all, top = redis.call('HGETALL', KEYS[1]), nil
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, #V.frozen + 1) == V.frozen .. ':' then
+    local d = tonumber(all[i + 1]) or 0
+    if d <= now then redis.call('HDEL', KEYS[1], all[i])
+    elseif not top or d > top then top = d end
+  end
+end
+if top then redis.call('HSET', KEYS[1], V.frozen, string.format('%d', top))
+else redis.call('HDEL', KEYS[1], V.frozen) end
+return top
+""")
 
 
-async def thaw(r: aioredis.Redis, ns: str) -> None:
-    await r.hdel(Keys(ns).vol, V.FROZEN)
+def _frozen_field(token: str) -> str:
+    return f"{V.FROZEN}:{token}"
+
+
+async def freeze(r: aioredis.Redis, ns: str, token: str = "-") -> None:
+    """Make writers of ``ns`` wait (for at most FREEZE_SECONDS unless renewed) while it
+    is copied; ``token`` names this freezer (another one's thaw does not end it)."""
+    deadline = int(time.time() * 1000) + FREEZE_SECONDS * 1000
+    await r.eval(_FREEZE, 1, Keys(ns).vol, _frozen_field(token), deadline)
+
+
+async def thaw(r: aioredis.Redis, ns: str, token: str = "-") -> None:
+    await r.eval(_FREEZE, 1, Keys(ns).vol, _frozen_field(token), "")
+
+
+def _unfrozen(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k != V.FROZEN and not k.startswith(f"{V.FROZEN}:")}
 
 
 async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
     """Everything of a namespace but block data, as a JSON-able document."""
     k = Keys(ns)
-    settings = {_s(a): _s(b) for a, b in (await r.hgetall(k.vol)).items()}
+    settings = _unfrozen({_s(a): _s(b) for a, b in (await r.hgetall(k.vol)).items()})
     inos = sorted(int(i) for i in await r.smembers(k.idx))
     inodes: dict[str, Any] = {}
     for start in range(0, len(inos), _BATCH):
@@ -130,7 +164,7 @@ async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
             "inodes": inodes}
 
 
-def _node_bytes(node: dict[str, Any]) -> int:
+def node_bytes(node: dict[str, Any]) -> int:
     """What an exported inode charges to its volume: data, names, symlink target, xattrs."""
     n = len(base64.b64decode(node["data"])) if "data" in node else 0
     n += sum(slices.extent(slices.parse(v)) for v in node.get("blocks", {}).values())
@@ -151,7 +185,7 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
     k = Keys(ns)
     items = list(doc["inodes"].items())
     src = doc["settings"]
-    used = sum(_node_bytes(node) for _, node in items)
+    used = sum(node_bytes(node) for _, node in items)
     slicebytes = sum(len(base64.b64decode(v)) for _, node in items
                      for v in node.get("slices", {}).values())
     base = {V.USED: used, V.INODES: len(items), V.NEXT_INO: src.get(V.NEXT_INO, 1),
@@ -213,7 +247,8 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
         used -= sum(slices.extent(slices.parse(v)) for v in await r.hvals(s.blocks(ino)))
         used -= sum(len(a) + len(b) for a, b in (await r.hgetall(s.xattr(ino))).items())
         slicebytes -= sum(len(v) for v in await r.hvals(s.slices(ino)))
-    await r.hdel(d.vol, V.FROZEN, V.READY, V.SOURCE_VOLUME)
+    freezers = [f for f in await r.hkeys(d.vol) if f.startswith(f"{V.FROZEN}:".encode())]
+    await r.hdel(d.vol, V.FROZEN, V.READY, V.SOURCE_VOLUME, *freezers)
     await r.hset(d.vol, mapping={V.USED: used, V.INODES: len(live), V.EPOCH: 1, V.WRITER: "",
                                  V.SLICEBYTES: slicebytes, **settings})
     return True
@@ -226,6 +261,7 @@ async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
         keys = [key for ino in inos[start:start + _BATCH] for key in k.per_inode(ino)]
         await r.delete(*keys)
     await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.hot,
+                   k.backup,
                    k.vol)
 
 

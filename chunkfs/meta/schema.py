@@ -36,9 +36,12 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  capacity/64)), next_ino, epoch
                                  (writer epoch, bumped by every lease hand-over), writer
                                  (node id or ""), created (unix s), block_size, source,
-                                 frozen (snapshot in progress: writers wait), version;
-                                 snapshots also ready (1 once the manifest is written) and
-                                 source_volume (the volume it was taken of)
+                                 frozen (unix ms until which writers wait: a snapshot, clone
+                                 or backup is copying the volume; the latest deadline of the
+                                 fields frozen:<token>, one per freezer, so freezes nest),
+                                 version, restored_from (the manifest URL a restored volume
+                                 came from); snapshots also ready (1 once the manifest is
+                                 written) and source_volume (the volume it was taken of)
     cfs{ID}:idx            SET   every live inode number (including unlinked-but-open ones)
     cfs{ID}:orphans        HASH  inode -> session: nlink reached 0 while that mount still had the
                                  inode open or known to its kernel; removed when it lets go
@@ -73,11 +76,22 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
     cfs{ID}:pub            HASH  node id -> JSON of a ControllerPublishVolume to that node
                                  (access mode, readonly, publish_context); volumes only, written
                                  and removed by the CSI controller, never copied into clones
+    cfs{ID}:backup         HASH  the volume's last backup (chunkfs/backup.py, volumes only): id,
+                                 url, created, finished (unix s), files, size_bytes, pages,
+                                 pages_written, bytes_written; temp: the namespace id of the
+                                 point-in-time copy a backup in progress exports (a leftover
+                                 of a backup that died is deleted by the next one)
+
+    cfs:backup:<volume>    STRING a backup of that volume in progress (its random token);
+                                 expires unless renewed (chunkfs/backup.py backup_lock)
 
 Objects (in the bucket, under the storage prefix):
 
     blocks/<h[0:2]>/<h[2:4]>/<h>_<length>      immutable block, h = sha256(content)
     snapshots/<snapshot id>/manifest.json.gz   immutable snapshot manifest
+    backups/<volume>/<backup id>/manifest.json.gz   immutable backup manifest: its pages
+    backups/<volume>/pages/<h>.json.gz         immutable page of inodes, h = sha256 of its
+                                               canonical JSON (docs/dev/backup.md)
 
 Every key suffix and hash field above is defined once below (``Keys``, ``InodeField``,
 ``VolumeField``, ``GcStateField``, ``GcScheduleField``); the Lua scripts take theirs from
@@ -153,6 +167,7 @@ class VolumeField:
     FROZEN = "frozen"                # unix ms until which writers wait
     READY = "ready"                  # snapshots: 1 once the manifest is written
     SOURCE_VOLUME = "source_volume"  # snapshots: the volume taken
+    RESTORED_FROM = "restored_from"  # the manifest URL a restored volume came from
 
 
 class GcStateField:
@@ -194,7 +209,7 @@ class Keys:
     """Key builders for one namespace."""
 
     __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled",
-                 "publications", "hot")
+                 "publications", "hot", "backup")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -207,6 +222,7 @@ class Keys:
         self.settled = self.prefix + "settled"
         self.publications = self.prefix + "pub"
         self.hot = self.prefix + "hot"
+        self.backup = self.prefix + "backup"
 
     def reply(self, request: str) -> str:
         return f"{self.prefix}r:{request}"

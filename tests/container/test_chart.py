@@ -118,6 +118,19 @@ def test_the_controller_collects_garbage_with_a_disk_of_its_own_unless_turned_of
     assert "gc-work" not in {v["name"] for v in chart.pod_spec(off)["volumes"]}
 
 
+def test_the_controller_backs_volumes_up_every_hour_keeping_24_unless_told_otherwise():
+    deploy = chart.find(chart.render(), "Deployment", "-controller")
+    args = parse_args(chart.container(deploy, "chunkfs-csi")["args"])
+    assert (args.backup_interval, args.backup_keep) == (3600, 24)
+    tuned = chart.find(chart.render({"controller": {"backup": {"interval": 600, "keep": 3}}}),
+                       "Deployment", "-controller")
+    args = parse_args(chart.container(tuned, "chunkfs-csi")["args"])
+    assert (args.backup_interval, args.backup_keep) == (600, 3)
+    off = chart.find(chart.render({"controller": {"backup": {"interval": 0}}}),
+                     "Deployment", "-controller")
+    assert parse_args(chart.container(off, "chunkfs-csi")["args"]).backup_interval == 0
+
+
 def test_node_plugin_and_mounter_have_what_mounts_need():
     objects = chart.render()
     node = chart.find(objects, "DaemonSet", "-node")
@@ -276,6 +289,8 @@ def test_pod_disruption_budgets_follow_the_replicas():
     ({"mounter": {"grace": 5}}, "/mounter/grace"),
     ({"controller": {"gc": {"interval": 0}}}, "/controller/gc/interval"),
     ({"controller": {"gc": {"workDirSizeLimit": "lots"}}}, "/controller/gc/workDirSizeLimit"),
+    ({"controller": {"backup": {"keep": 0}}}, "/controller/backup/keep"),
+    ({"controller": {"backup": {"interval": -1}}}, "/controller/backup/interval"),
     ({"colour": "blue"}, "additional properties 'colour' not allowed"),
     ({"storageClass": {"mountOptions": ["suid"]}}, "suid and dev would let pods"),
     ({"storageClass": {"mountOptions": ["epoch=3"]}}, "epoch= is set by the controller"),

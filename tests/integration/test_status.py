@@ -1,5 +1,5 @@
 """What an operator reads: `chunkfs status` of a mount (dirty data and its age, the writer
-lease, the engine's last GC, no backup yet, S3 and Redis latencies and errors) and
+lease, the engine's last GC, the last backup, S3 and Redis latencies and errors) and
 `chunkfs volume info` (size, files, snapshots, clones, backups, last GC)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_status_shows_dirty_age_lease_last_gc_latencies_and_no_backup_yet(
     text = cli.run("status", str(m.path)).stdout
     assert "writer lease:  node-b, epoch" in text and "this mount does not write" in text
     assert "last gc:" in text and ", ok: deleted 0 of 0 objects" in text
-    assert "last backup:   - (no backups yet)" in text and "dirty bytes:   0 in 0 files" in text
+    assert "last backup:   never" in text and "dirty bytes:   0 in 0 files" in text
     assert "recent" in text.split("s3:", 1)[1].splitlines()[0]
 
 
@@ -65,13 +65,19 @@ def test_volume_info_shows_size_files_snapshots_clones_backups_and_last_gc(
     cli.run("volume", "create", "c2", "--capacity", "1GiB", "--from-snapshot", "s1")
     info = cli.info(volume)
     assert info["snapshots"] == ["s1"] and info["clones"] == ["c1"]
-    assert info["backups"] is None and info["last_gc"] is None
+    assert info["backups"] == [] and info["last_backup"] is None and info["last_gc"] is None
     assert info["files"] == 3 and info["used_bytes"] >= 30_000  # root, d, d/f
     assert cli.info("c2")["clones"] == [] and cli.info("c2")["source"] == "snapshot:s1"
     cli.call(lambda svc: collect_garbage(svc.r, svc.store, grace=3600))
     info = cli.info(volume)
     assert info["last_gc"]["ok"] and info["last_gc"]["deleted"] == 0
     text = cli.run("volume", "info", volume).stdout
-    for line in ("snapshots:  s1", "clones:     c1", "backups:    -", "files:      3 inodes",
-                 "last gc:    "):
+    for line in ("snapshots:  s1", "clones:     c1", "backups:    0 (-)", "files:      3 inodes",
+                 "last backup: never", "last gc:    "):
         assert line in text, text
+    url = cli.run("volume", "backup", volume).stdout.strip().splitlines()[-1]
+    info = cli.info(volume)
+    assert len(info["backups"]) == 1 and url.endswith(f"/{info['backups'][0]}/manifest.json.gz")
+    assert info["last_backup"]["url"] == url and info["last_backup"]["files"] == 3
+    text = cli.run("volume", "info", volume).stdout
+    assert f"backups:    1 ({info['backups'][0]})" in text and url in text, text
