@@ -53,8 +53,9 @@ def _documented_entry(key: str) -> str:
 def test_the_keys_are_the_documented_ones():
     documented = set(re.findall(r"^\s+(cfs\{ID\}:\S+)", DOC, re.M))
     k = Keys("ID")
-    built = {k.vol, k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications,
-             k.reply("<request>"), *(key.replace("7", "<ino>") for key in k.per_inode(7))}
+    namespace_keys = {getattr(k, slot) for slot in Keys.__slots__ if slot not in ("ns", "prefix")}
+    built = {*namespace_keys, k.reply("<request>"),
+             *(key.replace("7", "<ino>") for key in k.per_inode(7))}
     assert built == documented
     assert [key.removeprefix("cfs{ID}:").removesuffix("7") for key in k.per_inode(7)] == list(PER_INODE)
 
