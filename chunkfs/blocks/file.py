@@ -191,10 +191,11 @@ class FileData:
         try:
             return await self._read(off, size, random=random)
         except BlockMissing:
-            # our block map may be older than the file (another mount replaced blocks and
-            # GC collected the old objects): read the current version, as close-to-open allows
-            if not await self._refresh_committed():
-                raise
+            # the block map this read used may be older than the file: another mount
+            # replaced blocks and GC collected the old objects, or our own upkeep moved
+            # inline slices meanwhile (then ``committed`` is already current, so compare
+            # nothing: read once more). What the current map lacks is an error.
+            await self._refresh_committed()
             return await self._read(off, size, random=random)
 
     async def _refresh_committed(self) -> bool:
