@@ -244,6 +244,50 @@ def test_two_mounts_rewriting_one_file_leave_the_last_closed_version_whole(
 
 @pytest.mark.mount_log_allows("writer lease revoked: fencing this mount", "operation failed",
                               reason="the test fences the mount: its flushes fail")
+@pytest.mark.mount_log_allows("s3 retry", "block upload failed", "operation failed",
+                              reason="S3 refuses connections on purpose: the last close fails")
+def test_an_unlinked_file_whose_data_cannot_be_stored_gives_its_buffers_back_at_purge(
+        s3_proxy: FaultProxy, mounter: Mounter, cli: Cli) -> None:
+    """The last close of an unlinked file purges it; when its data could not be stored
+    (S3 down), the purge drops the buffers, and the budget gets them back."""
+    # (s3_proxy first: torn down after the mounter, it outlives every mount)
+    env = make_env({**cli.env, "AWS_ENDPOINT_URL": s3_proxy.url})
+    m = mounter.mount(cli.create_volume("vol"), env=env, options="buffer-size=8MiB,io-timeout=3")
+    fds = [os.open(m / f"gone{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+    for i, fd in enumerate(fds):
+        os.write(fd, rand_bytes(2 * MiB, f"gone{i}"))  # partial blocks: buffered
+        os.unlink(m / f"gone{i}")
+    assert m.status_direct()["write_buffer"]["used"] >= 6 * MiB
+    s3_proxy.refuse()
+    s3_proxy.drop()
+    try:
+        for fd in fds:
+            out = run_bounded(lambda fd=fd: os.close(fd), 30)
+            assert not out.hung, "the last close of an unlinked file hung"
+            assert out.error is None or (isinstance(out.error, OSError)
+                                         and out.error.errno == errno.EIO), out.error
+        # (RELEASE, which purges, reaches the mount after close() returned)
+        wait_until(lambda: (st := m.status_direct())["open_files"] == 0
+                   and st["write_buffer"]["used"] == 0 and st["dirty_bytes"] == 0,
+                   20, what=lambda: f"the purges to free every buffer: {m.status_direct()}")
+    finally:
+        s3_proxy.pass_through()
+    # the budget is whole again: 8 MiB of new partial blocks fit without waiting on S3
+    s3_proxy.refuse()
+    s3_proxy.drop()
+    try:
+        news = [os.open(m / f"new{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+        for i, fd in enumerate(news):
+            out = run_bounded(lambda fd=fd, i=i: os.write(fd, rand_bytes(2 * MiB, f"new{i}")), 30)
+            assert not out.hung and out.error is None, out.error
+    finally:
+        s3_proxy.pass_through()
+    for fd in news:
+        os.close(fd)
+    for i in range(3):
+        assert file_sha256(m / f"new{i}") == sha256(rand_bytes(2 * MiB, f"new{i}"))
+
+
 def test_a_fenced_mount_gives_back_the_buffers_of_the_files_it_can_no_longer_commit(
         mounter: Mounter, cli: Cli, volume: str) -> None:
     m = mounter.mount(volume, options="epoch=1,buffer-size=8MiB")
