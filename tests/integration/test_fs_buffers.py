@@ -242,10 +242,13 @@ def test_two_mounts_rewriting_one_file_leave_the_last_closed_version_whole(
         big, small = small, big
 
 
-@pytest.mark.mount_log_allows("writer lease revoked: fencing this mount", "operation failed",
-                              reason="the test fences the mount: its flushes fail")
 @pytest.mark.mount_log_allows("s3 retry", "block upload failed", "operation failed",
                               reason="S3 refuses connections on purpose: the last close fails")
+@pytest.mark.mount_log_allows(
+    "Task exception was never retrieved",
+    reason="DEFECT (aiohttp 3.14, chunkfs/objstore.py owner): a connection reset while "
+           "aiohttp sends a PUT's headers fails its internal write_bytes task, which nobody "
+           "awaits; the PUT itself fails and is retried")
 def test_an_unlinked_file_whose_data_cannot_be_stored_gives_its_buffers_back_at_purge(
         s3_proxy: FaultProxy, mounter: Mounter, cli: Cli) -> None:
     """The last close of an unlinked file purges it; when its data could not be stored
@@ -288,6 +291,8 @@ def test_an_unlinked_file_whose_data_cannot_be_stored_gives_its_buffers_back_at_
         assert file_sha256(m / f"new{i}") == sha256(rand_bytes(2 * MiB, f"new{i}"))
 
 
+@pytest.mark.mount_log_allows("writer lease revoked: fencing this mount", "operation failed",
+                              reason="the test fences the mount: its flushes fail")
 def test_a_fenced_mount_gives_back_the_buffers_of_the_files_it_can_no_longer_commit(
         mounter: Mounter, cli: Cli, volume: str) -> None:
     m = mounter.mount(volume, options="epoch=1,buffer-size=8MiB")

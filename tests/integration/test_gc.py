@@ -449,11 +449,12 @@ async def test_a_run_spilled_into_many_sorted_runs_deletes_exactly_the_garbage(
     info = await svc.create_volume("v", 1 << 30)
     w = await writer_for(info.id)
     ino = await w.create(b"big")  # one file of 9 blocks: more than a round's entries
-    entries, big = {}, set()
+    ops, big = [], set()
     for i in range(9):
-        entries[i], key = await w.upload(os.urandom(1000 + i))
+        ref, key = await w.upload(os.urandom(1000 + i))
+        ops.append(BlockOp(i, "A", slices.encode([Slice(ref.ref, 0, 1000 + i, 0)])))
         big.add(key)
-    await w.meta.commit(ino, size=8 * (4 << 20) + 1008, entries=entries, settle=sorted(big))
+    await w.meta.commit(ino, size=8 * (4 << 20) + 1008, ops=ops, settle=sorted(big))
     kept, gone = set(), set()
     for i in range(12):
         key = await w.write(f"f{i}".encode(), os.urandom(2000 + i))
