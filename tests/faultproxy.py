@@ -29,6 +29,11 @@ in a daemon thread, so sync tests drive it directly):
   .hold_replies(seconds)  bytes from the server are held until ``seconds`` from now (a new
                           call replaces the deadline); requests keep flowing to the server
   .hold_requests(seconds) bytes from clients are held (the server sees nothing)
+  .hold_replies_after(seconds, *needles)
+                          armed: the first request chunk holding every one of ``needles``
+                          starts ``hold_replies(seconds)`` before it reaches the server,
+                          so the reply of that very request is held (and every later one):
+                          a lost reply of one chosen request, not of the reads before it
   .release()              end both holds now; held bytes are delivered in order
   .cut(keep=None)         one-shot: the next reply chunk is forwarded only up to ``keep``
                           bytes (default: half of it), then both sides are reset
@@ -100,6 +105,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._hold_replies_until = 0.0
         self._hold_requests_until = 0.0
+        self._trigger: tuple[float, tuple[bytes, ...]] | None = None  # hold_replies_after
+        self._triggered = threading.Event()
         self._cut_keep: int | None | bool = False  # False: no cut pending; None: half
         self._refuse = False
         self._conns: set[_Conn] = set()
@@ -196,9 +203,22 @@ class FaultProxy:
             self._hold_requests_until = time.monotonic() + seconds
         self._poke()
 
+    def hold_replies_after(self, seconds: float, *needles: bytes) -> None:
+        if not needles or not all(needles):
+            raise ValueError("hold_replies_after needs at least one non-empty needle")
+        with self._lock:
+            self._trigger = (seconds, needles)
+            self._triggered.clear()
+            self._held_event.clear()
+
+    def wait_triggered(self, timeout: float) -> bool:
+        """True once the request armed by ``hold_replies_after`` went to the server."""
+        return self._triggered.wait(timeout)
+
     def release(self) -> None:
         with self._lock:
             self._hold_replies_until = self._hold_requests_until = 0.0
+            self._trigger = None
         self._poke()
 
     def cut(self, keep: int | None = None) -> None:
@@ -304,6 +324,8 @@ class FaultProxy:
         try:
             while data := await src.read(CHUNK):
                 await self._wait_hold(len(data), reply)
+                if not reply:
+                    self._check_trigger(data)
                 if reply:
                     with self._lock:
                         self._counters["replies"] += 1
@@ -320,6 +342,19 @@ class FaultProxy:
                 dst.write_eof()
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             conn.reset()
+
+    def _check_trigger(self, request: bytes) -> None:
+        """Start the armed reply hold if ``request`` holds every needle (one TCP read: a
+        small request such as one Redis command arrives whole)."""
+        with self._lock:
+            if self._trigger is None:
+                return
+            seconds, needles = self._trigger
+            if not all(n in request for n in needles):
+                return
+            self._trigger = None
+            self._hold_replies_until = time.monotonic() + seconds
+        self._triggered.set()
 
     async def _wait_hold(self, n: int, reply: bool) -> None:
         counted = False

@@ -556,7 +556,11 @@ class FileData:
     def look_after(self, blocks: Any = None, *, move_all: bool = False) -> bool:
         """Check ``blocks`` (every committed one by default) in the background: move
         inline slices to an object when they hold enough (``move_all``: whatever they hold,
-        at the last close), rewrite a block that names too many objects or slices."""
+        at the last close), rewrite a block that names too many objects or slices. A
+        read-only mount (a snapshot, a read-only publish) cannot commit: it reads slices
+        where they are and leaves their upkeep to the volume's writer."""
+        if self.meta.read_only:
+            return False
         for idx in (self.committed if blocks is None else blocks):
             if self._work(idx, move_all=move_all or self._todo.get(idx, False)):
                 self._todo[idx] = move_all or self._todo.get(idx, False)

@@ -34,6 +34,7 @@ for name, fn in [('rename', lambda: os.rename(mine, status)),
                  ('symlink', lambda: os.symlink('/etc/shadow', status)),
                  ('unlink', lambda: os.unlink(status)),
                  ('mkdir', lambda: os.mkdir(status)),
+                 ('mknod', lambda: os.mknod(status, 0o10644)),  # a FIFO: no privilege needed
                  ('create', lambda: open(status, 'x').close()),
                  ('rename_away', lambda: os.rename(status, mine + '.x'))]:
     try:

@@ -16,6 +16,7 @@ import os
 import pytest
 
 from devstack.localstack import LocalStack
+from tests.faultproxy import FaultProxy
 from tests.integration.fs_fixtures import *  # noqa: F403 - the fixtures
 from tests.integration.fs_fixtures import (
     Cli,
@@ -23,6 +24,7 @@ from tests.integration.fs_fixtures import (
     MiB,
     Mounter,
     file_sha256,
+    make_env,
     rand_bytes,
     run_bounded,
     sha256,
@@ -67,6 +69,75 @@ def test_many_open_files_with_partial_blocks_share_a_small_budget(mounter: Mount
             os.close(fd)
     for i, body in enumerate(bodies):
         assert file_sha256(m / f"g{i}") == sha256(body)
+
+
+@pytest.mark.mount_log_allows(
+    "s3 retry", "block upload failed", "operation failed",
+    reason="S3 replies are held, then connections refused on purpose: uploads wait, fail "
+           "and are retried")
+@pytest.mark.mount_log_allows(
+    "Task exception was never retrieved",
+    reason="DEFECT (aiohttp 3.14, chunkfs/objstore.py owner): a connection reset while "
+           "aiohttp sends a PUT's headers fails its internal write_bytes task, which nobody "
+           "awaits; the PUT itself fails and is retried")
+def test_many_open_files_on_a_full_budget_wait_out_a_slow_s3_and_never_hang_on_a_dead_one(
+        s3_proxy: FaultProxy, mounter: Mounter, cli: Cli) -> None:
+    """A full write buffer shared by many open files while S3 is slow (its replies held,
+    inside the io-timeout): every write completes, only later. While S3 refuses every
+    connection: each write returns (EIO at worst) within a bounded time, never stuck in
+    the kernel. Once S3 is back the same open files take writes and fsyncs again."""
+    # (s3_proxy first: torn down after the mounter, it outlives every mount)
+    io_timeout = 4
+    env = make_env({**cli.env, "AWS_ENDPOINT_URL": s3_proxy.url})
+    m = mounter.mount("vol" if "vol" in cli.volume_names() else cli.create_volume("vol"),
+                      env=env, options=f"buffer-size=8MiB,io-timeout={io_timeout}")
+    n = 10
+    fds = [os.open(m / f"g{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(n)]
+
+    def write_round(tag: str, limit: float) -> list[BaseException | None]:
+        errors = []
+        for i, fd in enumerate(fds):
+            body = rand_bytes(MiB + 3 * i, f"{tag}{i}")
+            out = run_bounded(lambda fd=fd, body=body: os.pwrite(fd, body, 0), limit)
+            assert not out.hung, f"{tag}: a write stayed blocked on the write budget"
+            errors.append(out.error)
+        return errors
+
+    try:
+        s3_proxy.hold_replies(2.0)  # slow: 10 MiB written into 8 MiB of buffers
+        assert write_round("slow", 60) == [None] * n
+        assert s3_proxy.wait_held(0), "no S3 reply was held: the budget never waited"
+        s3_proxy.refuse()
+        s3_proxy.drop()
+        try:
+            errors = write_round("dead", 4 * io_timeout + 20)
+        finally:
+            s3_proxy.pass_through()
+        wrong = [e for e in errors if e is not None
+                 and not (isinstance(e, OSError) and e.errno == errno.EIO)]
+        assert not wrong, f"with S3 refusing connections: expected success or EIO, got {wrong}"
+        assert any(errors), "10 MiB went into 8 MiB of buffers with S3 down and nothing failed"
+        bodies = [rand_bytes(MiB + 3 * i, f"back{i}") for i in range(n)]
+        for i, (fd, body) in enumerate(zip(fds, bodies, strict=True)):
+            out = run_bounded(lambda fd=fd, body=body: os.pwrite(fd, body, 0), 60)
+            assert not out.hung and out.error is None, out.error
+            # the first fsync may still report an upload that failed during the outage
+            # (once: its bytes stayed buffered); the next one stores everything
+            first = run_bounded(lambda fd=fd: os.fsync(fd), 60)
+            assert not first.hung, f"g{i}: fsync stayed blocked after S3 came back"
+            if first.error is not None:
+                assert isinstance(first.error, OSError) and first.error.errno == errno.EIO
+                out = run_bounded(lambda fd=fd: os.fsync(fd), 60)
+                assert not out.hung and out.error is None, f"g{i}: {out.error!r}"
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass  # data of the outage that could not be stored: the close says so
+    m = mounter.remount(m, cache_dir=mounter.new_dir("cache"), env=env)
+    for i, body in enumerate(bodies):
+        assert file_sha256(m / f"g{i}") == sha256(body), f"g{i}"
 
 
 @pytest.mark.mount_log_allows("block upload failed", "operation failed",
@@ -169,6 +240,55 @@ def test_two_mounts_rewriting_one_file_leave_the_last_closed_version_whole(
             with open(m / "shared", "rb") as fh:  # close-to-open: a fresh open sees it
                 assert sha256(fh.read()) == sha256(small), m
         big, small = small, big
+
+
+@pytest.mark.mount_log_allows("s3 retry", "block upload failed", "operation failed",
+                              reason="S3 refuses connections on purpose: the last close fails")
+@pytest.mark.mount_log_allows(
+    "Task exception was never retrieved",
+    reason="DEFECT (aiohttp 3.14, chunkfs/objstore.py owner): a connection reset while "
+           "aiohttp sends a PUT's headers fails its internal write_bytes task, which nobody "
+           "awaits; the PUT itself fails and is retried")
+def test_an_unlinked_file_whose_data_cannot_be_stored_gives_its_buffers_back_at_purge(
+        s3_proxy: FaultProxy, mounter: Mounter, cli: Cli) -> None:
+    """The last close of an unlinked file purges it; when its data could not be stored
+    (S3 down), the purge drops the buffers, and the budget gets them back."""
+    # (s3_proxy first: torn down after the mounter, it outlives every mount)
+    env = make_env({**cli.env, "AWS_ENDPOINT_URL": s3_proxy.url})
+    m = mounter.mount(cli.create_volume("vol"), env=env, options="buffer-size=8MiB,io-timeout=3")
+    fds = [os.open(m / f"gone{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+    for i, fd in enumerate(fds):
+        os.write(fd, rand_bytes(2 * MiB, f"gone{i}"))  # partial blocks: buffered
+        os.unlink(m / f"gone{i}")
+    assert m.status_direct()["write_buffer"]["used"] >= 6 * MiB
+    s3_proxy.refuse()
+    s3_proxy.drop()
+    try:
+        for fd in fds:
+            out = run_bounded(lambda fd=fd: os.close(fd), 30)
+            assert not out.hung, "the last close of an unlinked file hung"
+            assert out.error is None or (isinstance(out.error, OSError)
+                                         and out.error.errno == errno.EIO), out.error
+        # (RELEASE, which purges, reaches the mount after close() returned)
+        wait_until(lambda: (st := m.status_direct())["open_files"] == 0
+                   and st["write_buffer"]["used"] == 0 and st["dirty_bytes"] == 0,
+                   20, what=lambda: f"the purges to free every buffer: {m.status_direct()}")
+    finally:
+        s3_proxy.pass_through()
+    # the budget is whole again: 8 MiB of new partial blocks fit without waiting on S3
+    s3_proxy.refuse()
+    s3_proxy.drop()
+    try:
+        news = [os.open(m / f"new{i}", os.O_WRONLY | os.O_CREAT, 0o644) for i in range(3)]
+        for i, fd in enumerate(news):
+            out = run_bounded(lambda fd=fd, i=i: os.write(fd, rand_bytes(2 * MiB, f"new{i}")), 30)
+            assert not out.hung and out.error is None, out.error
+    finally:
+        s3_proxy.pass_through()
+    for fd in news:
+        os.close(fd)
+    for i in range(3):
+        assert file_sha256(m / f"new{i}") == sha256(rand_bytes(2 * MiB, f"new{i}"))
 
 
 @pytest.mark.mount_log_allows("writer lease revoked: fencing this mount", "operation failed",

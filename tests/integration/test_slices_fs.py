@@ -208,3 +208,35 @@ def test_a_killed_mount_loses_only_what_it_never_acknowledged(mounter: Mounter, 
     assert data[:len(durable)] == bytes(durable)
     assert len(data) in (len(durable), len(durable) + len(b"tail never fsynced"))
     fsck_clean(cli, volume)
+
+
+def test_a_read_only_mount_reads_inline_slices_and_leaves_their_upkeep_to_writers(
+        mounter: Mounter, cli: Cli, volume: str) -> None:
+    """Small fsynced writes are committed as inline slices, moved to S3 later by the
+    writer's upkeep. A read-only mount (a snapshot, a read-only publish) that meets them
+    reads them in place: it uploads nothing and logs no failed upkeep (it cannot commit)."""
+    m = mounter.mount(volume)
+    base = rand_bytes(2 * MiB, "ro-base")
+    write_file(m / "db", base)
+    expected = bytearray(base)
+    fd = os.open(m / "db", os.O_RDWR)
+    try:
+        for i in range(3):
+            page = rand_bytes(4 * KiB, f"ro-page{i}")
+            os.pwrite(fd, page, 100 * KiB * (i + 1))
+            expected[100 * KiB * (i + 1):100 * KiB * (i + 1) + len(page)] = page
+            os.fsync(fd)  # inline slices, committed: the last close would move them
+        os.kill(m.pid, signal.SIGKILL)
+        wait_until(lambda: pid_gone(m.pid), 10, what="the mount to die")
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    mounter.kill(m)
+    inline = vol_field(cli, volume, "slicebytes")
+    assert inline > 0, "the test needs inline slices"
+    ro = mounter.mount(volume, cache_dir=mounter.new_dir("cache"), options="ro")
+    assert file_sha256(ro / "db") == sha256(bytes(expected))
+    assert s3_out(ro) == 0, "a read-only mount uploaded blocks"
+    mounter.umount(ro)
+    assert vol_field(cli, volume, "slicebytes") == inline
+    fsck_clean(cli, volume)

@@ -240,3 +240,35 @@ def test_close_stops_listening(echo: EchoServer) -> None:
     s.close()
     with pytest.raises(OSError):
         connect(p, timeout=2).close()
+
+
+def test_a_hold_armed_for_one_request_holds_its_reply_and_not_the_ones_before(
+        proxy: FaultProxy, echo: EchoServer) -> None:
+    s = connect(proxy)
+    proxy.hold_replies_after(60, b"EVAL", b"name")
+    for request in (b"GET name", b"EVAL other"):  # one needle each: not the armed request
+        s.sendall(request)
+        assert recv_exactly(s, len(request)) == request
+    assert not proxy.wait_triggered(0.1)
+    s.sendall(b"EVAL name")
+    assert proxy.wait_triggered(5) and proxy.wait_held(5), "the armed request's reply was not held"
+    assert echo.got().endswith(b"EVAL name"), "the armed request must still reach the server"
+    s.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        s.recv(100)
+    t = connect(proxy)  # the hold covers every connection, as a hold_replies() does
+    t.settimeout(0.3)
+    t.sendall(b"x")
+    with pytest.raises(TimeoutError):
+        t.recv(1)
+    proxy.release()
+    s.settimeout(10)
+    t.settimeout(10)
+    assert recv_exactly(s, 9) == b"EVAL name"
+    assert recv_exactly(t, 1) == b"x"
+    s.sendall(b"EVAL name")  # one-shot: released, the trigger is gone
+    assert recv_exactly(s, 9) == b"EVAL name"
+    with pytest.raises(ValueError):
+        proxy.hold_replies_after(1)
+    s.close()
+    t.close()
