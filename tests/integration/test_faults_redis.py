@@ -50,7 +50,7 @@ def private_redis(tmp_path: Path) -> Iterator[RedisService]:
 
 @pytest.mark.mount_log_allows(
     "operation failed", "volume refresh failed", "redis retry", "session heartbeat failed",
-    "reading the last gc run failed",
+    "reading the last gc run failed", "reading the last backup failed",
     reason="Redis is stopped on purpose: operations fail with EIO and the mount logs why")
 def test_redis_stopped_operations_fail_with_eio_then_recover(
         private_redis: RedisService, mounter: Mounter, s3_env: dict[str, str]) -> None:

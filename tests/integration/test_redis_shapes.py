@@ -228,6 +228,7 @@ class Appender:
 
 
 @pytest.mark.mount_log_allows("redis retry", "reading the last gc run failed",
+                              "reading the last backup failed",
                               reason="the primary is killed on purpose: requests are retried")
 def test_a_sentinel_failover_during_writes_loses_no_acknowledged_byte(
         sentinel_set: SentinelSet, mounter: Mounter, s3_env: dict[str, str]) -> None:
