@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the server side runs in the mount process, which has asynci
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST = 1024
+MAX_REQUEST = 8192  # a request line: "status", "unmount", "credentials {json}"
 MAX_REPLY = 256 * 1024
 MAX_DEPTH = 8
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -89,10 +89,12 @@ class ControlServer:
     """Serves one mount's control socket inside the mount process."""
 
     def __init__(self, path: str, status: Callable[[], dict[str, Any]],
-                 terminate: Callable[[], None]) -> None:
+                 terminate: Callable[[], None],
+                 rotate: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = path
         self._status = status
         self._terminate = terminate
+        self._rotate = rotate
         self._server: asyncio.AbstractServer | None = None
         self._waiting: list[asyncio.StreamWriter] = []
 
@@ -116,7 +118,9 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             request = line[:MAX_REQUEST].strip().decode(errors="replace")
-            if request == "status":
+            if request.startswith("credentials ") and self._rotate is not None:
+                writer.write(json.dumps(self._credentials(request)).encode() + b"\n")
+            elif request == "status":
                 writer.write(json.dumps(self._status()).encode() + b"\n")
             elif request == "unmount":
                 writer.write(b'{"ok": true}\n')
@@ -131,6 +135,17 @@ class ControlServer:
         except (TimeoutError, ConnectionError, OSError):
             pass
         writer.close()
+
+    def _credentials(self, request: str) -> dict[str, Any]:
+        """Rotated backend credentials for this mount's next connections. The reply
+        never repeats them, nor any part of the request."""
+        assert self._rotate is not None
+        try:
+            doc = _parse(request.removeprefix("credentials ").encode())
+            self._rotate(doc)
+        except (ControlError, ChunkfsError, ValueError) as exc:
+            return {"error": f"credentials refused: {type(exc).__name__}"}
+        return {"ok": True}
 
     async def close(self, *, clean: bool) -> None:
         """Tell every ``unmount`` caller how it ended, then stop listening."""
@@ -240,3 +255,15 @@ def query_status(mountpoint: str, *, run_dir: str | None = None, timeout: float 
         doc = conn.receive()
     doc["pid"] = conn.peer_pid
     return doc
+
+
+def send_credentials(mountpoint: str, doc: dict[str, str], *, run_dir: str | None = None,
+                     timeout: float = 5.0) -> None:
+    """Hand rotated backend credentials (``meta_url``, ``access_key``, ``secret_key``) to
+    the running mount at ``mountpoint``; raises ControlError if it refuses them (or is a
+    version that does not take them: then only a re-mount brings them)."""
+    with Connection(mountpoint, run_dir=run_dir, timeout=timeout) as conn:
+        conn.send("credentials " + json.dumps(doc))
+        reply = conn.receive()
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "the mount refused the credentials"))[:200])

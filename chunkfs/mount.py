@@ -20,7 +20,7 @@ from typing import Any
 
 import pyfuse3
 
-from chunkfs import fuse_asyncio
+from chunkfs import fuse_asyncio, rotation
 from chunkfs.blocks.budget import WriteBudget
 from chunkfs.blocks.store import BlockStore
 from chunkfs.config import StorageConfig
@@ -149,8 +149,9 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
         tune_kernel_readahead(cfg.mountpoint, cfg.kernel_readahead_kb)
-        control = ControlServer(socket_path(cfg.mountpoint, cfg.run_dir), fs.status_document,
-                                pyfuse3.terminate)
+        control = ControlServer(
+            socket_path(cfg.mountpoint, cfg.run_dir), fs.status_document, pyfuse3.terminate,
+            rotate=lambda doc: rotation.apply(doc, redis=meta.r, store=store))
         try:
             await control.start()
         except (OSError, ControlError) as exc:

@@ -16,7 +16,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -190,6 +190,18 @@ class ObjectStore:
             )
         )
         self._client.meta.events.register("before-sign.s3.PutObject", _mark_block_digest)
+
+    def rotate(self, access_key: str, secret_key: str) -> None:
+        """Rotated keys (a Secret changed under a running mount): every request signed
+        from now on uses them. Static keys only: the client signs with its credentials
+        object, which we own."""
+        if not access_key or not secret_key:
+            raise InvalidArgument("rotated S3 credentials need both keys")
+        credentials = self._client._request_signer._credentials
+        if credentials is None or not hasattr(credentials, "secret_key"):
+            raise InvalidArgument("this S3 client's credentials cannot be rotated")
+        credentials.access_key, credentials.secret_key = access_key, secret_key
+        self.config = replace(self.config, access_key=access_key, secret_key=secret_key)
 
     async def close(self) -> None:
         await self._stack.aclose()

@@ -53,7 +53,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from chunkfs.control import query_status
+from chunkfs.control import ControlError, query_status, send_credentials
 from csi import errors, mountcalls, mountinfo, paths, validate
 from csi.backends import overlay_env
 from csi.launcher import ChildLauncher, Launcher, MountSpec
@@ -469,9 +469,9 @@ class NodeMounts:
 
     async def restage(self, rec: StageRecord, env: dict[str, str]) -> None:
         """A repeated NodeStageVolume: keep the (possibly rotated) credentials, re-mount a
-        dead mount, and bring a running mount onto rotated credentials when no pod uses
-        it (a mount cannot change credentials while running; a published one keeps the
-        old ones until it is next re-mounted)."""
+        dead mount, and bring a running mount onto rotated credentials: re-mounted when
+        no pod uses it, handed them over its control socket when published (its next
+        connections use them; ``chunkfs.rotation``)."""
         if rec.backend:
             self.secrets.put(rec.volume_id, env)
         await self.ensure_staged(rec)
@@ -479,9 +479,23 @@ class NodeMounts:
             return
         live = self.prune_publishes(rec.volume_id)
         if live:
-            log.warning("volume %s: credentials rotated; the running mount keeps the previous "
-                        "ones until it is re-mounted (published at %s)", rec.volume_id,
-                        ", ".join(p.target_path for p in live))
+            env = self._env_of(rec)
+            doc = {"meta_url": env.get("CHUNKFS_META", ""),
+                   "access_key": env.get("AWS_ACCESS_KEY_ID", ""),
+                   "secret_key": env.get("AWS_SECRET_ACCESS_KEY", "")}
+            try:
+                await asyncio.to_thread(send_credentials, rec.staging_path,
+                                        {k: v for k, v in doc.items() if v},
+                                        run_dir=self.run_dir)
+            except (ControlError, OSError) as exc:
+                log.warning("volume %s: credentials rotated; the running mount keeps the "
+                            "previous ones until it is re-mounted (published at %s): %s",
+                            rec.volume_id, ", ".join(p.target_path for p in live), exc)
+                return
+            self.secrets.mounted_with(rec.volume_id, env)
+            log.info("volume %s: credentials rotated; the running mount uses them from its "
+                     "next connection (published at %s)", rec.volume_id,
+                     ", ".join(p.target_path for p in live))
             return
         log.info("volume %s: credentials rotated; re-mounting (no pod uses it)",
                  rec.volume_id)

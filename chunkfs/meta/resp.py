@@ -37,6 +37,7 @@ import asyncio
 import hashlib
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -559,15 +560,22 @@ class RespClient:
         self.down_since: float | None = None
         self._probe: asyncio.Task[None] | None = None
         tls = target.tls.context() if target.tls is not None else None
+        # every node made, so that rotated credentials reach them all (``rotate``)
+        self._data_nodes: weakref.WeakSet[_Node] = weakref.WeakSet()
+        self._sentinel_nodes: weakref.WeakSet[_Node] = weakref.WeakSet()
 
         def make(address: Address, primary_only: bool = False) -> _Node:
-            return _Node(self, address, unix_path=target.unix_path, tls=tls,
-                         username=target.username, password=target.password, db=target.db,
-                         primary_only=primary_only)
+            node = _Node(self, address, unix_path=target.unix_path, tls=tls,
+                         username=self.target.username, password=self.target.password,
+                         db=target.db, primary_only=primary_only)
+            self._data_nodes.add(node)
+            return node
 
         def sentinel(address: Address) -> _Node:
-            return _Node(self, address, username=target.sentinel_username,
-                         password=target.sentinel_password)
+            node = _Node(self, address, username=self.target.sentinel_username,
+                         password=self.target.sentinel_password)
+            self._sentinel_nodes.add(node)
+            return node
 
         if target.kind == "sentinel":
             self._router: _Single | _Sentinel | _Cluster = _Sentinel(target, make, sentinel,
@@ -577,6 +585,23 @@ class RespClient:
         else:
             self._router = _Single(make(target.nodes[0] if target.nodes else ("", 0)))
         self._run = self._router.run
+
+    def rotate(self, target: RedisTarget) -> None:
+        """Rotated credentials for the same servers (a Secret changed under a running
+        mount): every connection opened from now on authenticates with them. Open
+        connections stay: Redis checked their credentials when they opened, and a
+        revoked password ends them only when Redis drops them (then they reconnect with
+        these)."""
+        old = self.target
+        if (target.kind, target.nodes, target.db, target.unix_path, target.master,
+                target.tls is None) != (old.kind, old.nodes, old.db, old.unix_path, old.master,
+                                        old.tls is None):
+            raise ValueError("rotated credentials must name the same Redis servers and database")
+        self.target = target
+        for node in list(self._data_nodes):
+            node._username, node._password = target.username, target.password
+        for node in list(self._sentinel_nodes):
+            node._username, node._password = target.sentinel_username, target.sentinel_password
 
     @property
     def redirects(self) -> dict[str, int]:

@@ -33,6 +33,16 @@ class AclUser:
         self.client = redis.client()
         self.passwords: list[str] = []
 
+    def kill_connections(self) -> int:
+        """Drop every connection authenticated as this user (as Redis does not do by
+        itself when a password is revoked): their clients must reconnect."""
+        return int(self.client.execute_command("CLIENT", "KILL", "USER", self.name))
+
+    def connections(self) -> int:
+        listing = self.client.execute_command("CLIENT", "LIST")
+        text = listing.decode() if isinstance(listing, bytes) else str(listing)
+        return sum(1 for line in text.splitlines() if f" user={self.name} " in f" {line} ")
+
     def allow(self, *passwords: str) -> None:
         """Exactly these passwords are accepted from now on (new connections)."""
         self.client.execute_command("ACL", "SETUSER", self.name, "reset", "on",
@@ -202,8 +212,10 @@ def test_without_a_memory_filesystem_a_dead_mount_waits_for_nodestage(cluster, c
 
 def test_rotated_credentials_reach_the_mount(cluster, acl_user) -> None:
     """A repeated NodeStageVolume with rotated credentials: an unpublished mount is
-    re-mounted with them at once; a published one keeps running on the old ones (a
-    mount cannot change them live) and every later re-mount uses the new ones."""
+    re-mounted with them at once; a published one keeps running and gets them over its
+    control socket, so that once the old password is revoked and Redis drops its
+    connections, it reconnects with the new one (no EIO, no re-mount); later re-mounts
+    use them too."""
     ctrl = cluster.start("ctrl", "controller")
     node = cluster.start("node-a", "node")
     pw1 = acl_user.passwords[0]
@@ -224,16 +236,21 @@ def test_rotated_credentials_reach_the_mount(cluster, acl_user) -> None:
     pw3 = f"pw3-{uuid.uuid4().hex}"
     acl_user.allow(pw2, pw3)
     running = vol.pid()
-    vol.stage(_secrets(cluster, acl_user, pw3))   # published: the mount keeps running
-    assert vol.pid() == running and pw2 in vol.mount_env()["CHUNKFS_META"]
-    node.wait_for_log("credentials rotated; the running mount keeps the previous")
+    vol.stage(_secrets(cluster, acl_user, pw3))   # published: handed to the running mount
+    assert vol.pid() == running
+    node.wait_for_log("credentials rotated; the running mount uses them from its next connection")
     stored = json.loads((node.secrets_dir / "pvc-s.json").read_text())
     assert pw3 in stored["env"]["CHUNKFS_META"]
-    for pid in mount_pids(vol.staging):           # when it is next re-mounted ...
-        os.kill(pid, signal.SIGKILL)
-    acl_user.allow(pw3)
+    acl_user.allow(pw3)                           # pw2 revoked, and its connections cut:
+    acl_user.kill_connections()
+    write(os.path.join(vol.target, "h"), b"three")  # the mount reconnects, with pw3
+    assert vol.pid() == running
     wait_readable(os.path.join(vol.target, "g"), b"two", node)
-    assert pw3 in vol.mount_env()["CHUNKFS_META"]  # ... it uses the rotated credentials
+    assert acl_user.connections() >= 1            # authenticated as the ACL user, by pw3
+    for pid in mount_pids(vol.staging):           # and when it is next re-mounted ...
+        os.kill(pid, signal.SIGKILL)
+    wait_readable(os.path.join(vol.target, "h"), b"three", node)
+    assert pw3 in vol.mount_env()["CHUNKFS_META"]  # ... it starts with them
     vol.unpublish()
     vol.unstage()
 

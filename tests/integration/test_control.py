@@ -135,3 +135,39 @@ def test_umount_of_a_mount_whose_process_died_clears_it(cli: Cli, mounter: Mount
     out = cli.run("umount", str(m.path))
     assert "stale" in out.stdout
     mounter.mounts.remove(m)
+
+
+@pytest.mark.mount_log_allows("s3 retry", "block upload failed", "operation failed",
+                              reason="the test hands the mount wrong S3 keys on purpose")
+def test_rotated_credentials_reach_a_running_mount_and_bad_ones_are_refused_whole(
+        cli: Cli, mounter: Mounter, volume: str) -> None:
+    """Over the root-only socket (the CSI node plugin's rotation of a published volume):
+    new S3 keys sign the very next request, refusals change nothing and never echo a
+    credential. The Redis half (the next connection authenticates with the new
+    password) is tested with a real ACL user in tests/csi/test_credentials.py."""
+    m = mounter.mount(volume, options="io-timeout=5")
+    path = str(m.path)
+    env = cli.env
+    right = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
+    refused = [
+        {"meta_url": "redis://127.0.0.1:1/0"},                      # another Redis
+        {"meta_url": "not a url s3cr3t"},
+        {"access_key": "only-one-key"},
+        {"access_key": 5, "secret_key": "s3cr3t"},
+        {},
+    ]
+    for doc in refused:
+        with pytest.raises(ControlError) as err:
+            control.send_credentials(path, doc)  # type: ignore[arg-type]
+        assert "s3cr3t" not in str(err.value) and "only-one-key" not in str(err.value)
+    (m / "before").write_bytes(os.urandom(5 << 20))  # still the old (right) keys
+    control.send_credentials(path, {"access_key": "WRONGKEY", "secret_key": "s3cr3t-wrong"})
+    with pytest.raises(OSError):  # the next upload is signed with them: S3 refuses it
+        (m / "refused").write_bytes(os.urandom(5 << 20))
+    control.send_credentials(path, {**right, "meta_url": env["CHUNKFS_META"]})
+    data = os.urandom(5 << 20)
+    (m / "after").write_bytes(data)
+    log = m.log_file.read_text()
+    assert "s3cr3t" not in log and env["AWS_SECRET_ACCESS_KEY"] not in log
+    m = mounter.remount(m, cache_dir=mounter.new_dir("cache"))
+    assert (m / "after").read_bytes() == data
