@@ -102,8 +102,10 @@ def test_a_deleted_pvc_returns_its_bytes_by_itself_except_what_its_snapshot_shar
     ctrl.controller.DeleteSnapshot(csi_pb2.DeleteSnapshotRequest(snapshot_id="snap-1"))
     wait_for("an empty blocks/", lambda: objects(cluster.env) == set())
     storage = cluster.env["CHUNKFS_STORAGE"]
+    # at least what was listed: upkeep may have moved small files' inline slices to
+    # objects of their own since (collected too)
     wait_for("the metrics", lambda: ctrl.metric("chunkfs_gc_deleted_objects_total",
-                                                storage=storage) == len(everything))
+                                                storage=storage) >= len(everything))
     assert ctrl.metric("chunkfs_gc_deleted_bytes_total", storage=storage) >= 7 * MiB
     assert ctrl.metric("chunkfs_gc_last_success_timestamp_seconds", storage=storage) > 0
     assert ctrl.metric("chunkfs_gc_runs_total", storage=storage, result="ok") >= 2
