@@ -440,6 +440,9 @@ class FileData:
             if self.writes == writes:
                 self.inline_dirty = False
             return
+        # failures of earlier background uploads: their generations are FROZEN with their
+        # bytes and are stored again right below, so only this flush's outcome counts
+        self.errors.clear()
         for idx, gens in self.local.items():
             for g in gens:
                 if g.state in (State.DIRTY, State.FROZEN):

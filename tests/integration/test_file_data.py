@@ -262,3 +262,31 @@ async def test_a_read_racing_its_own_files_upkeep_reads_the_moved_bytes(node: No
     a.meta.inline_slices = upkeep_first  # type: ignore[method-assign]
     assert await read_all(f) == bytes(model)
     assert raced
+
+
+async def test_the_flush_after_an_outage_stores_what_background_uploads_failed_to(
+        node: Nodes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory pressure uploads in the background; S3 fails them; S3 comes back: the next
+    fsync stores everything and succeeds (an fsync EIO is fatal to databases: it must
+    report only what this flush could not store)."""
+    a = await node()
+    ino = await new_file(a)
+    f = await a.opened(ino)
+    real = a.blocks.put
+    down = [True]
+
+    async def outage(body: bytes | bytearray, **kw: object) -> object:
+        if down[0]:
+            raise StorageUnavailable("S3 is down (injected)")
+        return await real(body, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(a.blocks, "put", outage)
+    body = random.randbytes(BS + 100_000)
+    await f.write(0, body)
+    assert f.start_upload(1) > 0  # memory pressure: block 1 goes now, and fails
+    await asyncio.gather(*list(f.tasks), return_exceptions=True)
+    assert f.errors
+    down[0] = False
+    await f.flush()  # not the stale failure: everything is stored now
+    reader = await (await node()).opened(ino)
+    assert await read_all(reader) == body
