@@ -503,7 +503,7 @@ class ChunkFS(pyfuse3.Operations):
         return info
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self.handles[fh]
         if handle.data is None:
             body = self.dirs[-fh][0][0]
