@@ -25,7 +25,7 @@ those sessions can neither register nor commit.
 from __future__ import annotations
 
 from chunkfs.blocks.slices import PRUNE_MIN
-from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES
+from chunkfs.meta.schema import ATTR_FIELDS, BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
@@ -252,6 +252,45 @@ LOOKUP = r"""
 local ino = redis.call('HGET', KEYS[1], ARGV[1])
 if not ino then return nil end
 return {ino, redis.call('HMGET', ARGV[2] .. 'i' .. ino, 'm','u','g','n','s','a','t','c','r')}
+"""
+
+_ATTRS = ",".join(f"'{f}'" for f in ATTR_FIELDS)
+
+# KEYS: dir ; ARGV: name, prefix, listing limit
+#   ->  {ino or false, {attr fields} or false, entries in the dir, listing or false}
+# The listing (name, ino, {attr fields}, name, ...) comes with the answer when the directory
+# has at most ``limit`` entries: a mount then answers the lookups of its other names from
+# memory (``chunkfs.metacache``), for a price close to one lookup's.
+LOOKUP_DIR = rf"""
+local ino = redis.call('HGET', KEYS[1], ARGV[1])
+local attrs = false
+if ino then attrs = redis.call('HMGET', ARGV[2] .. 'i' .. ino, {_ATTRS}) end
+local n = redis.call('HLEN', KEYS[1])
+local listing = false
+if n <= tonumber(ARGV[3]) then
+  listing = {{}}
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    listing[#listing + 1] = all[i]
+    listing[#listing + 1] = all[i + 1]
+    listing[#listing + 1] = redis.call('HMGET', ARGV[2] .. 'i' .. all[i + 1], {_ATTRS})
+  end
+end
+return {{ino or false, attrs, n, listing}}
+"""
+
+# KEYS: dir ; ARGV: cursor, count, prefix  ->  {next cursor, {name, ino, {attr fields}, ...}}
+# One step of a directory's listing with attributes (HSCAN: bounded work per call, so a
+# big directory never stalls the Redis that every volume shares).
+DIR_PAGE = rf"""
+local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local out, flat = {{}}, res[2]
+for i = 1, #flat, 2 do
+  out[#out + 1] = flat[i]
+  out[#out + 1] = flat[i + 1]
+  out[#out + 1] = redis.call('HMGET', ARGV[3] .. 'i' .. flat[i + 1], {_ATTRS})
+end
+return {{res[1], out}}
 """
 
 # KEYS: vol, parent dir, parent inode, idx, reply
