@@ -414,14 +414,19 @@ class FileData:
     async def _upload(self, idx: int, gen: Gen) -> None:
         sparse = gen.sparse
         assert sparse is not None
-        body = bytearray()
+        parts: list[bytearray] = []
+        size = 0
         layout: list[tuple[int, int, int]] = []  # (pos, length, offset in the object; -1: zeros)
         for s, b in sparse.intervals():
             if all_zero(b):
                 layout.append((s, len(b), -1))
             else:
-                layout.append((s, len(b), len(body)))
-                body += b
+                layout.append((s, len(b), size))
+                parts.append(b)
+                size += len(b)
+        # one copy, into immutable bytes: the upload, its retries and the cache write all
+        # send these (a truncate may trim the frozen buffers meanwhile)
+        body = b"".join(parts)
         try:
             ref = await self.blocks.put(body)
         except BaseException as exc:
