@@ -126,6 +126,12 @@ class ChunkFS(pyfuse3.Operations):
         self.fenced = False
         self.status = MountStatus()
         self._status_extra = status_extra
+        self.initialized = asyncio.Event()  # the kernel's INIT was answered
+
+    def init(self) -> None:
+        """pyfuse3 calls this while it answers the kernel's INIT (the answer goes out as
+        soon as this returns)."""
+        self.initialized.set()
 
     def attach_budget(self, budget: WriteBudget) -> None:
         self.budget = budget
