@@ -192,12 +192,16 @@ class FileData:
         """Bytes ``[off, off+size)`` (fewer at the end of the file): a read-only buffer
         (bytes, bytearray or a memoryview of a cached block) that the caller must not
         keep beyond its reply."""
+        used = self.committed
         try:
             return await self._read(off, size, random=random)
         except BlockMissing:
             # our block map may be older than the file (another mount replaced blocks and
-            # GC collected the old objects): read the current version, as close-to-open allows
-            if not await self._refresh_committed():
+            # GC collected the old objects, or background upkeep moved inline slices):
+            # read the current version, as close-to-open allows. A concurrent reader (the
+            # kernel reads ahead in parallel) may have reloaded the map already: then the
+            # map this read used is replaced, and reading again is what it needs
+            if self.committed is used and not await self._refresh_committed():
                 raise
             return await self._read(off, size, random=random)
 
