@@ -27,6 +27,7 @@ from chunkfs.blocks.store import BlockStore
 from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE, Attr, InodeField, VolumeRecord
+from chunkfs.metacache import PAGE, SMALL_DIR, MetaCache
 from chunkfs.volume_state import VolumeState
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class ChunkFS(pyfuse3.Operations):
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, list[tuple[bytes, int]]] = {}
+        # directory handle -> its directory's inode, and until when its names may be trusted
+        self.dir_inodes: dict[int, tuple[int, float]] = {}
         self.lookups: dict[int, int] = {}
         self.loading: dict[int, asyncio.Future[None]] = {}
         self.orphans: set[int] = set()
@@ -117,10 +120,18 @@ class ChunkFS(pyfuse3.Operations):
         # (mtime, size) of the attributes last handed to the kernel, per inode: what it may
         # still serve from its attribute cache (for up to attr-timeout)
         self.kernel_attrs: dict[int, tuple[int, int]] = {}
+        self.cache = MetaCache(options.attr_timeout, options.entry_timeout)
+        self._listings: dict[int, asyncio.Task[None]] = {}  # directory -> its listing in flight
         self._next_fh = 1
         self.state = VolumeState(meta, volume)  # capacity, usage, epoch, fenced
         self.status = MountStatus()
         self._status_extra = status_extra
+        self.initialized = asyncio.Event()  # the kernel's INIT was answered
+
+    def init(self) -> None:
+        """pyfuse3 calls this while it answers the kernel's INIT (the answer goes out as
+        soon as this returns)."""
+        self.initialized.set()
 
     def attach_budget(self, budget: WriteBudget) -> None:
         self.budget = budget
@@ -139,12 +150,15 @@ class ChunkFS(pyfuse3.Operations):
             started += self.files[ino].start_upload(idx)
 
     # ---- helpers -------------------------------------------------------------------
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: Attr, entry_timeout: float | None = None,
+               attr_timeout: float | None = None) -> pyfuse3.EntryAttributes:
+        """The reply for ``attr``; timeouts shorter than the configured ones for what came
+        from the metadata cache (its age counts against them)."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = 0
-        e.entry_timeout = self.opt.entry_timeout
-        e.attr_timeout = self.opt.attr_timeout
+        e.entry_timeout = self.opt.entry_timeout if entry_timeout is None else entry_timeout
+        e.attr_timeout = self.opt.attr_timeout if attr_timeout is None else attr_timeout
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -268,7 +282,9 @@ class ChunkFS(pyfuse3.Operations):
                 "fuse": {"reads": self.status.reads, "read_bytes": self.status.read_bytes,
                          "writes": self.status.writes, "write_bytes": self.status.write_bytes},
                 "uptime_s": round(time.time() - self.status.started, 1),
-                "redis": self.meta.stats.as_dict(), **self._status_extra()}
+                "redis": self.meta.stats.as_dict(),
+                "metadata_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+                **self._status_extra()}
 
     async def _file(self, ino: int) -> FileData:
         data, _ = await self._file_data(ino)
@@ -322,22 +338,78 @@ class ChunkFS(pyfuse3.Operations):
         if parent_inode == ROOT_INODE and name == STATUS_NAME:
             return self._status_entry()
         if name == b".":
-            return self._known(self._entry(await self.meta.getattr(parent_inode)))
+            return self._known(await self._getattr(parent_inode))
         if name == b"..":
             raise FsError(errno.ENOTSUP)
-        return self._known(self._entry(await self.meta.lookup(parent_inode, name)))
+        listing = self._listings.get(parent_inode)
+        if listing is not None:  # a listing of this directory is on its way: it may answer
+            await asyncio.wait([listing])
+        hit = self.cache.entry(parent_inode, name)
+        if hit is not None:
+            attr, entry_left, attr_left = hit
+            return self._known(self._entry(attr, entry_left, attr_left))
+        at = self.cache.clock()
+        attr, count, small = await self.meta.lookup_dir(parent_inode, name, SMALL_DIR)
+        if small is not None:
+            self.cache.put_listing(parent_inode, small, at, complete=True)
+        if attr is None:
+            return self._negative()
+        self.cache.put_entry(parent_inode, name, attr, at)
+        if small is None and parent_inode not in self._listings \
+                and self.cache.should_list(parent_inode, count):
+            self._start_listing(parent_inode)
+        return self._known(self._entry(attr))
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        """No such name: the kernel keeps that for entry-timeout (a create on this mount
+        replaces it at once; a name created on another node shows within the timeout)."""
+        if self.opt.entry_timeout <= 0:
+            raise FsError(errno.ENOENT)
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.opt.entry_timeout
+        return e
+
+    def _start_listing(self, parent: int) -> None:
+        """Fetch a directory's entries with their attributes, in pages, for the lookups of
+        a reader that goes through its names (``stat`` of every file)."""
+        async def fetch() -> None:
+            at = self.cache.clock()
+            cursor = b"0"
+            try:
+                while True:
+                    cursor, page = await self.meta.dir_page(parent, cursor, PAGE)
+                    self.cache.put_listing(parent, page, at)  # pages may miss or repeat names
+                    if cursor in (b"0", 0, "0"):
+                        return
+            except ChunkfsError as exc:  # lookups ask Redis one by one, as without it
+                log.debug("directory listing failed", extra={"ino": parent, "error": str(exc)})
+            finally:
+                self._listings.pop(parent, None)
+
+        self._listings[parent] = asyncio.create_task(fetch())
+
+    async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
+        hit = self.cache.attr(inode)
+        if hit is not None:
+            return self._entry(hit[0], attr_timeout=hit[1])
+        at = self.cache.clock()
+        attr = await self.meta.getattr(inode)
+        self.cache.put_attr(attr, at)
+        return self._entry(attr)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         if inode == STATUS_INO:
             return self._status_entry()
-        return self._entry(await self.meta.getattr(inode))
+        return await self._getattr(inode)
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         self._not_status(inode)
         self._check_writable()
+        self.cache.forget(inode)
         now = time.time_ns()
         changes: dict[str, int] = {}
         if fields.update_mode:
@@ -353,6 +425,7 @@ class ChunkFS(pyfuse3.Operations):
         if fields.update_size:
             data = await self._file(inode)
             try:
+                self.cache.forget(inode)
                 await data.truncate(attr.st_size)
                 if data.opens <= 0 and not data.is_clean:
                     await data.flush()  # nobody has it open here: nothing else would commit it
@@ -364,7 +437,8 @@ class ChunkFS(pyfuse3.Operations):
                 changes[InodeField.MODE] = (current.mode & ~0o7777) | (attr.st_mode & 0o7777)
             changes[InodeField.CTIME] = now
             await self.meta.setattr(inode, changes)
-        return self._entry(await self.meta.getattr(inode))
+        self.cache.forget(inode)
+        return await self._getattr(inode)
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
@@ -376,8 +450,14 @@ class ChunkFS(pyfuse3.Operations):
         self._check_name(name)
         self._check_writable()
         self._not_reserved(parent, name, errno.EEXIST)
-        return await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
-                                      target=target, inline=stat.S_ISREG(mode))
+        try:
+            attr = await self.meta.create(parent, name, mode, ctx.uid, ctx.gid, rdev=rdev,
+                                          target=target, inline=stat.S_ISREG(mode))
+        finally:
+            self.cache.forget(parent)
+            self.cache.forget_entry(parent, name)
+        self.cache.put_entry(parent, name, attr, self.cache.clock())
+        return attr
 
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -411,8 +491,12 @@ class ChunkFS(pyfuse3.Operations):
         self._not_status(inode)
         self._not_reserved(new_parent_inode, new_name, errno.EEXIST)
         self._check_writable()
-        await self.meta.link(inode, new_parent_inode, new_name)
-        return self._known(self._entry(await self.meta.getattr(inode)))
+        try:
+            await self.meta.link(inode, new_parent_inode, new_name)
+        finally:
+            self.cache.forget(inode, new_parent_inode)
+            self.cache.forget_entry(new_parent_inode, new_name)
+        return self._known(await self._getattr(inode))
 
     async def _after_unlink(self, ino: int, left: int) -> None:
         if left > 0:
@@ -426,7 +510,11 @@ class ChunkFS(pyfuse3.Operations):
         self._check_name(name)
         self._not_reserved(parent_inode, name)
         self._check_writable()
-        ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
+        try:
+            ino, left = await self.meta.unlink(parent_inode, name, is_dir=False, keep_if_open=True)
+        finally:
+            self._forget_name(parent_inode, name)
+        self.cache.forget(ino)
         await self._after_unlink(ino, left)
 
     @fuse_errors
@@ -434,7 +522,10 @@ class ChunkFS(pyfuse3.Operations):
         self._check_name(name)
         self._not_reserved(parent_inode, name, errno.ENOTDIR)
         self._check_writable()
-        await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
+        try:
+            await self.meta.unlink(parent_inode, name, is_dir=True, keep_if_open=False)
+        finally:
+            self._forget_name(parent_inode, name)
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -445,15 +536,31 @@ class ChunkFS(pyfuse3.Operations):
         self._check_writable()
         if flags not in _RENAME_FLAGS:
             raise FsError(errno.EINVAL)
-        replaced, left = await self.meta.rename(parent_inode_old, name_old, parent_inode_new,
-                                                name_new, _RENAME_FLAGS[flags], keep_if_open=True)
+        try:
+            replaced, left = await self.meta.rename(parent_inode_old, name_old, parent_inode_new,
+                                                    name_new, _RENAME_FLAGS[flags],
+                                                    keep_if_open=True)
+        finally:
+            self._forget_name(parent_inode_old, name_old)
+            self._forget_name(parent_inode_new, name_new)
         if replaced:
+            self.cache.forget(replaced)
             await self._after_unlink(replaced, left)
+
+    def _forget_name(self, parent: int, name: bytes) -> None:
+        """A name this mount removes, replaces or moves: it, its directory's attributes
+        and the inode it named (nlink, ctime) are asked of Redis next time."""
+        known = self.cache.entry_ino(parent, name)
+        self.cache.forget_entry(parent, name)
+        self.cache.forget(parent, *(() if known is None else (known,)))
 
     # ---- files -----------------------------------------------------------------------
     async def _open(self, ino: int, *, fresh: bool = False) -> tuple[pyfuse3.FileInfo, Attr | None]:
         """A handle on the file's data; loads attributes and block map in one round trip."""
+        at = self.cache.clock()
         data, attr = await self._file_data(ino, fresh=fresh, reload_clean=True)
+        if attr is not None:  # read afresh (close-to-open): what getattr answers from now on
+            self.cache.put_attr(attr, at)
         data.opens += 1
         fh = self._fh()
         self.handles[fh] = Handle(ino, data)
@@ -480,6 +587,8 @@ class ChunkFS(pyfuse3.Operations):
             except BaseException:
                 await self.release(info.fh)
                 raise
+            finally:
+                self.cache.forget(inode)
             self.versions.pop(inode, None)
             info.keep_cache = False
             return info
@@ -493,7 +602,7 @@ class ChunkFS(pyfuse3.Operations):
         return info
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         handle = self.handles[fh]
         if handle.data is None:
             body = self.dirs[-fh][0][0]
@@ -537,7 +646,10 @@ class ChunkFS(pyfuse3.Operations):
         data = self.handles[fh].data
         if data is not None and not data.is_clean:
             self._check_writable()
-            await data.flush()
+            try:
+                await data.flush()
+            finally:
+                self.cache.forget(data.ino)
             self._remember_version(data)
 
     @fuse_errors
@@ -559,6 +671,7 @@ class ChunkFS(pyfuse3.Operations):
             if not data.is_clean and not self.state.fenced:
                 await data.flush()
         finally:
+            self.cache.forget(data.ino)
             if data.opens <= 0:
                 if self.state.fenced and not data.is_clean and self.files.get(data.ino) is data:
                     # nothing of it can be committed any more: free its buffers and uploads
@@ -575,31 +688,47 @@ class ChunkFS(pyfuse3.Operations):
     # ---- directories -----------------------------------------------------------------
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        attr = await self.meta.getattr(inode)
-        if not attr.is_dir:
+        if not stat.S_ISDIR((await self._getattr(inode)).st_mode):
             raise FsError(errno.ENOTDIR)
         fh = self._fh()
-        self.dirs[fh] = await self.meta.readdir(inode)
+        listed = self.cache.listing(inode)
+        if listed is not None:
+            self.dirs[fh], left = listed
+        else:
+            self.dirs[fh], left = await self.meta.readdir(inode), self.opt.entry_timeout
+        self.dir_inodes[fh] = (inode, self.cache.clock() + left)
         return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         entries = self.dirs[fh]
+        parent, names_until = self.dir_inodes[fh]
         pos = start_id
         while pos < len(entries):
             batch = entries[pos:pos + 256]
-            attrs = await self.meta.getattrs(ino for _, ino in batch)
-            for (name, _), attr in zip(batch, attrs, strict=True):
+            cached = [self.cache.attr(ino) for _, ino in batch]
+            missing = [ino for (_, ino), hit in zip(batch, cached, strict=True) if hit is None]
+            at = self.cache.clock()
+            fetched = iter(await self.meta.getattrs(missing) if missing else ())
+            for (name, _), hit in zip(batch, cached, strict=True):
                 pos += 1
-                if attr is None:
-                    continue
-                if not pyfuse3.readdir_reply(token, name, self._entry(attr), pos):
+                if hit is not None:
+                    attr, left = hit
+                    entry = self._entry(attr, max(0.0, min(left, names_until - at)), left)
+                else:
+                    attr = next(fetched)
+                    if attr is None:
+                        continue
+                    self.cache.put_entry(parent, name, attr, at)
+                    entry = self._entry(attr, max(0.0, names_until - at))
+                if not pyfuse3.readdir_reply(token, name, entry, pos):
                     return
                 self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + 1
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
+        self.dir_inodes.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -628,7 +757,10 @@ class ChunkFS(pyfuse3.Operations):
         self._check_writable()
         if len(name) > NAME_MAX or len(value) > 65536:  # the VFS refuses these first
             raise FsError(errno.ERANGE)
-        await self.meta.setxattr(inode, name, value)
+        try:
+            await self.meta.setxattr(inode, name, value)
+        finally:
+            self.cache.forget(inode)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
@@ -651,6 +783,8 @@ class ChunkFS(pyfuse3.Operations):
             if exc.errno == errno.ENODATA:
                 raise FsError(pyfuse3.ENOATTR) from None
             raise
+        finally:
+            self.cache.forget(inode)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

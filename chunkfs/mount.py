@@ -148,7 +148,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         clock.mark("fuse mounted")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, pyfuse3.terminate)
-        tune_kernel_readahead(cfg.mountpoint, cfg.kernel_readahead_kb)
+        tuning = asyncio.create_task(_tune_after_init(fs, cfg.mountpoint, cfg.kernel_readahead_kb))
         control = ControlServer(
             socket_path(cfg.mountpoint, cfg.run_dir), fs.status_document, pyfuse3.terminate,
             rotate=lambda doc: rotation.apply(doc, redis=meta.r, store=store))
@@ -178,6 +178,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
             housekeeping.cancel()
             await cancel_task(prefetch)
             await cancel_task(publisher)
+            tuning.cancel()
             try:
                 await fs.flush_all()
             except Exception as exc:
@@ -227,8 +228,17 @@ async def _reap_orphans(meta: VolumeMeta) -> None:
         log.info("reaped orphans of dead mounts", extra={"count": reaped})
 
 
+async def _tune_after_init(fs: ChunkFS, mountpoint: str, kb: int) -> None:
+    """The kernel sets a FUSE mount's readahead when it receives the answer to its INIT
+    (to what it proposed at mount time: 128 KiB), so a value written before is lost.
+    This runs once the answer went out (``ChunkFS.init`` is called just before it)."""
+    await fs.initialized.wait()
+    tune_kernel_readahead(mountpoint, kb)
+
+
 def tune_kernel_readahead(mountpoint: str, kb: int) -> None:
-    """Let the kernel read ahead ``kb`` on this mount (FUSE's default is 128 KiB).
+    """Let the kernel read ahead ``kb`` on this mount (FUSE's default is 128 KiB); only
+    after the kernel's INIT was answered (``_tune_after_init``).
 
     Sequential readers then reach us in requests of up to 1 MiB instead of 128 KiB,
     which divides the per-request cost in Python by eight. The device number comes from

@@ -75,6 +75,7 @@ COMPACT_OBJECTS = 16
 COMPACT_SLICES = 256
 MERGE_RATIO = 4  # a merge takes the next older slice while it is at most this times bigger
 _ids = itertools.count(1)
+Buffer = bytes | bytearray | memoryview
 
 
 class State(enum.Enum):
@@ -187,7 +188,10 @@ class FileData:
         return max(0, growth)
 
     # ---- reads ---------------------------------------------------------------------
-    async def read(self, off: int, size: int, *, random: bool = False) -> bytes:
+    async def read(self, off: int, size: int, *, random: bool = False) -> Buffer:
+        """Bytes ``[off, off+size)`` (fewer at the end of the file): a read-only buffer
+        (bytes, bytearray or a memoryview of a cached block) that the caller must not
+        keep beyond its reply."""
         try:
             return await self._read(off, size, random=random)
         except BlockMissing:
@@ -205,7 +209,7 @@ class FileData:
         self.committed = committed
         return changed
 
-    async def _read(self, off: int, size: int, *, random: bool) -> bytes:
+    async def _read(self, off: int, size: int, *, random: bool) -> Buffer:
         end = min(off + size, self.size)
         if off >= end:
             return b""
@@ -231,9 +235,13 @@ class FileData:
                 layers.append(g.sparse)
         return layers
 
-    async def _block_range(self, idx: int, start: int, stop: int, *, random: bool) -> bytes:
-        """Bytes ``[start, stop)`` of block ``idx``."""
-        out = bytearray(stop - start)
+    async def _block_range(self, idx: int, start: int, stop: int, *, random: bool) -> Buffer:
+        """Bytes ``[start, stop)`` of block ``idx``.
+
+        A range one slice supplies whole (a streaming reader of a file written
+        sequentially, the common case) is that slice's bytes as they are: a view of
+        the block, no copy; pyfuse3 replies from any buffer."""
+        out: bytearray | None = None
         uncovered = [(start, stop)]
         wanted: list[tuple[Slice, int, int]] = []
         for layer in reversed(self._layers(idx)):
@@ -242,6 +250,8 @@ class FileData:
             rest: list[tuple[int, int]] = []
             for a, b in uncovered:
                 if isinstance(layer, Sparse):
+                    if out is None:
+                        out = bytearray(stop - start)
                     tmp = bytearray(b - a)
                     holes = layer.overlay(tmp, a, b)
                     _copy_except(out, start, tmp, a, holes)
@@ -257,13 +267,18 @@ class FileData:
                 if hi < b:
                     rest.append((hi, b))
             uncovered = rest
+        if out is None and len(wanted) == 1 and wanted[0][1:] == (start, stop):
+            s, lo, hi = wanted[0]
+            return await self._piece(s, lo, hi, random=random)
+        if out is None:
+            out = bytearray(stop - start)
         if wanted:
             pieces = await asyncio.gather(*(self._piece(s, lo, hi, random=random) for s, lo, hi in wanted))
             for (_, lo, hi), data in zip(wanted, pieces, strict=True):
                 out[lo - start:hi - start] = data
-        return bytes(out)
+        return out
 
-    async def _piece(self, s: Slice, lo: int, hi: int, *, random: bool) -> bytes | bytearray:
+    async def _piece(self, s: Slice, lo: int, hi: int, *, random: bool) -> Buffer:
         """Block bytes ``[lo, hi)`` that slice ``s`` supplies."""
         at, n = s.off + lo - s.pos, hi - lo
         if s.ref == ZERO:
@@ -400,14 +415,19 @@ class FileData:
     async def _upload(self, idx: int, gen: Gen) -> None:
         sparse = gen.sparse
         assert sparse is not None
-        body = bytearray()
+        parts: list[bytearray] = []
+        size = 0
         layout: list[tuple[int, int, int]] = []  # (pos, length, offset in the object; -1: zeros)
         for s, b in sparse.intervals():
             if all_zero(b):
                 layout.append((s, len(b), -1))
             else:
-                layout.append((s, len(b), len(body)))
-                body += b
+                layout.append((s, len(b), size))
+                parts.append(b)
+                size += len(b)
+        # one copy, into immutable bytes: the upload, its retries and the cache write all
+        # send these (a truncate may trim the frozen buffers meanwhile)
+        body = b"".join(parts)
         try:
             ref = await self.blocks.put(body)
         except BaseException as exc:

@@ -267,6 +267,16 @@ def _tls_failure(exc: BaseException) -> str | None:
     return None
 
 
+def _listing(flat: list[Any]) -> list[tuple[bytes, Attr]]:
+    """(name, attributes) of a flat name, ino, fields ... reply; inodes gone are left out."""
+    out = []
+    for i in range(0, len(flat), 3):
+        attr = Attr.from_fields(int(flat[i + 1]), flat[i + 2])
+        if attr is not None:
+            out.append((flat[i], attr))
+    return out
+
+
 def now_ns() -> int:
     return time.time_ns()
 
@@ -354,6 +364,23 @@ class VolumeMeta:
         if attr is None:
             raise FsError(errno.ENOENT)
         return attr
+
+    async def lookup_dir(self, parent: int, name: bytes, limit: int,
+                         ) -> tuple[Attr | None, int, list[tuple[bytes, Attr]] | None]:
+        """One round trip: the entry (None if absent), the directory's entry count, and,
+        when that is at most ``limit``, every entry with its attributes."""
+        ino, fields, count, flat = await self._run(
+            "LOOKUP_DIR", [self.keys.dir(parent)], [name, self.keys.prefix, limit])
+        attr = Attr.from_fields(int(ino), fields) if ino else None
+        return attr, int(count), None if flat is None else _listing(flat)
+
+    async def dir_page(self, parent: int, cursor: bytes, count: int,
+                       ) -> tuple[bytes, list[tuple[bytes, Attr]]]:
+        """One HSCAN step of a directory with its entries' attributes; cursor b"0" is
+        both the first and, returned, the end."""
+        nxt, flat = await self._run("DIR_PAGE", [self.keys.dir(parent)],
+                                    [cursor, count, self.keys.prefix])
+        return nxt, _listing(flat)
 
     async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
         """Every entry, sorted. Read in HSCAN steps: one HGETALL of a directory with a

@@ -254,6 +254,43 @@ if not ino then return nil end
 return {ino, redis.call('HMGET', inode_key(ARGV[2], ino), ATTR_FIELDS)}
 """)
 
+# KEYS: dir ; ARGV: name, prefix, listing limit
+#   ->  {ino or false, {attr fields} or false, entries in the dir, listing or false}
+# The listing (name, ino, {attr fields}, name, ...) comes with the answer when the directory
+# has at most ``limit`` entries: a mount then answers the lookups of its other names from
+# memory (``chunkfs.metacache``), for a price close to one lookup's.
+LOOKUP_DIR = lua(r"""
+local ino = redis.call('HGET', KEYS[1], ARGV[1])
+local attrs = false
+if ino then attrs = redis.call('HMGET', inode_key(ARGV[2], ino), ATTR_FIELDS) end
+local n = redis.call('HLEN', KEYS[1])
+local listing = false
+if n <= tonumber(ARGV[3]) then
+  listing = {}
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    listing[#listing + 1] = all[i]
+    listing[#listing + 1] = all[i + 1]
+    listing[#listing + 1] = redis.call('HMGET', inode_key(ARGV[2], all[i + 1]), ATTR_FIELDS)
+  end
+end
+return {ino or false, attrs, n, listing}
+""")
+
+# KEYS: dir ; ARGV: cursor, count, prefix  ->  {next cursor, {name, ino, {attr fields}, ...}}
+# One step of a directory's listing with attributes (HSCAN: bounded work per call, so a
+# big directory never stalls the Redis that every volume shares).
+DIR_PAGE = lua(r"""
+local res = redis.call('HSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local out, flat = {}, res[2]
+for i = 1, #flat, 2 do
+  out[#out + 1] = flat[i]
+  out[#out + 1] = flat[i + 1]
+  out[#out + 1] = redis.call('HMGET', inode_key(ARGV[3], flat[i + 1]), ATTR_FIELDS)
+end
+return {res[1], out}
+""")
+
 # KEYS: vol, parent dir, parent inode, idx, reply
 # ARGV: epoch, name, mode, uid, gid, rdev, now, symlink target, prefix, is_dir, parent ino, inline
 #   ->  {ino, mode, gid} (a setgid parent gives its group, and to directories its setgid bit)
