@@ -70,6 +70,7 @@ ZERO = sl.ZERO
 # an object once they hold this much, or at the file's last close; a block naming more
 # objects or slices than this gets its newest slices merged (bounded read amplification)
 MOVE_BYTES = 256 * 1024
+READ_ATTEMPTS = 3  # a read whose view went stale under it (upkeep, GC) reads the new one
 MOVE_COUNT = 64
 COMPACT_OBJECTS = 16
 COMPACT_SLICES = 256
@@ -192,15 +193,19 @@ class FileData:
         """Bytes ``[off, off+size)`` (fewer at the end of the file): a read-only buffer
         (bytes, bytearray or a memoryview of a cached block) that the caller must not
         keep beyond its reply."""
-        try:
-            return await self._read(off, size, random=random)
-        except BlockMissing:
-            # the view this read used may be older than the file: another mount replaced
-            # blocks and GC collected the old objects, or our own upkeep moved inline
-            # slices (freeing them) while the read waited. Read the current version once
-            # more, as close-to-open allows; what is missing from it too is an error.
-            await self._refresh_committed()
-            return await self._read(off, size, random=random)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return await self._read(off, size, random=random)
+            except BlockMissing:
+                # the view this read used may be older than the file: another mount
+                # replaced blocks and GC collected the old objects, or upkeep (ours, or
+                # another mount's) moved inline slices, freeing them, while the read
+                # waited between the map and their bytes. Read the current version again,
+                # as close-to-open allows; what stays missing is an error.
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                await self._refresh_committed()
+        raise AssertionError("unreachable")
 
     async def _refresh_committed(self) -> bool:
         """Reload the committed slices; True if any block changed."""
