@@ -322,7 +322,7 @@ def _mount_config(args: argparse.Namespace) -> Any:
     meta, storage = backend_from_env(args.meta, args.storage)
     opts = _parse_mount_options(args.options)
     known = {"ro", "rw", "epoch", "buffer-size", "io-timeout", "attr-timeout", "entry-timeout",
-             "readahead", "inline", "memory-cache", "allow_other", "noallow_other",
+             "negative-timeout", "readahead", "inline", "memory-cache", "allow_other", "noallow_other",
              "kernel-readahead", "volume-cache", "hot-set", "prefetch"}
     unknown = sorted(set(opts) - known)
     if unknown:
@@ -343,6 +343,7 @@ def _mount_config(args: argparse.Namespace) -> Any:
         io_timeout=option("io-timeout", "60", float),
         attr_timeout=option("attr-timeout", "1", float),
         entry_timeout=option("entry-timeout", "1", float),
+        negative_timeout=option("negative-timeout", "0", float),
         readahead_blocks=option("readahead", "4", int),
         inline_limit=option("inline", "16KiB", parse_size),
         allow_other="noallow_other" not in opts, run_dir=args.run_dir,
@@ -350,7 +351,8 @@ def _mount_config(args: argparse.Namespace) -> Any:
         volume_cache=option("volume-cache", "0", parse_size) or None,
         hot_set=option("hot-set", "1000", int),
         prefetch=option("prefetch", "1GiB", parse_size))
-    if (min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout) < 0 or cfg.readahead_blocks < 0
+    if (min(cfg.io_timeout, cfg.attr_timeout, cfg.entry_timeout, cfg.negative_timeout) < 0
+            or cfg.readahead_blocks < 0
             or cfg.hot_set < 0):
         raise InvalidArgument("mount option values must not be negative")
     if not 0 < cfg.io_timeout <= 600:
@@ -877,7 +879,8 @@ def build_parser(parser_class: type[OneLineParser] = OneLineParser) -> argparse.
     p.add_argument("--cache-dir", required=True, help="local block cache directory (node NVMe)")
     p.add_argument("--cache-size", type=_size_arg, default=parse_size("10GiB"))
     p.add_argument("-o", dest="options", help="ro, epoch=N, buffer-size=256MiB, io-timeout=60, "
-                   "attr-timeout=1, entry-timeout=1, readahead=4 (blocks), inline=16KiB, "
+                   "attr-timeout=1, entry-timeout=1, negative-timeout=0, readahead=4 (blocks), "
+                   "inline=16KiB, "
                    "memory-cache=64MiB, kernel-readahead=4MiB")
     p.add_argument("--foreground", "-f", action="store_true", help="do not detach")
     p.add_argument("--log-file", help="where a detached mount logs (default: in the cache dir)")

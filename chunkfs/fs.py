@@ -73,6 +73,9 @@ class MountOptions:
     read_only: bool = False
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
+    # "no such name" kept by the kernel: 0 by default (as JuiceFS), so a name another node
+    # creates is seen at once by path; a higher value saves lookups of missing names
+    negative_timeout: float = 0.0
     inline_limit: int = 16 * 1024
     readahead_blocks: int = 4
     block_size: int = 4 * 1024 * 1024
@@ -361,13 +364,14 @@ class ChunkFS(pyfuse3.Operations):
         return self._known(self._entry(attr))
 
     def _negative(self) -> pyfuse3.EntryAttributes:
-        """No such name: the kernel keeps that for entry-timeout (a create on this mount
-        replaces it at once; a name created on another node shows within the timeout)."""
-        if self.opt.entry_timeout <= 0:
+        """No such name: the kernel keeps that for negative-timeout (default 0: not at
+        all; a create on this mount replaces it at once, a name created on another node
+        shows within the timeout)."""
+        if self.opt.negative_timeout <= 0:
             raise FsError(errno.ENOENT)
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.opt.entry_timeout
+        e.entry_timeout = self.opt.negative_timeout
         return e
 
     def _start_listing(self, parent: int) -> None:

@@ -59,6 +59,7 @@ class MountConfig:
     io_timeout: float = 60.0
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
+    negative_timeout: float = 0.0  # how long the kernel may keep "no such name"
     readahead_blocks: int = 4
     inline_limit: int = 16 * 1024
     allow_other: bool = True
@@ -119,6 +120,7 @@ async def run_mount(cfg: MountConfig, on_ready: Callable[[str | None], None],
         stack.push_async_callback(blocks.drain)
         options = MountOptions(read_only=meta.read_only, attr_timeout=cfg.attr_timeout,
                                entry_timeout=cfg.entry_timeout, inline_limit=cfg.inline_limit,
+                               negative_timeout=cfg.negative_timeout,
                                readahead_blocks=cfg.readahead_blocks,
                                block_size=state.block_size)
 

@@ -74,7 +74,7 @@ def test_own_changes_show_at_once_whatever_the_timeouts(mounter: Mounter, volume
 
 def test_a_negative_entry_gives_way_to_a_name_created_on_this_mount(
         mounter: Mounter, volume: str) -> None:
-    m = mounter.mount(volume, options=LONG)
+    m = mounter.mount(volume, options=LONG + ",negative-timeout=60")
     path = Path(m) / "later"
     for _ in range(3):
         assert not path.exists()
@@ -100,6 +100,19 @@ def test_another_nodes_changes_show_within_the_timeouts(mounter: Mounter, volume
     wait_until(lambda: (Path(a) / "g").exists(), 10, what="the new name on a")
     os.unlink(Path(b) / "f")
     wait_until(lambda: not (Path(a) / "f").exists(), 10, what="the unlink on a")
+
+
+def test_by_default_a_name_another_node_creates_is_found_at_once_after_a_miss(
+        mounter: Mounter, volume: str) -> None:
+    """negative-timeout defaults to 0 (as JuiceFS's): a miss is not remembered, so a path
+    another node just created opens, truncates and stats here at once."""
+    a = mounter.mount(volume, options=LONG)
+    b = mounter.mount(volume)
+    for _ in range(3):
+        assert not (Path(a) / "late").exists()
+    write_file(Path(b) / "late", b"from b")
+    os.truncate(Path(a) / "late", 2)
+    assert (Path(a) / "late").read_bytes() == b"fr"
 
 
 def test_a_name_created_on_another_node_shows_at_once_where_it_was_never_looked_up(
