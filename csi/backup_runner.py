@@ -26,7 +26,7 @@ from chunkfs.backup import DEFAULT_KEEP
 from chunkfs.errors import BackupBusy, VolumeNotFound
 from chunkfs.logs import scrub
 from csi.backends import Backend
-from csi.gc_runner import GcRunner, _Tracked
+from csi.gc_runner import GcRunner, Periodic, _Tracked
 
 log = logging.getLogger("chunkfs.csi.backup")
 
@@ -34,18 +34,10 @@ BACKUP_SCHEDULE = "cfs{_gc}:bsched"
 
 
 @dataclass(frozen=True)
-class BackupSettings:
+class BackupSettings(Periodic):
     interval: float = 3600.0      # seconds between two backups of a backend's volumes; 0: off
     keep: int = DEFAULT_KEEP      # backups kept per volume
     dry_run: bool = False         # (the schedule's interface; backups have no dry run)
-
-    @property
-    def enabled(self) -> bool:
-        return self.interval > 0
-
-    @property
-    def tick(self) -> float:
-        return min(30.0, max(0.2, self.interval / 4))
 
 
 class BackupMetrics:

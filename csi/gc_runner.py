@@ -73,13 +73,10 @@ return {2, now + tonumber(ARGV[3])}
 OTHER, MINE, RUN = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class GcSettings:
-    interval: float = 3600.0      # seconds between two runs of one backend; 0: off
-    grace: float = 3600.0
-    session_grace: float = 600.0
-    dry_run: bool = False
-    work_dir: str | None = None
+class Periodic:
+    """A job run every ``interval`` seconds per backend (0: off), by the leader only."""
+
+    interval: float
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +86,15 @@ class GcSettings:
     def tick(self) -> float:
         """How often each backend's schedule is checked (and its claim renewed)."""
         return min(30.0, max(0.2, self.interval / 4))
+
+
+@dataclass(frozen=True)
+class GcSettings(Periodic):
+    interval: float = 3600.0      # seconds between two runs of one backend; 0: off
+    grace: float = 3600.0
+    session_grace: float = 600.0
+    dry_run: bool = False
+    work_dir: str | None = None
 
 
 class GcMetrics:
