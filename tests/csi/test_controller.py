@@ -492,9 +492,9 @@ def test_validate_volume_capabilities(plugin) -> None:
             volume_id="pvc-1", volume_capabilities=[mount_cap(), mount_cap(
                 Mode.MULTI_NODE_MULTI_WRITER)]))
     assert len(ok.confirmed.volume_capabilities) == 2
-    # confirmed, with what is and is not safe yet (docs/dev/csi.md, "Access modes")
+    # confirmed, with what several writers may expect (docs/dev/csi.md, "Access modes")
     assert ok.message == MULTI_NODE_MULTI_WRITER_NOTE
-    assert "NOT safe" in ok.message and "one writing node at a time" in ok.message
+    assert "keep each other's bytes" in ok.message and "close-to-open" in ok.message
     single = plugin.controller.ValidateVolumeCapabilities(
         csi_pb2.ValidateVolumeCapabilitiesRequest(volume_id="pvc-1",
                                                   volume_capabilities=[mount_cap()]))
