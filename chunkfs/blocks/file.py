@@ -193,7 +193,7 @@ class FileData:
         """Bytes ``[off, off+size)`` (fewer at the end of the file): a read-only buffer
         (bytes, bytearray or a memoryview of a cached block) that the caller must not
         keep beyond its reply."""
-        for attempt in range(READ_ATTEMPTS):
+        for _ in range(READ_ATTEMPTS - 1):
             try:
                 return await self._read(off, size, random=random)
             except BlockMissing:
@@ -202,17 +202,12 @@ class FileData:
                 # another mount's) moved inline slices, freeing them, while the read
                 # waited between the map and their bytes. Read the current version again,
                 # as close-to-open allows; what stays missing is an error.
-                if attempt == READ_ATTEMPTS - 1:
-                    raise
                 await self._refresh_committed()
-        raise AssertionError("unreachable")
+        return await self._read(off, size, random=random)
 
-    async def _refresh_committed(self) -> bool:
-        """Reload the committed slices; True if any block changed."""
-        _, committed = await self.meta.file_data(self.ino)
-        changed = committed != self.committed
-        self.committed = committed
-        return changed
+    async def _refresh_committed(self) -> None:
+        """Reload the committed slices."""
+        _, self.committed = await self.meta.file_data(self.ino)
 
     async def _read(self, off: int, size: int, *, random: bool) -> Buffer:
         end = min(off + size, self.size)
