@@ -172,6 +172,9 @@ class BackupReport:
     pages: int
     pages_written: int
     bytes_written: int
+    kind: str = "full"          # full | incremental (of ``base``)
+    base: str = ""
+    captured: int = 0           # inodes read from Redis for this backup
     expired: list[str] = field(default_factory=list)   # backup ids retention removed
     seconds: float = 0.0
 
@@ -179,23 +182,77 @@ class BackupReport:
         return asdict(self)
 
 
-async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> BackupReport:
-    """Write the pages ``doc`` (an exported namespace) needs that the prefix lacks, then
-    the backup's manifest. The caller holds the volume's backup lock."""
+@dataclass(frozen=True)
+class PageRef:
+    """One page as a manifest names it: ``pages`` holds [digest, inodes] (what every
+    reader needs), ``pageinfo`` the same position's [page number, bytes charged]."""
+
+    number: int
+    digest: str
+    inodes: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Base:
+    """The backup an incremental one starts from: its pages by page number."""
+
+    id: str
+    pages: dict[int, PageRef]
+
+
+def _page_refs(root: dict[str, Any]) -> list[PageRef]:
+    """The pages of a backup manifest with their numbers; ValueError if it predates
+    ``pageinfo`` (such a manifest cannot be a base: the next backup is full)."""
+    info = root.get("pageinfo")
+    if not isinstance(info, list) or len(info) != len(root["pages"]):
+        raise ValueError("the manifest has no page numbers")
+    return [PageRef(int(no), str(digest), int(count), int(size))
+            for (digest, count), (no, size) in zip(root["pages"], info, strict=True)]
+
+
+async def read_base(store: ObjectStore, volume: str, backup_id: str) -> Base | None:
+    """The manifest of ``volume``'s backup ``backup_id`` as a base, or None when it
+    cannot be one (gone, unreadable, of an older format): the backup is then full."""
+    key = backup_manifest_key(volume, backup_id)
+    try:
+        root = await read_root(store, key)
+        if root.get("kind") != "backup" or root.get("volume") != volume:
+            raise ValueError("not a backup of this volume")
+        pages = {p.number: p for p in _page_refs(root)}
+    except (NoSuchObject, ValueError, KeyError, TypeError) as exc:
+        log.info("the last backup cannot be a base: this backup is full",
+                 extra={"volume": volume, "backup": backup_id, "reason": str(exc)[:200]})
+        return None
+    return Base(backup_id, pages)
+
+
+async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any], *,
+                       base: Base | None = None,
+                       changed_pages: set[int] | None = None) -> BackupReport:
+    """Write the pages a backup needs that the prefix lacks, then its manifest. Full:
+    ``doc`` is the whole exported namespace. Incremental: ``doc`` holds the inodes of
+    ``changed_pages`` (all of them, as they are now), every other page is ``base``'s.
+    The caller holds the volume's backup lock."""
     earlier = await backup_ids(store, volume)
     backup_id = new_backup_id(earlier[-1] if earlier else None)
-    have = {m.group(1) async for key, _, _ in store.list(backups_of(volume) + "pages/")
-            if (m := _PAGE_RE.match(key))}
-    pages: list[list[Any]] = []
+    if base is None:
+        have = {m.group(1) async for key, _, _ in store.list(backups_of(volume) + "pages/")
+                if (m := _PAGE_RE.match(key))}
+        pages: dict[int, PageRef] = {}
+    else:  # base's pages exist while base does (the lock: no retention meanwhile)
+        have = {p.digest for p in base.pages.values()}
+        pages = {no: p for no, p in base.pages.items() if no not in (changed_pages or set())}
     written = out_bytes = 0
     groups = paginate(doc["inodes"])
     for start in range(0, len(groups), _PAGES_PER_ROUND):  # bounded memory: a round at a time
-        encoded = await asyncio.to_thread(
-            lambda part=groups[start:start + _PAGES_PER_ROUND]: [encode_page(p) for p in part])
+        part = groups[start:start + _PAGES_PER_ROUND]
+        encoded = await asyncio.to_thread(lambda part=part: [encode_page(p) for p in part])
         todo: dict[str, bytes] = {}
-        for (digest, body), inodes in zip(encoded, groups[start:start + _PAGES_PER_ROUND],
-                                          strict=True):
-            pages.append([digest, len(inodes)])
+        for (digest, body), inodes in zip(encoded, part, strict=True):
+            number = int(next(iter(inodes))) // PAGE_INODES
+            size = sum(nsops.node_bytes(node) for node in inodes.values())
+            pages[number] = PageRef(number, digest, len(inodes), size)
             if digest not in have:
                 todo[digest] = body
                 have.add(digest)
@@ -203,19 +260,23 @@ async def write_backup(store: ObjectStore, volume: str, doc: dict[str, Any]) -> 
                         for d, b in todo.items()])
         written += len(todo)
         out_bytes += sum(len(b) for b in todo.values())
-    settings = doc["settings"]
-    files = len(doc["inodes"])
-    size = sum(nsops.node_bytes(node) for node in doc["inodes"].values())
+    ordered = [pages[no] for no in sorted(pages)]
+    files = sum(p.inodes for p in ordered)
+    size = sum(p.size for p in ordered)
     root = {"format": nsops.FORMAT, "kind": "backup", "volume": volume, "id": backup_id,
-            "created": doc["created"], "settings": settings, "files": files,
-            "size_bytes": size, "pages": pages}
+            "created": doc["created"], "settings": doc["settings"], "files": files,
+            "size_bytes": size, "base": base.id if base else "",
+            "pages": [[p.digest, p.inodes] for p in ordered],
+            "pageinfo": [[p.number, p.size] for p in ordered]}
     body = gzip.compress(_canonical(root), mtime=0)
     key = backup_manifest_key(volume, backup_id)
     await store.put(key, body)
     return BackupReport(volume=volume, id=backup_id, key=key,
                         url=manifest_url(store.config.url, key), created=doc["created"],
-                        files=files, size_bytes=size, pages=len(pages),
-                        pages_written=written, bytes_written=out_bytes + len(body))
+                        files=files, size_bytes=size, pages=len(ordered),
+                        pages_written=written, bytes_written=out_bytes + len(body),
+                        kind="incremental" if base else "full", base=base.id if base else "",
+                        captured=len(doc["inodes"]))
 
 
 async def _bounded(calls: list[Callable[[], Awaitable[T]]],
@@ -246,11 +307,14 @@ async def backup_ids(store: ObjectStore, volume: str) -> list[str]:
     """The backups of ``volume`` in the prefix, oldest first."""
     prefix = backups_of(volume)
     found = []
-    async for key, _, _ in store.list(prefix):
-        rest = key[len(prefix):]
-        bid, sep, name = rest.partition("/")
-        if sep and name == MANIFEST and _ID_RE.match(bid):
-            found.append(bid)
+    async with contextlib.aclosing(store.list(prefix)) as listing:
+        async for key, _, _ in listing:
+            if key.startswith(prefix + "pages/"):
+                break  # after every id in key order ("2..." < "pages/"): not worth listing
+            rest = key[len(prefix):]
+            bid, sep, name = rest.partition("/")
+            if sep and name == MANIFEST and _ID_RE.match(bid):
+                found.append(bid)
     return sorted(found)
 
 
@@ -266,21 +330,32 @@ async def read_root(store: ObjectStore, key: str) -> dict[str, Any]:
 
 async def expire(store: ObjectStore, volume: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` backups of ``volume``, then the pages no
-    remaining backup names. The caller holds the volume's backup lock."""
+    remaining backup names (also those of backups that died before their manifest).
+    When no backup expires, nothing is swept: a page only loses its last name when a
+    manifest goes. The caller holds the volume's backup lock."""
     ids = await backup_ids(store, volume)
     gone = ids[:-keep] if keep > 0 else ids
+    if not gone:
+        return []
     for bid in gone:
         await store.delete(backup_manifest_key(volume, bid))
-    needed: set[str] = set()
-    for bid in ids[len(gone):]:
+
+    async def pages_of(bid: str) -> list[str] | None:
         try:
             root = await read_root(store, backup_manifest_key(volume, bid))
-            needed.update(digest for digest, _ in root["pages"])
-        except (NoSuchObject, ValueError, KeyError, TypeError):
-            # its pages are unknown: delete none (restores and GC report it by name)
-            log.warning("backup manifest unreadable: no page of the volume is deleted",
-                        extra={"volume": volume, "backup": bid})
-            return gone
+            return [entry[0] for entry in root["pages"]]
+        except (NoSuchObject, ValueError, KeyError, TypeError, IndexError):
+            return None
+
+    kept = ids[len(gone):]
+    named = await _bounded([lambda bid=bid: pages_of(bid) for bid in kept])
+    if any(pages is None for pages in named):
+        # its pages are unknown: delete none (restores and GC report it by name)
+        log.warning("backup manifest unreadable: no page of the volume is deleted",
+                    extra={"volume": volume,
+                           "backup": next(b for b, p in zip(kept, named, strict=True) if p is None)})
+        return gone
+    needed = {digest for pages in named if pages for digest in pages}
     stale = [key async for key, _, _ in store.list(backups_of(volume) + "pages/")
              if (m := _PAGE_RE.match(key)) is None or m.group(1) not in needed]
     await store.delete_many(stale)
@@ -298,7 +373,7 @@ def parse_record(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
     if b"finished" not in raw:
         return None
     text = {k.decode(): v.decode() for k, v in raw.items() if k != b"temp"}
-    ints = ("files", "size_bytes", "pages", "pages_written", "bytes_written")
+    ints = ("files", "size_bytes", "pages", "pages_written", "bytes_written", "captured")
     floats = ("created", "finished", "seconds")
     return {k: int(v) if k in ints else float(v) if k in floats else v for k, v in text.items()}
 
@@ -363,8 +438,10 @@ async def _document(store: ObjectStore, key: str, doc: dict[str, Any]) -> dict[s
         raise RestoreFailed(f"manifest {key} has unsupported format {doc.get('format')!r}")
     if "pages" in doc:
         inodes: dict[str, Any] = {}
-        pages = await _bounded([lambda d=d, n=n: _page(store, key, doc["volume"], d, n)
-                                for d, n in doc["pages"]])
+        numbers = [no for no, _ in doc["pageinfo"]] if "pageinfo" in doc else \
+            [None] * len(doc["pages"])
+        pages = await _bounded([lambda d=d, n=n, no=no: _page(store, key, doc["volume"], d, n, no)
+                                for (d, n), no in zip(doc["pages"], numbers, strict=True)])
         for page in pages:
             inodes.update(page)
         doc = {"format": doc["format"], "namespace": doc.get("volume"),
@@ -377,7 +454,7 @@ async def _document(store: ObjectStore, key: str, doc: dict[str, Any]) -> dict[s
 
 
 async def _page(store: ObjectStore, key: str, volume: str, digest: str,
-                count: int) -> dict[str, Any]:
+                count: int, number: int | None) -> dict[str, Any]:
     pkey = page_key(volume, digest)
     try:
         page = decode_page(digest, await store.get(pkey))
@@ -387,6 +464,9 @@ async def _page(store: ObjectStore, key: str, volume: str, digest: str,
         raise RestoreFailed(f"backup page {pkey} is corrupt: {exc}") from None
     if len(page) != count:
         raise RestoreFailed(f"backup page {pkey} holds {len(page)} inodes, {key} says {count}")
+    if number is not None and any(int(ino) // PAGE_INODES != number for ino in page):
+        raise RestoreFailed(f"backup page {pkey} holds inodes of another page than {key}'s "
+                            f"page {number}")
     return page
 
 
@@ -504,7 +584,7 @@ async def manifest_refs(store: ObjectStore, key: str, seen_pages: set[str]) -> l
     doc = await read_root(store, key)
     nodes: list[dict[str, Any]] = []
     if "pages" in doc:
-        for digest, _ in doc["pages"]:
+        for digest, *_ in doc["pages"]:
             pkey = page_key(doc["volume"], digest)
             if pkey in seen_pages:
                 continue

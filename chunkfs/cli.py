@@ -125,7 +125,8 @@ def _gc_line(run: GcRun | None) -> str:
 def _backup_line(last: dict[str, Any] | None) -> str:
     if not last:
         return "never"
-    return (f"{_when(float(last['finished']))}: {last.get('files')} files, "
+    return (f"{_when(float(last['finished']))} ({last.get('kind', 'full')}): "
+            f"{last.get('files')} files, "
             f"{format_size(int(last.get('size_bytes', 0)))}, wrote "
             f"{last.get('pages_written')} of {last.get('pages')} pages "
             f"({format_size(int(last.get('bytes_written', 0)))}); {last.get('url')}")
@@ -167,11 +168,13 @@ async def cmd_volume_create(args: argparse.Namespace) -> int:
 
 async def cmd_volume_backup(args: argparse.Namespace) -> int:
     async def act(svc: VolumeService) -> int:
-        report = await svc.backup_volume(args.name, keep=args.keep)
+        report = await svc.backup_volume(args.name, keep=args.keep, full=args.full)
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
             return EXIT_OK
-        print(f"backed up volume {report.volume}: {report.files} files, "
+        of = f" of {report.base}" if report.base else ""
+        print(f"backed up volume {report.volume} ({report.kind}{of}, read {report.captured} "
+              f"inodes): {report.files} files, "
               f"{format_size(report.size_bytes)}; wrote {report.pages_written} of "
               f"{report.pages} pages ({format_size(report.bytes_written)}) in "
               f"{report.seconds:.1f}s; expired {len(report.expired)} old backup(s)")
@@ -833,6 +836,9 @@ def build_parser(parser_class: type[OneLineParser] = OneLineParser) -> argparse.
     p.add_argument("name")
     p.add_argument("--keep", type=_positive_int_arg, default=24,
                    help="backups of the volume to keep, the newest (default 24)")
+    p.add_argument("--full", action="store_true",
+                   help="read the whole volume instead of what changed since the last backup "
+                        "(writers wait while it is copied); the result is the same")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=cmd_volume_backup)
     p = vsub.add_parser("restore", parents=[backend],

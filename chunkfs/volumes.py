@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,41 +246,73 @@ class VolumeService:
 
     # ---- backups and restores (chunkfs.backup, docs/dev/backup.md) -------------------
     async def backup_volume(self, name: str, *, keep: int = backup.DEFAULT_KEEP,
-                            wait: float = 0.0) -> backup.BackupReport:
-        """Back a live volume up to the object store: a point-in-time copy of its
-        metadata (writers wait only while it is copied in Redis), exported as pages of
-        which only the changed ones are written, and one manifest; then the backups
+                            wait: float = 0.0, full: bool = False) -> backup.BackupReport:
+        """Back a live volume up to the object store, incrementally: writers wait only
+        while the inodes changed since the last backup are copied in Redis (all of
+        them for the first backup, or with ``full``), whose pages are written with one
+        manifest that names the last backup's pages for the rest; then the backups
         beyond the newest ``keep`` are deleted. BackupBusy if one is in progress."""
         if not isinstance(keep, int) or keep < 1:
             raise InvalidArgument(f"keep must be a positive number of backups, got {keep!r}")
         ns = await self._volume_ns(check_name("volume", name))
         await self.claim()
         began = time.monotonic()
-        record = Keys(ns).backup
+        k = Keys(ns)
         async with backup.backup_lock(self.r, name, wait=wait):
-            leftover = await self._redis(lambda: self.r.hget(record, "temp"))
+            leftover = await self._redis(lambda: self.r.hget(k.backup, "temp"))
             if leftover is not None:  # a backup that died midway
                 await self._redis(lambda: nsops.delete_namespace(self.r, leftover.decode()))
+            last = await self._redis(lambda: self.r.hget(k.backup, "id"))
+            base = None if full or last is None else \
+                await backup.read_base(self.store, name, last.decode())
             tmp = nsops.new_namespace_id()
-            await self._redis(lambda: self.r.hset(record, "temp", tmp))
+            await self._redis(lambda: self.r.hset(k.backup, "temp", tmp))
             settings = {"name": name, "kind": "backup", "created": time.time(),
                         "source_volume": name, "source": ""}
             try:
-                await self._copy_live(ns, tmp, settings)
-                doc = await self._redis(lambda: nsops.export_namespace(self.r, tmp))
-                doc["settings"]["kind"] = "volume"
-                report = await backup.write_backup(self.store, name, doc)
+                doc, changed = await self._capture(ns, tmp, settings, base is not None)
+                if changed is None:
+                    base = None
+                doc["settings"].update(kind="volume", epoch="1", writer="")
+                report = await backup.write_backup(self.store, name, doc, base=base,
+                                                   changed_pages=changed)
             finally:  # the manifest (if any) protects the blocks from here on
                 await self._redis(lambda: nsops.delete_namespace(self.r, tmp))
-                await self._redis(lambda: self.r.hdel(record, "temp"))
+                await self._redis(lambda: self.r.hdel(k.backup, "temp"))
             report.expired = await backup.expire(self.store, name, keep)
             report.seconds = round(time.monotonic() - began, 3)
-            fields = {k: v for k, v in report.as_dict().items()
-                      if k in ("id", "url", "created", "files", "size_bytes", "pages",
-                               "pages_written", "bytes_written", "seconds")}
-            await self._redis(lambda: self.r.hset(record, mapping={**fields,
-                                                                    "finished": time.time()}))
+            fields = {f: v for f, v in report.as_dict().items()
+                      if f in ("id", "url", "created", "files", "size_bytes", "pages",
+                               "pages_written", "bytes_written", "seconds", "kind", "base",
+                               "captured")}
+
+            async def record() -> None:  # the capture is done with once its backup is recorded
+                async with self.r.pipeline(transaction=True) as pipe:
+                    pipe.hset(k.backup, mapping={**fields, "finished": time.time()})
+                    pipe.delete(k.capture)
+                    await pipe.execute()
+
+            await self._redis(record)
         return report
+
+    async def _capture(self, ns: str, tmp: str, settings: dict[str, Any],
+                       incremental: bool) -> tuple[dict[str, Any], set[int] | None]:
+        """Under one freeze of ``ns``: take its noted changes and copy, into namespace
+        ``tmp`` (which protects their blocks from GC until the manifest names them), the
+        whole volume or, when ``incremental`` and tracking was on, the inodes of every
+        page a change touched. Returns the exported copy and the page numbers captured
+        (None: the copy is the whole volume)."""
+        pages: set[int] | None = None
+        async with self._frozen(ns):
+            tracked, changed = await self._redis(
+                lambda: nsops.capture_changes(self.r, ns, listed=incremental))
+            only = None
+            if incremental and tracked:
+                pages = {ino // backup.PAGE_INODES for ino in changed}
+                only = [p * backup.PAGE_INODES + i for p in sorted(pages)
+                        for i in range(backup.PAGE_INODES)]
+            await self._copy(ns, tmp, settings, only=only)
+        return await self._redis(lambda: nsops.export_namespace(self.r, tmp)), pages
 
     async def restore_volume(self, key: str, name: str, *,
                              capacity: int | None = None) -> tuple[VolumeInfo, int]:
@@ -391,31 +424,40 @@ class VolumeService:
         if capacity < used:
             raise InvalidArgument(f"capacity {capacity} is smaller than the {used} bytes of the source")
 
-    async def _copy(self, src: str, dst: str, settings: dict[str, Any]) -> None:
-        """Copy ``src`` (which must not change meanwhile) to the new namespace ``dst``."""
-        if not await self._redis(lambda: nsops.copy_namespace(self.r, src, dst, settings)):
-            doc = await self._redis(lambda: nsops.export_namespace(self.r, src))
+    async def _copy(self, src: str, dst: str, settings: dict[str, Any],
+                    only: list[int] | None = None) -> None:
+        """Copy ``src`` (which must not change meanwhile) to the new namespace ``dst``:
+        all of it, or the volume record and those of the inodes ``only`` that exist."""
+        if not await self._redis(
+                lambda: nsops.copy_namespace(self.r, src, dst, settings, only=only)):
+            doc = await self._redis(lambda: nsops.export_namespace(self.r, src, only=only))
             await self._redis(lambda: nsops.import_namespace(self.r, dst, doc, settings))
 
     async def _copy_live(self, src: str, dst: str, settings: dict[str, Any]) -> None:
-        """Copy a volume in use: its writers wait while its metadata is copied. The freeze
-        is renewed while the copy runs (it ends by itself if this process dies), so the
-        copy is one instant of the volume however long it takes."""
+        """Copy a volume in use: its writers wait while its metadata is copied."""
+        async with self._frozen(src):
+            await self._copy(src, dst, settings)
+
+    @contextlib.asynccontextmanager
+    async def _frozen(self, ns: str) -> AsyncIterator[None]:
+        """The volume's writers wait while this is entered. The freeze is renewed meanwhile
+        (it ends by itself if this process dies), so what is read inside is one instant
+        of the volume however long it takes."""
         token = nsops.new_namespace_id()  # this freeze's own (freezes nest)
-        await self._redis(lambda: nsops.freeze(self.r, src, token))
+        await self._redis(lambda: nsops.freeze(self.r, ns, token))
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(nsops.FREEZE_SECONDS / 4)
                 with contextlib.suppress(Exception):
-                    await nsops.freeze(self.r, src, token)
+                    await nsops.freeze(self.r, ns, token)
 
         renewer = asyncio.create_task(renew())
         try:
-            await self._copy(src, dst, settings)
+            yield
         finally:
             renewer.cancel()
-            await self._redis(lambda: nsops.thaw(self.r, src, token))
+            await self._redis(lambda: nsops.thaw(self.r, ns, token))
 
     async def _clone_snapshot(self, name: str, ns: str, settings: dict[str, Any]) -> None:
         """A new volume from a snapshot: copied in Redis, or restored from its S3 manifest

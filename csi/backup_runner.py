@@ -110,7 +110,8 @@ class BackupRunner(GcRunner):
             m.volumes.labels(result="ok", storage=label).inc()
             m.written.labels(label).inc(report.bytes_written)
             log.info("backed up volume %s", name, extra={"fields": {
-                "storage": label, "volume": name, "url": report.url, "files": report.files,
+                "storage": label, "volume": name, "url": report.url, "kind": report.kind,
+                "inodes_read": report.captured, "files": report.files,
                 "pages_written": report.pages_written, "pages": report.pages,
                 "bytes_written": report.bytes_written, "expired": len(report.expired)}})
         m.last_seconds.labels(label).set(time.monotonic() - start)

@@ -23,7 +23,7 @@ from redis.exceptions import RedisClusterException, ResponseError
 from chunkfs.blocks import slices
 from chunkfs.meta import topology
 from chunkfs.meta.resp import key_slot
-from chunkfs.meta.schema import FREEZE_SECONDS, ROOT_INODE, Keys, lua
+from chunkfs.meta.schema import FREEZE_SECONDS, NO_INODE, ROOT_INODE, Keys, lua
 from chunkfs.meta.schema import InodeField as F
 from chunkfs.meta.schema import VolumeField as V
 
@@ -129,11 +129,43 @@ def _unfrozen(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != V.FROZEN and not k.startswith(f"{V.FROZEN}:")}
 
 
-async def export_namespace(r: aioredis.Redis, ns: str) -> dict[str, Any]:
-    """Everything of a namespace but block data, as a JSON-able document."""
+# Change capture for an incremental backup (docs/dev/backup.md), one atomic step: the
+# changes noted since the last capture move from ``changed`` into ``capture`` (which keeps
+# those of a capture whose backup failed), and tracking goes on in a new ``changed``.
+# KEYS: vol, changed, capture ; ARGV: '1' to return the captured inodes
+#   ->  {1 if tracking was on, the inode numbers in capture (when asked and tracking was on)}
+_CAPTURE = lua(r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOVOL') end
+local tracked = redis.call('EXISTS', KEYS[2])
+if tracked == 1 then
+  redis.call('SUNIONSTORE', KEYS[3], KEYS[3], KEYS[2])
+  redis.call('DEL', KEYS[2])
+end
+redis.call('SADD', KEYS[2], ARGV[2])
+if ARGV[1] == '1' and tracked == 1 then return {1, redis.call('SMEMBERS', KEYS[3])} end
+return {tracked, {}}
+""")
+
+
+async def capture_changes(r: aioredis.Redis, ns: str, *, listed: bool) -> tuple[bool, set[int]]:
+    """Take the changes noted since the last capture (the namespace must be frozen, so
+    that they are exactly those since then) and start noting anew. Returns whether
+    tracking was on (if not, nothing is known: the backup must be full) and, when
+    ``listed``, every inode changed since the capture of the volume's last recorded
+    backup (this capture's and those of failed backups since)."""
+    k = Keys(ns)
+    tracked, members = await r.eval(_CAPTURE, 3, k.vol, k.changed, k.capture,
+                                    "1" if listed else "0", NO_INODE)
+    return bool(tracked), {int(m) for m in members} - {NO_INODE}
+
+
+async def export_namespace(r: aioredis.Redis, ns: str,
+                           only: list[int] | None = None) -> dict[str, Any]:
+    """Everything of a namespace but block data, as a JSON-able document; with ``only``,
+    just those of these inode numbers that exist (and are not orphans)."""
     k = Keys(ns)
     settings = _unfrozen({_s(a): _s(b) for a, b in (await r.hgetall(k.vol)).items()})
-    inos = sorted(int(i) for i in await r.smembers(k.idx))
+    inos = sorted(int(i) for i in await r.smembers(k.idx)) if only is None else sorted(only)
     inodes: dict[str, Any] = {}
     for start in range(0, len(inos), _BATCH):
         batch = inos[start:start + _BATCH]
@@ -216,9 +248,10 @@ async def import_namespace(r: aioredis.Redis, ns: str, doc: dict[str, Any],
         await pipe.execute()
 
 
-async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
-                         settings: dict[str, Any]) -> bool:
-    """Copy a namespace inside Redis (``COPY``, no data through this process).
+async def copy_namespace(r: aioredis.Redis, src: str, dst: str, settings: dict[str, Any],
+                         only: list[int] | None = None) -> bool:
+    """Copy a namespace inside Redis (``COPY``, no data through this process); with
+    ``only``, the volume record and just those of these inodes that exist.
 
     The caller makes sure ``src`` does not change meanwhile (frozen, or a snapshot).
     Returns False, having written nothing, when the server refuses (Redis Cluster keeps
@@ -231,7 +264,11 @@ async def copy_namespace(r: aioredis.Redis, src: str, dst: str,
         await r.copy(s.vol, d.vol)
     except (ResponseError, RedisClusterException):
         return False
-    inos = [int(i) for i in await r.smembers(s.idx)]
+    if only is None:
+        inos = [int(i) for i in await r.smembers(s.idx)]
+    else:
+        present = await r.smismember(s.idx, only) if only else []
+        inos = [ino for ino, there in zip(only, present, strict=True) if there]
     orphans = {int(i) for i in await r.hkeys(s.orphans)}
     live = [ino for ino in inos if ino not in orphans]
     for start in range(0, len(live), _BATCH):
@@ -261,7 +298,7 @@ async def delete_namespace(r: aioredis.Redis, ns: str) -> None:
         keys = [key for ino in inos[start:start + _BATCH] for key in k.per_inode(ino)]
         await r.delete(*keys)
     await r.delete(k.idx, k.orphans, k.sessions, k.pending, k.settled, k.publications, k.hot,
-                   k.backup,
+                   k.backup, k.changed, k.capture,
                    k.vol)
 
 

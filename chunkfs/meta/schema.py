@@ -80,7 +80,16 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  url, created, finished (unix s), files, size_bytes, pages,
                                  pages_written, bytes_written; temp: the namespace id of the
                                  point-in-time copy a backup in progress exports (a leftover
-                                 of a backup that died is deleted by the next one)
+                                 of a backup that died is deleted by the next one); kind (full
+                                 or incremental), captured (inodes the backup read from Redis)
+    cfs{ID}:changed        SET   inode numbers changed since the capture of the backup that
+                                 ``backup`` records (docs/dev/backup.md): every mutation script
+                                 adds the inodes whose keys it wrote, while the set exists;
+                                 member 0 (never an inode) keeps it existing. Absent: no backup
+                                 has started tracking (the next backup is full)
+    cfs{ID}:capture        SET   the changes a backup in progress took out of ``changed`` (or a
+                                 failed one did: the next backup takes them again); deleted
+                                 with the record of the backup that captured them
 
     cfs:backup:<volume>    STRING a backup of that volume in progress (its random token);
                                  expires unless renewed (chunkfs/backup.py backup_lock)
@@ -198,6 +207,8 @@ ATTR_FIELDS = (InodeField.MODE, InodeField.UID, InodeField.GID, InodeField.NLINK
 INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY = "i", "d", "b", "x", "y"
 PER_INODE = (INODE_KEY, DIR_KEY, BLOCKS_KEY, XATTR_KEY, SLICES_KEY)
 VOL_KEY, IDX_KEY, ORPHANS_KEY = "vol", "idx", "orphans"  # namespace keys the scripts build too
+CHANGED_KEY, CAPTURE_KEY = "changed", "capture"
+NO_INODE = 0  # the member that keeps a tracking ``changed`` set existing
 
 
 def node_key(node_id: str) -> str:
@@ -209,7 +220,7 @@ class Keys:
     """Key builders for one namespace."""
 
     __slots__ = ("ns", "prefix", "vol", "idx", "orphans", "sessions", "pending", "settled",
-                 "publications", "hot", "backup")
+                 "publications", "hot", "backup", "changed", "capture")
 
     def __init__(self, ns: str) -> None:
         self.ns = ns
@@ -223,6 +234,8 @@ class Keys:
         self.publications = self.prefix + "pub"
         self.hot = self.prefix + "hot"
         self.backup = self.prefix + "backup"
+        self.changed = self.prefix + CHANGED_KEY
+        self.capture = self.prefix + CAPTURE_KEY
 
     def reply(self, request: str) -> str:
         return f"{self.prefix}r:{request}"
@@ -381,7 +394,8 @@ class GcRun:
 _LUA_FIELDS = {"F": InodeField, "V": VolumeField, "G": GcStateField, "S": GcScheduleField}
 _LUA_BUILDERS = {  # the key builders lua() fills in for the scripts: name -> key suffix
     "inode_key": INODE_KEY, "dir_key": DIR_KEY, "blocks_key": BLOCKS_KEY, "xattr_key": XATTR_KEY,
-    "slices_key": SLICES_KEY, "idx_key": IDX_KEY, "orphans_key": ORPHANS_KEY}
+    "slices_key": SLICES_KEY, "idx_key": IDX_KEY, "orphans_key": ORPHANS_KEY,
+    "changed_key": CHANGED_KEY, "capture_key": CAPTURE_KEY}
 
 
 def lua(source: str) -> str:
@@ -390,9 +404,11 @@ def lua(source: str) -> str:
     In ``source``, ``F.<name>`` is an inode field (``F.mode`` -> ``'m'``), ``V.<name>`` a
     volume field, ``G.<name>`` and ``S.<name>`` fields of the GC state and schedule;
     ``ATTR_FIELDS`` is the attribute fields as arguments (``'m', 'u', ...``) and
-    ``PER_INODE`` the per-inode key letters as a table; ``inode_key(prefix, ino)``,
-    ``dir_key``, ``blocks_key``, ``xattr_key``, ``slices_key`` and ``idx_key(prefix)``,
-    ``orphans_key(prefix)`` become the concatenation that builds the key. Filled in once,
+    ``PER_INODE`` the per-inode key letters as a table and ``PER_INODE_CLASS`` as a Lua
+    pattern class (``[idbxy]``); ``inode_key(prefix, ino)``, ``dir_key``, ``blocks_key``,
+    ``xattr_key``, ``slices_key`` and ``idx_key(prefix)``, ``orphans_key(prefix)``,
+    ``changed_key(prefix)``, ``capture_key(prefix)`` become the concatenation that builds
+    the key. Filled in once,
     at import, as text (no tables, no functions: every call of a script runs its prelude,
     so each would cost each call): a script runs exactly what it ran when it spelled them.
     An unknown name is an error here, not a nil field in Redis."""
@@ -408,6 +424,7 @@ def lua(source: str) -> str:
 
     out = re.sub(r"\b([FVGS])\.([A-Za-z_]+)\b", field, source)
     out = re.sub(r"\bATTR_FIELDS\b", quoted(ATTR_FIELDS), out)
+    out = re.sub(r"\bPER_INODE_CLASS\b", "'[" + "".join(PER_INODE) + "]'", out)
     out = re.sub(r"\bPER_INODE\b", "{" + quoted(PER_INODE) + "}", out)
     for name, suffix in _LUA_BUILDERS.items():
         if suffix in PER_INODE:

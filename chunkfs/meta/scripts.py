@@ -25,7 +25,7 @@ those sessions can neither register nor commit.
 from __future__ import annotations
 
 from chunkfs.blocks.slices import PRUNE_MIN
-from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES, lua
+from chunkfs.meta.schema import BYTES_PER_INODE, MAX_SLICE_BYTES, MIN_INODES, VOL_KEY, lua
 
 REPLY_TTL_MS = 15 * 60 * 1000   # retries of one request stop long before this (io-timeout <= 600 s)
 SESSION_TTL_MS = 120 * 1000     # a session not renewed for this long has expired
@@ -234,17 +234,56 @@ end
 """)
 
 
+# Change tracking for incremental backups (docs/dev/backup.md). In a mutation script every
+# ``redis.call`` is ``call``, which notes the inode of each per-inode key a write names;
+# once the body has run, the noted inodes join the volume's ``changed`` set if it exists
+# (a backup has started tracking). Seeing the writes themselves, instead of asking each
+# script to say what it changed, means no script can forget an inode; a script that writes
+# with a command missing from TRACKED_WRITES fails tests/unit/test_schema.py.
+TRACKED_WRITES = ("HSET", "HSETNX", "HDEL", "HINCRBY", "DEL", "SET", "SADD", "SREM", "COPY")
+_TRACK = lua(rf"""
+local P = string.sub(KEYS[1], 1, #KEYS[1] - {len(VOL_KEY)})
+local WRITES = {{{", ".join(f"{c} = true" for c in TRACKED_WRITES)}}}
+local touched = {{}}
+local function mark(k)
+  if string.sub(k, 1, #P) == P then
+    local ino = string.match(k, '^' .. PER_INODE_CLASS .. '(%d+)$', #P + 1)
+    if ino then touched[ino] = true end
+  end
+end
+local function call(cmd, ...)
+  if WRITES[cmd] then
+    if cmd == 'DEL' then
+      for i = 1, select('#', ...) do mark((select(i, ...))) end
+    else mark((...)) end
+  end
+  return redis.call(cmd, ...)
+end
+local function note_changes()
+  if next(touched) == nil then return end
+  local ck = changed_key(P)
+  if redis.call('EXISTS', ck) == 0 then return end
+  local t = {{}}
+  for ino in pairs(touched) do t[#t + 1] = ino end
+  redis.call('SADD', ck, unpack(t))
+end
+""")
+
+
 def _mutation(body: str) -> str:
-    """A mutating script: ``body`` runs at most once per reply key (the last KEY)."""
-    return lua(PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
+    """A mutating script: ``body`` runs at most once per reply key (the last KEY), and
+    the inodes it wrote are noted for the next backup."""
+    tracked = (PRELUDE + "local function body()\n" + body + "\nend\n" + rf"""
 local reply = KEYS[#KEYS]
 local prev = redis.call('GET', reply)
 if prev then return cjson.decode(prev) end
 local res = body()
+note_changes()
 if type(res) == 'table' and res.err then return res end
 redis.call('SET', reply, cjson.encode(res), 'PX', {REPLY_TTL_MS})
 return res
-""")
+""").replace("redis.call(", "call(")
+    return lua(_TRACK + tracked)
 
 
 # KEYS: dir ; ARGV: name, prefix  ->  {ino, {attr fields}} or nil

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import itertools
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -105,6 +106,11 @@ def test_a_least_privilege_acl_user_runs_volumes_mounts_snapshots_and_gc(
     cli.run("snapshot", "create", "vol", "snap")
     cli.run("volume", "create", "clone", "--capacity", "1GiB", "--from-snapshot", "snap")
     assert "0 problem(s)" in cli.run("fsck", "vol", "--objects").stdout
+    # backups: the change capture and the copy of the changed inodes under this user
+    assert "(full" in cli.run("volume", "backup", "vol").stdout
+    write_file(m / "after-backup", b"noted by the change tracking")
+    out = cli.run("volume", "backup", "vol").stdout
+    assert "(incremental of " in out and re.search(r"wrote [12] of", out), out  # file + root
     out = cli.run("gc", "--grace", "0").stdout
     assert "deleted" in out
     status = m.status()["redis_durability"]
@@ -314,6 +320,25 @@ async def test_volumes_spread_over_every_shard_and_every_listing_sees_them(
         assert len(await gc.all_namespaces(svc.r)) == len(names)
         report = await gc.collect_garbage(svc.r, svc.store, grace=0, dry_run=True)
         assert report.namespaces == len(names)
+
+
+async def test_incremental_backups_on_redis_cluster_equal_full_ones(
+        redis_cluster: Cluster, cluster_url: str, s3_env: dict[str, str]) -> None:
+    """The backup's copy lives in another slot than its volume: the changed inodes are
+    exported and imported instead of COPYed, and the result is the same."""
+    from tests.integration.test_backup_incremental import incremental_then_full
+    from tests.integration.test_volumes import meta_of, put_file
+
+    async with open_svc(cluster_url, s3_env) as svc:
+        info = await svc.create_volume("vol", 1 << 30)
+        meta = meta_of(svc, info.id)
+        inos = [await put_file(meta, ROOT_INODE, f"f{i}".encode(), b"x" * i) for i in range(60)]
+        first = await svc.backup_volume("vol")
+        await meta.commit(inos[33], size=4, inline=b"new!")
+        await meta.unlink(ROOT_INODE, b"f50", is_dir=False, keep_if_open=False)
+        second = await incremental_then_full(svc, "vol")
+        assert second.base == first.id and second.files == 60
+        assert second.captured <= 3 * 16  # the pages of f33, f50 and the root
 
 
 def test_a_mount_on_redis_cluster_runs_every_operation_snapshots_clones_and_gc(

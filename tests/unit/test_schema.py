@@ -146,7 +146,36 @@ def test_every_script_is_filled_in():
             if isinstance(value, str) and "redis.call" in value:
                 assert not re.search(r"\b[FVGS]\.[a-z_]+|\bATTR_FIELDS\b|\bPER_INODE\b", value), \
                     f"{modname}.{name}"
-                assert not re.search(r"\b(inode|dir|blocks|xattr|slices|idx|orphans)_key\(", value)
+                assert not re.search(
+                    r"\b(inode|dir|blocks|xattr|slices|idx|orphans|changed|capture)_key\(", value)
+
+
+_READ_COMMANDS = {"GET", "HGET", "HMGET", "HGETALL", "HEXISTS", "HKEYS", "HLEN", "HSCAN",
+                  "HSTRLEN", "HVALS", "EXISTS", "SISMEMBER", "SMEMBERS", "SCARD", "TIME"}
+
+
+def _mutations() -> dict[str, str]:
+    return {name: value for name, value in vars(scripts).items()
+            if isinstance(value, str) and "local function note_changes" in value
+            and not name.startswith("_")}
+
+
+def test_every_write_of_a_mutation_is_seen_by_the_change_tracking():
+    """Incremental backups read only what the mutation scripts noted: a script that wrote
+    through ``redis.call`` directly, or with a command the tracker does not know, would
+    change an inode that the next backup does not read."""
+    mutations = _mutations()
+    assert {"CREATE", "LINK", "UNLINK", "RENAME", "SETATTR", "TRUNCATE", "COMMIT", "XATTR",
+            "PURGE"} <= set(mutations)
+    for name, script in mutations.items():
+        tracker, _, rest = script.partition("local function note_changes")
+        assert "redis.call(" not in rest.split("\nend\n", 1)[1], f"{name} bypasses call()"
+        commands = set(re.findall(r"\bcall\('([A-Za-z]+)'", rest))
+        assert commands, name
+        unknown = commands - set(scripts.TRACKED_WRITES) - _READ_COMMANDS
+        assert not unknown, f"{name} calls {unknown}: a write the tracker must know, or a read"
+        assert all(c == c.upper() for c in commands), name
+        assert "note_changes()\nif type(res) == 'table' and res.err" in rest, name
 
 
 # Redis hash commands whose arguments would be field names
