@@ -242,6 +242,9 @@ end
 # with a command missing from TRACKED_WRITES fails tests/unit/test_schema.py.
 TRACKED_WRITES = ("HSET", "HSETNX", "HDEL", "HINCRBY", "DEL", "SET", "SADD", "SREM", "COPY")
 _TRACK = lua(rf"""
+if string.sub(KEYS[1], -{len(VOL_KEY)}) ~= '{VOL_KEY}' then
+  return redis.error_reply('BADKEYS the first key of a mutation must be its volume key')
+end
 local P = string.sub(KEYS[1], 1, #KEYS[1] - {len(VOL_KEY)})
 local WRITES = {{{", ".join(f"{c} = true" for c in TRACKED_WRITES)}}}
 local touched = {{}}
