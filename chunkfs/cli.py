@@ -20,7 +20,7 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from chunkfs import logs
+from chunkfs import eventloop, logs
 from chunkfs.config import backend_from_env, format_size, parse_size
 from chunkfs.control import Connection, ControlError, query_status
 from chunkfs.errors import (
@@ -384,15 +384,17 @@ def _ready_reporter(ready_fd: int | None) -> Callable[[str | None], None]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    try:
+        eventloop.chosen()
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     if args.foreground:
-        import asyncio
-
         from chunkfs.mount import run_mount
 
         cfg = _mount_config(args)
         logs.setup(args.log_level)
         os.makedirs(cfg.cache_dir, exist_ok=True)
-        return asyncio.run(run_mount(cfg, _ready_reporter(args.ready_fd)))
+        return eventloop.run(run_mount(cfg, _ready_reporter(args.ready_fd)))
     if not args.no_zygote:
         code = _mount_through_zygote(args)
         if code is not None:
@@ -519,14 +521,13 @@ def _run_detached(args: argparse.Namespace, cfg: Any, log_path: str,
                   on_ready: Callable[[str | None], None],
                   run_mount: Callable[..., Awaitable[int]]) -> NoReturn:
     """The forked mount process: its own session, logs to the log file; never returns."""
-    import asyncio
 
     code = 1
     try:
         os.setsid()
         _redirect_std(log_path)
         logs.setup(args.log_level)
-        code = asyncio.run(run_mount(cfg, on_ready))
+        code = eventloop.run(run_mount(cfg, on_ready))
     except BaseException:  # noqa: BLE001 - report, then leave without unwinding the parent's stack
         import traceback
 

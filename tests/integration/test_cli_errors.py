@@ -228,6 +228,15 @@ def test_bad_mount_options(cli: Cli, mounter: Mounter, volume: str, options: str
     _assert_untouched_mountpoint(mp)
 
 
+def test_an_unknown_event_loop_is_a_usage_error(cli: Cli, mounter: Mounter, volume: str) -> None:
+    mp, cache = mounter.new_dir("mp"), mounter.new_dir("cache")
+    proc = cli.run("mount", volume, str(mp), "--cache-dir", str(cache), check=False,
+                   env=make_env(cli.env, CHUNKFS_EVENT_LOOP="tokio"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "CHUNKFS_EVENT_LOOP", "uvloop, asyncio")
+    _assert_untouched_mountpoint(mp)
+
+
 def test_status_and_umount_of_something_not_mounted(cli: Cli, mounter: Mounter) -> None:
     d = mounter.new_dir("plain")
     results = _run_all(cli, [["status", str(d)], ["umount", str(d)],
