@@ -90,6 +90,123 @@ async def test_range_reads_verify_only_the_chunks_they_touch(tmp_path: Path) -> 
     assert await cache.get(digest(data), len(data)) is None
 
 
+# --------------------------------------------------------------------------- damage (issue 8)
+# Every load checks the file's size and the CRC of every chunk it returns, against the
+# trailer (chunkfs/cache.py): each way a file can be damaged is a miss, never bad bytes,
+# and the file is deleted (and uncounted), whether a reader loads the whole block or a
+# range of it. The block is 3 chunks and a short one, so the last chunk and its trailer
+# entry (the file's last 4 bytes) are damaged too.
+
+CHUNK = 64 * 1024
+LENGTH = 3 * CHUNK + 5000
+RANGE = (3 * CHUNK - 4096, 8192)  # a range read that straddles chunks 2 and 3
+DATA_AT = {"first": 10, "straddled": 2 * CHUNK + 50, "last": LENGTH - 1}
+TRAILER_AT = {"first": LENGTH, "straddled": LENGTH + 8, "last": LENGTH + 15}
+
+
+def flip(at: int):  # noqa: ANN201 - a file transform
+    def damage(raw: bytearray) -> bytearray:
+        raw[at] ^= 0x40
+        return raw
+    return damage
+
+
+DAMAGE = {
+    # what a crash mid-write, a truncation or a full disk leaves behind
+    "empty": lambda raw: bytearray(),
+    "truncated into the trailer": lambda raw: raw[:-1],
+    "truncated into the data": lambda raw: raw[:LENGTH - 100],
+    "no trailer": lambda raw: raw[:LENGTH],
+    "one byte too long": lambda raw: raw + b"\0",
+    "zero-filled": lambda raw: bytearray(len(raw)),
+    "zero-filled trailer": lambda raw: raw[:LENGTH] + bytes(len(raw) - LENGTH),
+    # bit rot, in the data and in the trailer (the trailer is never trusted alone)
+    **{f"flipped data byte ({where})": flip(at) for where, at in DATA_AT.items()},
+    **{f"flipped trailer byte ({where})": flip(at) for where, at in TRAILER_AT.items()},
+    "trailer entries swapped": lambda raw: (raw[:LENGTH + 8] + raw[LENGTH + 12:LENGTH + 16]
+                                            + raw[LENGTH + 8:LENGTH + 12]),
+}
+# damage that a range read of RANGE does not touch (it reads and checks chunks 2 and 3
+# only): still caught by a whole-block load
+UNSEEN_BY_RANGE = {"flipped data byte (first)", "flipped trailer byte (first)"}
+
+
+async def damaged_cache(tmp_path: Path, damage) -> tuple[BlockCache, bytes, Path]:  # noqa: ANN001
+    cache = await BlockCache.open(str(tmp_path), 1 << 24)
+    data = os.urandom(LENGTH)
+    await cache.put(digest(data), data)
+    (path,) = [p for p in tmp_path.joinpath("blocks").rglob("*") if p.is_file()]
+    raw = bytearray(path.read_bytes())
+    assert len(raw) == LENGTH + 16
+    damaged = damage(bytearray(raw))
+    assert damaged != raw
+    path.write_bytes(bytes(damaged))
+    return cache, data, path
+
+
+async def assert_dropped(cache: BlockCache, data: bytes, root: Path) -> None:
+    assert cache.stats.corrupt == 1 and disk_truth(root) == {}  # the file is gone
+    assert cache.entries() == {} and cache.used == 0  # uncounted with it
+    # a miss, so the block comes from S3 again and is cached again, whole
+    assert await cache.get(digest(data), len(data)) is None
+    assert await cache.put(digest(data), data)
+    assert await cache.get(digest(data), len(data)) == data
+    assert_exact(cache, root)
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+async def test_a_damaged_file_is_a_miss_for_a_whole_block_load_and_is_removed(
+        tmp_path: Path, kind: str) -> None:
+    cache, data, path = await damaged_cache(tmp_path, DAMAGE[kind])
+    assert await cache.get(digest(data), len(data)) is None
+    assert cache.stats.misses == 1 and cache.stats.hits == 0
+    await assert_dropped(cache, data, tmp_path)
+
+
+@pytest.mark.parametrize("kind", sorted(set(DAMAGE) - UNSEEN_BY_RANGE))
+async def test_a_damaged_file_is_a_miss_for_a_range_read_and_is_removed(
+        tmp_path: Path, kind: str) -> None:
+    cache, data, path = await damaged_cache(tmp_path, DAMAGE[kind])
+    assert await cache.read_range(digest(data), len(data), *RANGE) is None
+    assert cache.stats.hits == 0
+    await assert_dropped(cache, data, tmp_path)
+
+
+@pytest.mark.parametrize("kind", sorted(UNSEEN_BY_RANGE))
+async def test_a_range_read_returns_good_chunks_of_a_file_damaged_elsewhere(
+        tmp_path: Path, kind: str) -> None:
+    cache, data, path = await damaged_cache(tmp_path, DAMAGE[kind])
+    start, size = RANGE
+    assert await cache.read_range(digest(data), len(data), start, size) == data[start:start + size]
+    assert cache.stats.corrupt == 0 and path.exists()
+    assert await cache.get(digest(data), len(data)) is None  # the whole block: caught
+    await assert_dropped(cache, data, tmp_path)
+
+
+async def test_a_symlink_in_place_of_a_block_file_is_not_followed(tmp_path: Path) -> None:
+    """The cache writes regular files only: a link under a block's name (put there by
+    hand) is corrupt, even if it points at a good copy of the block."""
+    cache, data, path = await damaged_cache(tmp_path, lambda raw: raw + b"x")
+    good = tmp_path / "elsewhere"
+    good.write_bytes(path.read_bytes()[:-1])
+    path.unlink()
+    path.symlink_to(good)
+    assert await cache.read_range(digest(data), len(data), 0, 10) is None
+    assert cache.stats.corrupt == 1 and not path.is_symlink() and good.exists()
+    assert cache.entries() == {}
+
+
+async def test_loads_of_every_length_verify_and_return_the_block(tmp_path: Path) -> None:
+    """Whole-block loads at chunk boundaries (the trailer's entry count and offsets)."""
+    cache = await BlockCache.open(str(tmp_path), 1 << 26)
+    for length in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 64 * CHUNK):
+        data = os.urandom(length)
+        await cache.put(digest(data), data)
+        assert await cache.get(digest(data), length) == data, length
+    assert cache.stats.corrupt == 0
+    assert_exact(cache, tmp_path)
+
+
 # --------------------------------------------------------------------------- ranges (issue 6 item 8)
 
 
