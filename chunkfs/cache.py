@@ -42,6 +42,14 @@ The CRC is ISA-L's (``isal``: the same CRC-32 as zlib's, vectorised, ~40 GB/s he
 against ~0.8 GB/s for SHA-256), so a warm 4 MiB load costs one read and ~0.1 ms of CRC
 instead of ~5 ms of hashing.
 
+Whole blocks are written and loaded with direct I/O (``O_DIRECT``, through a page-aligned
+buffer that each of the two I/O threads keeps: ~8 MiB in all), range reads through the
+page cache. A block written or loaded whole is in the memory cache and in the reader's
+page cache already; a third copy in the page cache of the cache file cost the kernel
+more than all the rest of a cold read (its pages, on a 2-core VM: ~2.5 s of system
+time per GiB written, against ~0.2 s direct). A random reader's ranges do gain from
+the page cache. A filesystem that refuses direct I/O (EINVAL) is used buffered.
+
 In-process protocol (one event loop: only ``await`` points interleave):
 - A name in ``_busy`` has a put in flight in this process: a second put of it is
   refused here at once; across processes the index's WRITING row refuses it.
@@ -62,11 +70,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import re
 import sqlite3
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -88,6 +99,8 @@ UPKEEP_S = 1.0          # how often uses are written to the index and totals rea
 RECOVER_EVERY = 10      # upkeep rounds between looks for rows of dead mounts
 PRESSURE_S = 30.0       # how long a full disk lowers the bound to what fitted
 KNOWN_MAX = 65536
+ALIGN = 4096            # direct I/O: buffer address, length and offset in units of this
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 @dataclass
@@ -130,6 +143,17 @@ def stored_size(length: int) -> int:
     return length + 4 * _chunks(length)
 
 
+def _padded(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _write_all(fd: int, parts: list[memoryview]) -> None:
     """``writev`` until every byte of ``parts`` is written (a regular file may take
     fewer bytes than asked, e.g. when interrupted by a signal)."""
@@ -162,8 +186,9 @@ class BlockCache:
 
     def __init__(self, root: str, limit: int, *, max_pending: int = 8,
                  max_pending_bytes: int = 64 * 1024 * 1024, volume: str = "",
-                 volume_limit: int | None = None) -> None:
+                 volume_limit: int | None = None, direct_io: bool = True) -> None:
         self.root = root
+        self.direct_io = direct_io  # False once the directory's filesystem refused it
         self.limit = limit
         self.volume = volume
         self.volume_limit = volume_limit
@@ -189,6 +214,7 @@ class BlockCache:
         # uploads and verified reads wait for in the default pool; the index has one
         # thread, which serialises this process's transactions
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-io")
+        self._buffers = threading.local()  # each I/O thread's aligned buffer (``_aligned``)
         self._ix = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-index")
 
     @classmethod
@@ -274,8 +300,41 @@ class BlockCache:
         return data
 
     def _load(self, name: str, length: int) -> Any:
-        """The whole block, every chunk verified; None if not cached, or ``_CORRUPT``."""
-        return self._read_chunks(name, length, 0, _chunks(length))
+        """The whole block, every chunk verified; None if not cached, or ``_CORRUPT``.
+
+        Read with direct I/O, file and trailer in one ``pread`` into this thread's
+        aligned buffer, then copied out once: the bytes go to the memory cache and the
+        reader's page cache anyway, a third copy in the page cache of the cache file
+        would only cost the kernel pages (measured: half the system time of a warm
+        read). Range reads stay buffered: a random reader gains from the page cache."""
+        if not self.direct_io:
+            return self._read_chunks(name, length, 0, _chunks(length))
+        size = stored_size(length)
+        try:
+            fd = self._open_checked(name, length, os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct_io(exc)
+            return self._read_chunks(name, length, 0, _chunks(length))
+        if fd is None or fd is _CORRUPT:
+            return fd
+        buf = self._aligned(size)
+        try:
+            got = os.preadv(fd, [buf[:_padded(size)]], 0)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # the device wants a coarser alignment
+                self._no_direct_io(exc)
+                return self._read_chunks(name, length, 0, _chunks(length))
+            if exc.errno != errno.EIO:
+                raise
+            return self._corrupt(name)
+        finally:
+            os.close(fd)
+        n = _chunks(length)
+        if got != size or list(struct.unpack_from(f"<{n}I", buf, length)) != _crcs(buf[:length]):
+            return self._corrupt(name)
+        return bytes(buf[:length])
 
     async def read_range(self, digest: str, length: int, start: int, size: int) -> bytes | None:
         """Bytes [start, start+size) of a cached block, verified chunk by chunk; None on miss.
@@ -337,12 +396,12 @@ class BlockCache:
             return self._corrupt(name)
         return body
 
-    def _open_checked(self, name: str, length: int) -> Any:
+    def _open_checked(self, name: str, length: int, flags: int = 0) -> Any:
         """An open descriptor of the block's file if it has exactly the size it must
         have; None if there is no file, ``_corrupt`` if its size is wrong (the trailer
         of a truncated or extended file is not where it belongs)."""
         try:
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | flags)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
@@ -358,6 +417,23 @@ class BlockCache:
             os.close(fd)
             return self._corrupt(name)
         return fd
+
+    def _aligned(self, size: int) -> memoryview:
+        """This thread's page-aligned buffer of at least ``_padded(size)`` bytes, kept
+        for the next block (its pages stay mapped: a new buffer per block would fault
+        in 1024 fresh pages each time). Two I/O threads: at most two blocks' worth."""
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < _padded(size):
+            if buf is not None:
+                buf.close()
+            buf = self._buffers.buf = mmap.mmap(-1, max(ALIGN, _padded(size)))
+        return memoryview(buf)
+
+    def _no_direct_io(self, exc: OSError) -> None:
+        if self.direct_io:
+            self.direct_io = False
+            log.info("cache directory refuses direct I/O: buffered from now on",
+                     extra={"dir": self.root, "error": str(exc)})
 
     def _corrupt(self, name: str) -> object:
         self.stats.corrupt += 1
@@ -495,20 +571,15 @@ class BlockCache:
     def _store(self, name: str, data: bytes) -> bool:
         """Write tmp + rename; False if the disk is full (nothing is left behind).
 
-        The block and its trailer go to the file in one ``writev`` from the caller's
-        buffer (no copy of the block in this process); the directory of a name is made
-        only when the rename finds it missing (once per directory, not per block)."""
+        The directory of a name is made only when the rename finds it missing (once
+        per directory, not per block)."""
         tmp = self.index.tmp_path(name)
         final = self._path(name)
         trailer = _trailer(data)
         for attempt in (1, 2):
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
-                    try:
-                        _write_all(fd, [memoryview(data), memoryview(trailer)])
-                    finally:
-                        os.close(fd)
+                    self._write_file(tmp, data, trailer)
                     try:
                         os.rename(tmp, final)
                     except FileNotFoundError:
@@ -517,10 +588,7 @@ class BlockCache:
                         os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
                         os.rename(tmp, final)
                 except BaseException:
-                    try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+                    _unlink_quietly(tmp)
                     raise
                 return True
             except FileNotFoundError:
@@ -535,6 +603,56 @@ class BlockCache:
                     return False
                 raise
         return False
+
+    def _write_file(self, path: str, data: bytes, trailer: bytes) -> None:
+        """Create ``path`` holding the block and its trailer.
+
+        With direct I/O: the block and trailer are copied into this thread's aligned
+        buffer and written past the page cache (``_write_direct``). A
+        block read from S3 is already in the reader's page cache and in the memory
+        cache; writing it through the page cache as well cost the kernel more than the
+        rest of a cold read (measured: ~2.5 s of system time per GiB here, against
+        ~0.2 s direct). A filesystem that refuses direct I/O (EINVAL) gets one
+        ``writev`` from the caller's buffer, now and from then on."""
+        if self.direct_io:
+            try:
+                fd = os.open(path, _CREATE | os.O_DIRECT, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct_io(exc)
+                _unlink_quietly(path)  # open may have created it before refusing
+            else:
+                try:
+                    self._write_direct(fd, data, trailer)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._no_direct_io(exc)
+                finally:
+                    os.close(fd)
+                _unlink_quietly(path)
+        fd = os.open(path, _CREATE, 0o600)
+        try:
+            _write_all(fd, [memoryview(data), memoryview(trailer)])
+        finally:
+            os.close(fd)
+
+    def _write_direct(self, fd: int, data: bytes, trailer: bytes) -> None:
+        """The aligned head of the file past the page cache, its last partial 4 KiB (for
+        a 4 MiB block: the trailer) through it, so that the file needs no cutting to
+        size (a truncate would read the last block back from the disk)."""
+        size = len(data) + len(trailer)
+        head = size // ALIGN * ALIGN
+        buf = self._aligned(size)
+        buf[:len(data)] = data
+        buf[len(data):size] = trailer
+        if head:
+            _write_all(fd, [buf[:head]])
+        if head < size:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _write_all(fd, [buf[head:size]])
 
     # ---- upkeep ------------------------------------------------------------------------
     def start_upkeep(self) -> None:
