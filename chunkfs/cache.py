@@ -424,8 +424,8 @@ class BlockCache:
         in 1024 fresh pages each time). Two I/O threads: at most two blocks' worth."""
         buf = getattr(self._buffers, "buf", None)
         if buf is None or len(buf) < _padded(size):
-            if buf is not None:
-                buf.close()
+            # the old one is unmapped when the last view of it goes (closing it here
+            # would fail while a view is still alive)
             buf = self._buffers.buf = mmap.mmap(-1, max(ALIGN, _padded(size)))
         return memoryview(buf)
 
