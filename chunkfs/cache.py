@@ -17,9 +17,38 @@ every disk and index operation runs in threads of the cache's own, never on the 
 loop, and a cache that cannot write (a full disk, a locked or corrupt index) yields:
 the block is not cached, nothing fails.
 
-A cache file is the block followed by a trailer of CRC32s, one per 64 KiB chunk, so a
-random read of 4 KiB reads and verifies one chunk instead of hashing the whole block;
-whole-block loads verify the block's SHA-256 as before.
+A cache file is the block followed by a trailer of CRC-32s, one per 64 KiB chunk. Every
+load checks the file's size (exactly the block's length plus its trailer) and the CRC of
+each chunk it returns: a random read of 4 KiB reads and verifies one chunk, a whole-block
+load all of them. The SHA-256 in the name is not recomputed on a load, and this is
+why that is enough:
+- What goes in is right: every ``put`` is of bytes whose SHA-256 was checked or made
+  just before (a GET from S3, an upload, the warm-start prefetch), and the trailer is
+  computed from those bytes in the writing process. The SHA-256 guards the path that
+  is not ours (the network, the object store); the cache file is our own, on local
+  disk, so what can happen to it is bit rot, a truncated or zero-filled file after a
+  crash (the rename may reach the disk before the data: there is no fsync, the cache is
+  disposable), or a file damaged by hand; not an adversary who forges a CRC.
+- A file of the wrong size (truncated, extended, a crash mid-write) is corrupt before
+  any byte of it is read. Its trailer is where it should be, so each chunk is compared
+  with its own CRC: a damaged chunk or a damaged trailer entry (the trailer is checked
+  against the data, never trusted alone) fails the comparison, except with probability
+  2^-32 per damaged chunk for garbage, and never for the common faults (CRC-32 catches
+  every error of one or two bits in a chunk and every burst of up to 32 bits). A
+  zero-filled region fails too: the CRC of zeros is not zero.
+- Either way the file is deleted and the load is a miss (the block comes from S3
+  again, verified by its SHA-256): a reader never sees bad bytes.
+The CRC is ISA-L's (``isal``: the same CRC-32 as zlib's, vectorised, ~40 GB/s here
+against ~0.8 GB/s for SHA-256), so a warm 4 MiB load costs one read and ~0.1 ms of CRC
+instead of ~5 ms of hashing.
+
+Whole blocks are written and loaded with direct I/O (``O_DIRECT``, through a page-aligned
+buffer that each of the two I/O threads keeps: ~8 MiB in all), range reads through the
+page cache. A block written or loaded whole is in the memory cache and in the reader's
+page cache already; a third copy in the page cache of the cache file cost the kernel
+more than all the rest of a cold read (its pages, on a 2-core VM: ~2.5 s of system
+time per GiB written, against ~0.2 s direct). A random reader's ranges do gain from
+the page cache. A filesystem that refuses direct I/O (EINVAL) is used buffered.
 
 In-process protocol (one event loop: only ``await`` points interleave):
 - A name in ``_busy`` has a put in flight in this process: a second put of it is
@@ -41,19 +70,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
+import fcntl
 import logging
+import mmap
 import os
 import re
 import sqlite3
 import struct
+import threading
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from isal.isal_zlib import crc32
 
 from chunkfs.cacheindex import SQLITE_FULL, CacheIndex, Reserved, private_dir
 
@@ -67,6 +99,8 @@ UPKEEP_S = 1.0          # how often uses are written to the index and totals rea
 RECOVER_EVERY = 10      # upkeep rounds between looks for rows of dead mounts
 PRESSURE_S = 30.0       # how long a full disk lowers the bound to what fitted
 KNOWN_MAX = 65536
+ALIGN = 4096            # direct I/O: buffer address, length and offset in units of this
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 @dataclass
@@ -90,15 +124,49 @@ class CacheStats:
                 "hit_ratio": round(self.hits / total, 4) if total else 0.0}
 
 
+def _crcs(view: memoryview) -> list[int]:
+    """The CRC-32 of each 64 KiB chunk of ``view`` (the last one may be shorter)."""
+    return [crc32(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
+
+
 def _trailer(data: bytes | memoryview) -> bytes:
-    view = memoryview(data)
-    return b"".join(struct.pack("<I", zlib.crc32(view[i:i + CHUNK]))
-                    for i in range(0, len(view), CHUNK))
+    crcs = _crcs(memoryview(data))
+    return struct.pack(f"<{len(crcs)}I", *crcs)
+
+
+def _chunks(length: int) -> int:
+    return (length + CHUNK - 1) // CHUNK
 
 
 def stored_size(length: int) -> int:
     """Bytes a block of ``length`` bytes takes in the cache (block + CRC trailer)."""
-    return length + 4 * ((length + CHUNK - 1) // CHUNK)
+    return length + 4 * _chunks(length)
+
+
+def _padded(size: int) -> int:
+    return -(-size // ALIGN) * ALIGN
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_all(fd: int, parts: list[memoryview]) -> None:
+    """``writev`` until every byte of ``parts`` is written (a regular file may take
+    fewer bytes than asked, e.g. when interrupted by a signal)."""
+    parts = [p for p in parts if len(p)]
+    while parts:
+        n = os.writev(fd, parts)
+        if n <= 0:
+            raise OSError(errno.EIO, "write to the cache made no progress")
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if parts and n:
+            parts[0] = parts[0][n:]
 
 
 def _name(digest: str, length: int) -> str:
@@ -118,8 +186,9 @@ class BlockCache:
 
     def __init__(self, root: str, limit: int, *, max_pending: int = 8,
                  max_pending_bytes: int = 64 * 1024 * 1024, volume: str = "",
-                 volume_limit: int | None = None) -> None:
+                 volume_limit: int | None = None, direct_io: bool = True) -> None:
         self.root = root
+        self.direct_io = direct_io  # False once the directory's filesystem refused it
         self.limit = limit
         self.volume = volume
         self.volume_limit = volume_limit
@@ -145,6 +214,7 @@ class BlockCache:
         # uploads and verified reads wait for in the default pool; the index has one
         # thread, which serialises this process's transactions
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cache-io")
+        self._buffers = threading.local()  # each I/O thread's aligned buffer (``_aligned``)
         self._ix = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-index")
 
     @classmethod
@@ -218,7 +288,7 @@ class BlockCache:
         if self.disabled:
             self.stats.misses += 1
             return None
-        data = await self._run(self._load, name, digest, length)
+        data = await self._run(self._load, name, length)
         if data is None or data is _CORRUPT:
             self._known.pop(name, None)
             self.stats.misses += 1
@@ -229,15 +299,42 @@ class BlockCache:
         self._used(name)
         return data
 
-    def _load(self, name: str, digest: str, length: int) -> Any:
+    def _load(self, name: str, length: int) -> Any:
+        """The whole block, every chunk verified; None if not cached, or ``_CORRUPT``.
+
+        Read with direct I/O, file and trailer in one ``pread`` into this thread's
+        aligned buffer, then copied out once: the bytes go to the memory cache and the
+        reader's page cache anyway, a third copy in the page cache of the cache file
+        would only cost the kernel pages (measured: half the system time of a warm
+        read). Range reads stay buffered: a random reader gains from the page cache."""
+        if not self.direct_io:
+            return self._read_chunks(name, length, 0, _chunks(length))
+        size = stored_size(length)
         try:
-            with open(self._path(name), "rb") as f:
-                data = f.read(length)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
+            fd = self._open_checked(name, length, os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._no_direct_io(exc)
+            return self._read_chunks(name, length, 0, _chunks(length))
+        if fd is None or fd is _CORRUPT:
+            return fd
+        buf = self._aligned(size)
+        try:
+            got = os.preadv(fd, [buf[:_padded(size)]], 0)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # the device wants a coarser alignment
+                self._no_direct_io(exc)
+                return self._read_chunks(name, length, 0, _chunks(length))
+            if exc.errno != errno.EIO:
+                raise
             return self._corrupt(name)
-        return data
+        finally:
+            os.close(fd)
+        n = _chunks(length)
+        if got != size or list(struct.unpack_from(f"<{n}I", buf, length)) != _crcs(buf[:length]):
+            return self._corrupt(name)
+        return bytes(buf[:length])
 
     async def read_range(self, digest: str, length: int, start: int, size: int) -> bytes | None:
         """Bytes [start, start+size) of a cached block, verified chunk by chunk; None on miss.
@@ -266,28 +363,77 @@ class BlockCache:
         return data
 
     def _load_range(self, name: str, length: int, start: int, end: int) -> Any:
-        """Read and verify the chunks covering [start, end), 0 <= start < end <= length."""
+        """Bytes [start, end) of the block, 0 <= start < end <= length: the chunks that
+        cover them are read and verified, nothing else."""
         first, last = start // CHUNK, (end - 1) // CHUNK
-        count = last - first + 1
+        body = self._read_chunks(name, length, first, last - first + 1)
+        if body is None or body is _CORRUPT:
+            return body
+        offset = start - first * CHUNK
+        if offset == 0 and end - start == len(body):
+            return body
+        return body[offset:offset + end - start]
+
+    def _read_chunks(self, name: str, length: int, first: int, count: int) -> Any:
+        """Chunks ``first .. first+count-1`` of the block, each checked against its
+        trailer entry, in a file of exactly the right size; None if there is no file,
+        ``_CORRUPT`` if anything does not match (or the disk fails to read it)."""
+        span = min(length, (first + count) * CHUNK) - first * CHUNK
+        fd = self._open_checked(name, length)
+        if fd is None or fd is _CORRUPT:
+            return fd
         try:
-            fd = os.open(self._path(name), os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            body = os.pread(fd, min(length, (last + 1) * CHUNK) - first * CHUNK, first * CHUNK)
-            crcs = os.pread(fd, 4 * count, length + 4 * first)
+            body = os.pread(fd, span, first * CHUNK)
+            trailer = os.pread(fd, 4 * count, length + 4 * first)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            return self._corrupt(name)  # a bad sector: the block comes from S3 instead
         finally:
             os.close(fd)
-        ok = len(crcs) == 4 * count and len(body) == min(length, (last + 1) * CHUNK) - first * CHUNK
-        for i in range(count) if ok else ():
-            chunk = memoryview(body)[i * CHUNK:(i + 1) * CHUNK]
-            if struct.unpack_from("<I", crcs, 4 * i)[0] != zlib.crc32(chunk):
-                ok = False
-                break
-        if not ok:
+        if (len(body) != span or len(trailer) != 4 * count
+                or list(struct.unpack(f"<{count}I", trailer)) != _crcs(memoryview(body))):
             return self._corrupt(name)
-        offset = start - first * CHUNK
-        return body[offset:offset + end - start]
+        return body
+
+    def _open_checked(self, name: str, length: int, flags: int = 0) -> Any:
+        """An open descriptor of the block's file if it has exactly the size it must
+        have; None if there is no file, ``_corrupt`` if its size is wrong (the trailer
+        of a truncated or extended file is not where it belongs)."""
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NOFOLLOW | flags)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return self._corrupt(name)  # a symlink is no file the cache wrote
+        try:
+            size = os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+        if size != stored_size(length):
+            os.close(fd)
+            return self._corrupt(name)
+        return fd
+
+    def _aligned(self, size: int) -> memoryview:
+        """This thread's page-aligned buffer of at least ``_padded(size)`` bytes, kept
+        for the next block (its pages stay mapped: a new buffer per block would fault
+        in 1024 fresh pages each time). Two I/O threads: at most two blocks' worth."""
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < _padded(size):
+            # the old one is unmapped when the last view of it goes (closing it here
+            # would fail while a view is still alive)
+            buf = self._buffers.buf = mmap.mmap(-1, max(ALIGN, _padded(size)))
+        return memoryview(buf)
+
+    def _no_direct_io(self, exc: OSError) -> None:
+        if self.direct_io:
+            self.direct_io = False
+            log.info("cache directory refuses direct I/O: buffered from now on",
+                     extra={"dir": self.root, "error": str(exc)})
 
     def _corrupt(self, name: str) -> object:
         self.stats.corrupt += 1
@@ -423,24 +569,26 @@ class BlockCache:
             self._unreleased.add(name)
 
     def _store(self, name: str, data: bytes) -> bool:
-        """Write tmp + rename; False if the disk is full (nothing is left behind)."""
+        """Write tmp + rename; False if the disk is full (nothing is left behind).
+
+        The directory of a name is made only when the rename finds it missing (once
+        per directory, not per block)."""
         tmp = self.index.tmp_path(name)
         final = self._path(name)
         trailer = _trailer(data)
         for attempt in (1, 2):
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 try:
-                    with open(fd, "wb") as f:
-                        f.write(data)
-                        f.write(trailer)
-                    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-                    os.rename(tmp, final)
-                except BaseException:
+                    self._write_file(tmp, data, trailer)
                     try:
-                        os.unlink(tmp)
-                    except OSError:
-                        pass
+                        os.rename(tmp, final)
+                    except FileNotFoundError:
+                        if not os.path.exists(tmp):
+                            raise  # the cache directory was deleted under us
+                        os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+                        os.rename(tmp, final)
+                except BaseException:
+                    _unlink_quietly(tmp)
                     raise
                 return True
             except FileNotFoundError:
@@ -455,6 +603,56 @@ class BlockCache:
                     return False
                 raise
         return False
+
+    def _write_file(self, path: str, data: bytes, trailer: bytes) -> None:
+        """Create ``path`` holding the block and its trailer.
+
+        With direct I/O: the block and trailer are copied into this thread's aligned
+        buffer and written past the page cache (``_write_direct``). A
+        block read from S3 is already in the reader's page cache and in the memory
+        cache; writing it through the page cache as well cost the kernel more than the
+        rest of a cold read (measured: ~2.5 s of system time per GiB here, against
+        ~0.2 s direct). A filesystem that refuses direct I/O (EINVAL) gets one
+        ``writev`` from the caller's buffer, now and from then on."""
+        if self.direct_io:
+            try:
+                fd = os.open(path, _CREATE | os.O_DIRECT, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._no_direct_io(exc)
+                _unlink_quietly(path)  # open may have created it before refusing
+            else:
+                try:
+                    self._write_direct(fd, data, trailer)
+                    return
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._no_direct_io(exc)
+                finally:
+                    os.close(fd)
+                _unlink_quietly(path)
+        fd = os.open(path, _CREATE, 0o600)
+        try:
+            _write_all(fd, [memoryview(data), memoryview(trailer)])
+        finally:
+            os.close(fd)
+
+    def _write_direct(self, fd: int, data: bytes, trailer: bytes) -> None:
+        """The aligned head of the file past the page cache, its last partial 4 KiB (for
+        a 4 MiB block: the trailer) through it, so that the file needs no cutting to
+        size (a truncate would read the last block back from the disk)."""
+        size = len(data) + len(trailer)
+        head = size // ALIGN * ALIGN
+        buf = self._aligned(size)
+        buf[:len(data)] = data
+        buf[len(data):size] = trailer
+        if head:
+            _write_all(fd, [buf[:head]])
+        if head < size:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _write_all(fd, [buf[head:size]])
 
     # ---- upkeep ------------------------------------------------------------------------
     def start_upkeep(self) -> None:
