@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from chunkfs.errors import SessionExpired
+from chunkfs.errors import Fenced, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import VolumeRecord
 
@@ -44,6 +44,11 @@ class VolumeState:
     def used(self) -> int:
         """Bytes in use: the last read, plus our commits since."""
         return self.record.used + self.meta.charged
+
+    def check_writable(self) -> None:
+        """Raise ``Fenced`` once this mount may no longer change the volume."""
+        if self.fenced:
+            raise Fenced("writer lease revoked: this node may no longer write the volume")
 
     def fence(self, why: str, **extra: Any) -> None:
         """From now on this mount changes nothing (its lease or session is gone)."""
