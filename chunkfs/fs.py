@@ -54,7 +54,7 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(exc.errno) from None
         except ChunkfsError as exc:
             if isinstance(exc, (Fenced, SessionExpired)):
-                self.state.fenced = True
+                self.state.refused()
             if exc.errno == errno.EIO:
                 self.status.errors += 1
                 self.status.last_error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
