@@ -31,7 +31,7 @@ Invariants (one event loop: only ``await`` points interleave):
    the last link removed) forgets it. ``_kernel_attrs`` is what the kernel was last
    told of an inode's (mtime, size), so an open that loads newer attributes can expire
    the kernel's copy (close-to-open across nodes); it goes with the last lookup reference.
-5. **Admission.** A write is admitted (``admit``, called by FileData before it buffers)
+5. **Admission.** A write is admitted (``fits``, else ``admit``: FileData asks before it buffers)
    while the volume's capacity holds the last known usage, the uncommitted growth of
    every file here and the write's own growth; near the limit the usage is read from
    Redis first. A fenced mount flushes nothing more (``VolumeState.check_writable``).
@@ -310,11 +310,19 @@ class OpenFiles:
             return 1 << 62
         return self.state.capacity - self.state.used - self.uncommitted_growth() - growth
 
+    def _near_full(self) -> int:
+        return max(NEAR_FULL, self.state.capacity // 100)
+
+    def fits(self, growth: int) -> bool:
+        """``admit`` would let this growth pass without asking Redis (a write that grows
+        nothing always fits)."""
+        return self._space_left(growth) >= self._near_full()
+
     async def admit(self, growth: Callable[[], int]) -> None:
         """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
         to a second old (space used or freed since): near the limit, ask Redis first."""
         left = self._space_left(growth())
-        if left < max(NEAR_FULL, self.state.capacity // 100):
+        if left < self._near_full():
             await self.state.refresh_usage()
             left = self._space_left(growth())
         if left < 0:

@@ -90,6 +90,10 @@ Buffer = bytes | bytearray | memoryview
 class Admission(Protocol):
     """Who admits writes against the volume's capacity (the mount's registry)."""
 
+    def fits(self, growth: int) -> bool:
+        """Whether ``growth`` more bytes are admitted at once, far from the limit (no
+        question to Redis first): the common case, without an await."""
+
     async def admit(self, growth: Callable[[], int]) -> None:
         """Return when the volume can hold ``growth()`` more bytes (asked again after any
         wait, the file may have changed meanwhile); raise ``NoSpace`` when it cannot."""
@@ -367,7 +371,8 @@ class FileData:
         cannot hold what its commit would charge (``growth_of``)."""
         if self.admission is not None:
             n = len(buf)
-            await self.admission.admit(lambda: self.growth_of(off, n))
+            if not self.admission.fits(self.growth_of(off, n)):
+                await self.admission.admit(lambda: self.growth_of(off, n))
         self.writes += 1
         end = off + len(buf)
         if self.inline is not None:
