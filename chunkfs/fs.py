@@ -1,8 +1,10 @@
 """The FUSE operations of chunkfs: the only place that raises ``FUSEError``.
 
 Handlers stay thin: they translate between pyfuse3's types and the metadata layer
-(``VolumeMeta``) and the file data layer (``FileData``), and turn typed chunkfs
-errors into errno values in one decorator.
+(``VolumeMeta``), the mount's registry of open files (``OpenFiles``: handles, lookups,
+orphans, versions, loading, admission) and the file data layer (``FileData``: read,
+write, flush, truncate, size), and turn typed chunkfs errors into errno values in one
+decorator. Per-file state lives in the registry, never here.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from chunkfs.blocks.budget import WriteBudget
-from chunkfs.blocks.file import FileData
 from chunkfs.blocks.store import BlockStore
-from chunkfs.errors import ChunkfsError, Fenced, FsError, NoSpace, SessionExpired
+from chunkfs.errors import ChunkfsError, Fenced, FsError, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import ROOT_INODE, Attr, InodeField, VolumeRecord
 from chunkfs.metacache import PAGE, SMALL_DIR, MetaCache
+from chunkfs.openfiles import OpenFiles
 from chunkfs.volume_state import VolumeState
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,6 @@ STATUS_NAME = b".chunkfs.status"
 NAME_MAX = 255  # bytes per name (statfs f_namemax): longer names fail with ENAMETOOLONG
 STATUS_INO = (1 << 62) + 1
 _RENAME_FLAGS = {0: 0, pyfuse3.RENAME_NOREPLACE: 1, pyfuse3.RENAME_EXCHANGE: 2}
-_NEAR_FULL = 1 << 20  # closer to the capacity than this, a write checks the usage in Redis
 
 
 def fuse_errors(fn: F) -> F:
@@ -53,7 +54,7 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(exc.errno) from None
         except ChunkfsError as exc:
             if isinstance(exc, (Fenced, SessionExpired)):
-                self.state.fenced = True
+                self.state.refused()
             if exc.errno == errno.EIO:
                 self.status.errors += 1
                 self.status.last_error = f"{fn.__name__}: {type(exc).__name__}: {exc}"
@@ -93,11 +94,12 @@ class MountStatus:
 
 
 @dataclass
-class Handle:
+class DirHandle:
+    """An open directory: its entries as listed at opendir, for readdir's offsets."""
+
     ino: int
-    data: FileData | None
-    next_offset: int = 0
-    streak: int = 0  # bytes read sequentially up to next_offset (sizes the readahead)
+    entries: list[tuple[bytes, int]]
+    names_until: float  # the metadata cache's clock until which its names may be trusted
 
 
 class ChunkFS(pyfuse3.Operations):
@@ -109,24 +111,15 @@ class ChunkFS(pyfuse3.Operations):
         self.meta = meta
         self.blocks = blocks
         self.opt = options
-        self.budget: WriteBudget | None = None
-        self.files: dict[int, FileData] = {}
-        self.handles: dict[int, Handle] = {}
-        self.dirs: dict[int, list[tuple[bytes, int]]] = {}
-        # directory handle -> its directory's inode, and until when its names may be trusted
-        self.dir_inodes: dict[int, tuple[int, float]] = {}
-        self.lookups: dict[int, int] = {}
-        self.loading: dict[int, asyncio.Future[None]] = {}
-        self.orphans: set[int] = set()
-        self.upkeep: set[FileData] = set()  # closed files whose slices are being moved
-        self.versions: dict[int, tuple[int, int]] = {}
-        # (mtime, size) of the attributes last handed to the kernel, per inode: what it may
-        # still serve from its attribute cache (for up to attr-timeout)
-        self.kernel_attrs: dict[int, tuple[int, int]] = {}
+        self.dirs: dict[int, DirHandle] = {}
+        self.status_bodies: dict[int, bytes] = {}  # status file handle -> what it reads
         self.cache = MetaCache(options.attr_timeout, options.entry_timeout)
         self._listings: dict[int, asyncio.Task[None]] = {}  # directory -> its listing in flight
-        self._next_fh = 1
         self.state = VolumeState(meta, volume)  # capacity, usage, epoch, fenced
+        self.files = OpenFiles(meta, blocks, self.state, block_size=options.block_size,
+                               inline_limit=options.inline_limit,
+                               readahead_blocks=options.readahead_blocks,
+                               changed=lambda ino: self.cache.forget(ino))
         self.status = MountStatus()
         self._status_extra = status_extra
         self.initialized = asyncio.Event()  # the kernel's INIT was answered
@@ -137,20 +130,7 @@ class ChunkFS(pyfuse3.Operations):
         self.initialized.set()
 
     def attach_budget(self, budget: WriteBudget) -> None:
-        self.budget = budget
-        budget.relieve = self.relieve_memory
-
-    def relieve_memory(self, need: int) -> None:
-        """The write budget is spent: upload dirty blocks of any open file, largest first,
-        until ``need`` bytes are on their way (a writer of one file must never wait on
-        partial blocks of others that nobody flushes)."""
-        dirty = sorted(((n, ino, idx) for ino, f in self.files.items()
-                        for idx, n in f.dirty_blocks()), reverse=True)
-        started = 0
-        for _size, ino, idx in dirty:
-            if started >= need:
-                break
-            started += self.files[ino].start_upload(idx)
+        self.files.attach_budget(budget)
 
     # ---- helpers -------------------------------------------------------------------
     def _entry(self, attr: Attr, entry_timeout: float | None = None,
@@ -167,22 +147,21 @@ class ChunkFS(pyfuse3.Operations):
         e.st_uid = attr.uid
         e.st_gid = attr.gid
         e.st_rdev = attr.rdev
-        data = self.files.get(attr.ino)
-        e.st_size = data.size if data is not None else attr.size
+        e.st_size = self.files.size(attr.ino, attr.size)
         e.st_blksize = 1 << 17
         e.st_blocks = (e.st_size + 511) // 512
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.ctime_ns
         if attr.ino != STATUS_INO:
-            self.kernel_attrs[attr.ino] = (e.st_mtime_ns, e.st_size)
+            self.files.told_kernel(attr.ino, (e.st_mtime_ns, e.st_size))
         return e
 
     def _expire_kernel_attrs(self, attr: Attr) -> None:
         """Close-to-open across nodes: an open that loaded newer attributes than the
         kernel holds (another node changed the file within attr-timeout) makes the kernel
         ask again, so that fstat and reads see the new size, not the cached one."""
-        if self.kernel_attrs.get(attr.ino) == (attr.mtime_ns, attr.size):
+        if self.files.kernel_has(attr.ino, (attr.mtime_ns, attr.size)):
             return
         try:
             pyfuse3.invalidate_inode(attr.ino, attr_only=True)  # no writeback cache: no wait
@@ -191,28 +170,8 @@ class ChunkFS(pyfuse3.Operations):
 
     def _known(self, entry: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
         """Count a reply that hands the kernel a reference to an inode (until ``forget``)."""
-        self.lookups[entry.st_ino] = self.lookups.get(entry.st_ino, 0) + 1
+        self.files.looked_up(entry.st_ino)
         return entry
-
-    async def _maybe_purge(self, ino: int) -> None:
-        """Remove an unlinked inode once neither the kernel nor an open file refers to it.
-
-        Until then it stays in the volume's orphan list, so a process that looked the
-        name up just before it was replaced can still open and read it (POSIX semantics).
-        """
-        if ino not in self.orphans or self.lookups.get(ino, 0) > 0:
-            return
-        data = self.files.get(ino)
-        if data is not None and data.opens > 0:
-            return
-        self.orphans.discard(ino)
-        data = self.files.pop(ino, None)
-        try:
-            if data is not None and not data.is_clean:
-                await data.abandon()
-            await self.meta.purge(ino)
-        except ChunkfsError as exc:  # left in the orphan list: reaped at the next mount
-            log.warning("purge of an unlinked inode failed", extra={"ino": ino, "error": str(exc)})
 
     @staticmethod
     def _check_name(*names: bytes) -> None:
@@ -224,10 +183,6 @@ class ChunkFS(pyfuse3.Operations):
     def _status_entry(self) -> pyfuse3.EntryAttributes:
         now = time.time_ns()
         return self._entry(Attr(STATUS_INO, stat.S_IFREG | 0o444, 0, 0, 1, 0, now, now, now))
-
-    def _fh(self) -> int:
-        self._next_fh += 1
-        return self._next_fh
 
     @staticmethod
     def _not_reserved(parent: int, name: bytes, err: int = errno.EPERM) -> None:
@@ -242,45 +197,19 @@ class ChunkFS(pyfuse3.Operations):
             raise FsError(errno.EPERM)
 
     def _check_writable(self) -> None:
-        if self.state.fenced:
-            raise Fenced("writer lease revoked: this node may no longer write the volume")
-
-    def _space_left(self, data: FileData, off: int, n: int) -> int:
-        """Capacity left after this write: what its commit would charge (a block's bytes
-        up to the write, zeros of a hole included), on top of the last known usage and
-        everything this mount has not committed yet."""
-        growth = data.growth_of(off, n)
-        if not growth:
-            return 1 << 62
-        return self.state.capacity - self.state.used - self.uncommitted_growth() - growth
-
-    async def _check_space(self, data: FileData, off: int, n: int) -> None:
-        """ENOSPC before buffering bytes the volume cannot hold. The usage we know may be up
-        to a second old (space used or freed since): near the limit, ask Redis first."""
-        left = self._space_left(data, off, n)
-        if left < max(_NEAR_FULL, self.state.capacity // 100):
-            await self.state.refresh_usage()
-            left = self._space_left(data, off, n)
-        if left < 0:
-            used = self.state.used + self.uncommitted_growth()
-            raise NoSpace(f"volume full: {used} of {self.state.capacity} bytes in use")
-
-    def uncommitted_growth(self) -> int:
-        return sum(f.uncommitted_growth for f in self.files.values())
-
-    def dirty_bytes(self) -> int:
-        return sum(f.dirty_bytes for f in self.files.values())
+        self.state.check_writable()
 
     def unflushed(self) -> dict[int, int]:
         """For the status: inode -> bytes not durable yet, of every file that is not clean."""
-        return {ino: f.dirty_bytes for ino, f in self.files.items() if not f.is_clean}
+        return self.files.unflushed()
 
     def status_document(self) -> dict[str, Any]:
+        budget = self.files.budget
         return {"pid": os.getpid(), "volume": self.state.name, "fenced": self.state.fenced,
                 "read_only": self.opt.read_only, "epoch": self.meta.epoch,
-                "dirty_bytes": self.dirty_bytes(), "open_files": len(self.files),
-                "write_buffer": {"used": self.budget.used if self.budget else 0,
-                                 "limit": self.budget.limit if self.budget else 0},
+                "dirty_bytes": self.files.dirty_bytes(), "open_files": len(self.files),
+                "write_buffer": {"used": budget.used if budget else 0,
+                                 "limit": budget.limit if budget else 0},
                 "errors": self.status.errors, "last_error": self.status.last_error,
                 "fuse": {"reads": self.status.reads, "read_bytes": self.status.read_bytes,
                          "writes": self.status.writes, "write_bytes": self.status.write_bytes},
@@ -288,51 +217,6 @@ class ChunkFS(pyfuse3.Operations):
                 "redis": self.meta.stats.as_dict(),
                 "metadata_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
                 **self._status_extra()}
-
-    async def _file(self, ino: int) -> FileData:
-        data, _ = await self._file_data(ino)
-        return data
-
-    async def _file_data(self, ino: int, *, fresh: bool = False,
-                         reload_clean: bool = False) -> tuple[FileData, Attr | None]:
-        """The one FileData of an inode on this mount (loaded once even when several opens
-        race: two objects for one file would each commit their own view of it).
-        ``reload_clean`` re-reads a file nobody has open here (close-to-open)."""
-        while True:
-            loading = self.loading.get(ino)
-            if loading is not None:
-                await asyncio.shield(loading)
-                continue
-            data = self.files.get(ino)
-            if data is not None and reload_clean and data.is_clean and data.opens == 0:
-                del self.files[ino]
-                data = None
-            if data is not None:
-                return data, None
-            done = asyncio.get_running_loop().create_future()
-            self.loading[ino] = done
-            try:
-                assert self.budget is not None
-                data = FileData(ino, self.meta, self.blocks, self.budget,
-                                block_size=self.opt.block_size, inline_limit=self.opt.inline_limit)
-                attr = None
-                if fresh:
-                    data.inline = bytearray()
-                else:
-                    attr, inline, entries = await self.meta.open_file(ino)
-                    assert attr is not None
-                    if attr.is_dir:
-                        raise FsError(errno.EISDIR)
-                    data.loaded(attr.size, inline, entries)
-                self.files[ino] = data
-                return data, attr
-            finally:
-                del self.loading[ino]
-                done.set_result(None)
-
-    def _drop_if_unused(self, data: FileData) -> None:
-        if data.opens <= 0 and data.is_clean and self.files.get(data.ino) is data:
-            del self.files[data.ino]
 
     # ---- lookups ---------------------------------------------------------------------
     @fuse_errors
@@ -427,14 +311,7 @@ class ChunkFS(pyfuse3.Operations):
         if fields.update_mtime:
             changes[InodeField.MTIME] = attr.st_mtime_ns
         if fields.update_size:
-            data = await self._file(inode)
-            try:
-                self.cache.forget(inode)
-                await data.truncate(attr.st_size)
-                if data.opens <= 0 and not data.is_clean:
-                    await data.flush()  # nobody has it open here: nothing else would commit it
-            finally:
-                self._drop_if_unused(data)
+            await self.files.truncate(inode, attr.st_size)
         if changes or not fields.update_size:
             if InodeField.MODE in changes:
                 current = await self.meta.getattr(inode)
@@ -503,11 +380,8 @@ class ChunkFS(pyfuse3.Operations):
         return self._known(await self._getattr(inode))
 
     async def _after_unlink(self, ino: int, left: int) -> None:
-        if left > 0:
-            return
-        self.orphans.add(ino)
-        self.versions.pop(ino, None)
-        await self._maybe_purge(ino)
+        if left <= 0:
+            await self.files.unlinked(ino)
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -562,151 +436,95 @@ class ChunkFS(pyfuse3.Operations):
     async def _open(self, ino: int, *, fresh: bool = False) -> tuple[pyfuse3.FileInfo, Attr | None]:
         """A handle on the file's data; loads attributes and block map in one round trip."""
         at = self.cache.clock()
-        data, attr = await self._file_data(ino, fresh=fresh, reload_clean=True)
+        fh, _, attr = await self.files.open(ino, fresh=fresh)
         if attr is not None:  # read afresh (close-to-open): what getattr answers from now on
             self.cache.put_attr(attr, at)
-        data.opens += 1
-        fh = self._fh()
-        self.handles[fh] = Handle(ino, data)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), attr
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if inode == STATUS_INO:
-            fh = self._fh()
-            self.handles[fh] = Handle(inode, None)
+            fh = self.files.new_fh()
             body = json.dumps(self.status_document(), indent=2).encode() + b"\n"
-            self.dirs[-fh] = [(body, 0)]
+            self.status_bodies[fh] = body
             return pyfuse3.FileInfo(fh=fh, direct_io=True)
         if flags & (os.O_WRONLY | os.O_RDWR):
             self._check_writable()
-        shared = inode in self.files
+        shared = self.files.is_loaded(inode)
         info, attr = await self._open(inode)
         if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
             # libfuse asks for atomic O_TRUNC: the kernel sends no separate truncate
-            data = self.handles[info.fh].data
-            assert data is not None
             try:
-                await data.truncate(0)
+                await self.files.handle(info.fh).data.truncate(0)
             except BaseException:
                 await self.release(info.fh)
                 raise
             finally:
                 self.cache.forget(inode)
-            self.versions.pop(inode, None)
+            self.files.forget_version(inode)
             info.keep_cache = False
             return info
         if attr is None:  # another handle has it open here: the page cache is ours already
             info.keep_cache = True
             return info
         self._expire_kernel_attrs(attr)
-        version = (attr.mtime_ns, attr.size)
-        info.keep_cache = self.versions.get(inode) == version and not shared
-        self.versions[inode] = version
+        same = self.files.same_version(inode, (attr.mtime_ns, attr.size))
+        info.keep_cache = same and not shared
         return info
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
-        handle = self.handles[fh]
-        if handle.data is None:
-            body = self.dirs[-fh][0][0]
+        body = self.status_bodies.get(fh)
+        if body is not None:
             return body[off:off + size]
-        data = handle.data
+        handle = self.files.handle(fh)
         self.status.reads += 1
         self.status.read_bytes += size
-        sequential = off == handle.next_offset
-        handle.streak = handle.streak + size if sequential else 0
-        if sequential:
-            self._readahead(data, off + size, handle.streak)
-        handle.next_offset = off + size
-        return await data.read(off, size, random=not sequential and size <= 128 * 1024)
-
-    def _readahead(self, data: FileData, pos: int, streak: int) -> None:
-        """Start loading the blocks a sequential reader reaches next: from the block under
-        ``pos`` on, as far as four times the bytes it read in a row so far, at most
-        ``readahead_blocks`` blocks. A reader of a file's first bytes gets the one block it
-        needs, alone on the link (the first byte of a new mount); a streaming reader has
-        the full window within its first block."""
-        if self.opt.readahead_blocks <= 0:
-            return
-        first = pos // data.bs
-        last = min(first + self.opt.readahead_blocks, (pos + 4 * streak) // data.bs + 1)
-        data.readahead(first, last - first)
+        return await handle.data.read(off, size, handle.stream)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self._check_writable()
-        data = self.handles[fh].data
-        if data is None:
+        if fh in self.status_bodies:
             raise FsError(errno.EBADF)
+        data = self.files.handle(fh).data
         self.status.writes += 1
         self.status.write_bytes += len(buf)
-        await self._check_space(data, off, len(buf))
-        await data.write(off, buf)
+        await data.write(off, buf)  # admitted against the capacity first (ENOSPC)
         return len(buf)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        data = self.handles[fh].data
-        if data is not None and not data.is_clean:
-            self._check_writable()
-            try:
-                await data.flush()
-            finally:
-                self.cache.forget(data.ino)
-            self._remember_version(data)
+        if fh not in self.status_bodies:
+            await self.files.flush(fh)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.flush(fh)
 
-    def _remember_version(self, data: FileData) -> None:
-        self.versions.pop(data.ino, None)
-
     @fuse_errors
     async def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh)
-        self.dirs.pop(-fh, None)
-        data = handle.data
-        if data is None:
-            return
-        data.opens -= 1
-        try:
-            if not data.is_clean and not self.state.fenced:
-                await data.flush()
-        finally:
-            self.cache.forget(data.ino)
-            if data.opens <= 0:
-                if self.state.fenced and not data.is_clean and self.files.get(data.ino) is data:
-                    # nothing of it can be committed any more: free its buffers and uploads
-                    del self.files[data.ino]
-                    await data.abandon()
-                elif not self.state.fenced and data.is_clean:
-                    # its last close: small writes kept in Redis move to S3 in the background
-                    self.upkeep = {d for d in self.upkeep if d.busy}
-                    if data.look_after(move_all=True):
-                        self.upkeep.add(data)
-                self._drop_if_unused(data)
-                await self._maybe_purge(data.ino)
+        if self.status_bodies.pop(fh, None) is None:
+            await self.files.release(fh)
 
     # ---- directories -----------------------------------------------------------------
     @fuse_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         if not stat.S_ISDIR((await self._getattr(inode)).st_mode):
             raise FsError(errno.ENOTDIR)
-        fh = self._fh()
+        fh = self.files.new_fh()
         listed = self.cache.listing(inode)
         if listed is not None:
-            self.dirs[fh], left = listed
+            entries, left = listed
         else:
-            self.dirs[fh], left = await self.meta.readdir(inode), self.opt.entry_timeout
-        self.dir_inodes[fh] = (inode, self.cache.clock() + left)
+            entries, left = await self.meta.readdir(inode), self.opt.entry_timeout
+        self.dirs[fh] = DirHandle(inode, entries, self.cache.clock() + left)
         return fh
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        entries = self.dirs[fh]
-        parent, names_until = self.dir_inodes[fh]
+        handle = self.dirs[fh]
+        entries, parent, names_until = handle.entries, handle.ino, handle.names_until
         pos = start_id
         while pos < len(entries):
             batch = entries[pos:pos + 256]
@@ -727,12 +545,11 @@ class ChunkFS(pyfuse3.Operations):
                     entry = self._entry(attr, max(0.0, names_until - at))
                 if not pyfuse3.readdir_reply(token, name, entry, pos):
                     return
-                self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + 1
+                self.files.looked_up(attr.ino)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
-        self.dir_inodes.pop(fh, None)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -742,7 +559,7 @@ class ChunkFS(pyfuse3.Operations):
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         state = await self.state.refresh_usage()
         capacity = state.capacity
-        used = min(capacity, state.used + self.uncommitted_growth())
+        used = min(capacity, state.used + self.files.uncommitted_growth())
         s = pyfuse3.StatvfsData()
         s.f_bsize = 4096
         s.f_frsize = 4096
@@ -796,28 +613,13 @@ class ChunkFS(pyfuse3.Operations):
 
     async def purge_orphans(self) -> None:
         """At unmount the kernel lets go of everything: remove what was only kept for it."""
-        self.lookups.clear()
-        for ino in list(self.orphans):
-            await self._maybe_purge(ino)
+        await self.files.purge_orphans()
 
     async def flush_all(self) -> None:
         """Flush every file with local changes (unmount, SIGTERM), then let the background
-        upkeep of slices finish (it only moves committed bytes: its loss loses nothing)."""
-        for data in list(self.files.values()):
-            if not data.is_clean:
-                await data.flush()
-        pending = [d.settled() for d in {*self.upkeep, *self.files.values()}]
-        self.upkeep.clear()
-        if pending:
-            await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 60)
+        upkeep of slices finish."""
+        await self.files.flush_all()
 
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:
-            left = self.lookups.get(ino, 0) - count
-            if left > 0:
-                self.lookups[ino] = left
-                continue
-            self.lookups.pop(ino, None)
-            self.kernel_attrs.pop(ino, None)
-            if ino in self.orphans:
-                await self._maybe_purge(ino)
+            await self.files.forget(ino, count)

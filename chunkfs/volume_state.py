@@ -3,7 +3,8 @@
 One object owns it, and one task (``run``) keeps it current: the volume's hash read
 every second (a live resize, a revoked writer lease), the session renewed every 20 s.
 The filesystem reads it for admission (ENOSPC before buffering, EIO once fenced) and
-for the status; nothing else writes it. Usage is what Redis said at the last read plus
+for the status, and changes it only through its methods (``refused``: a script turned
+this mount's epoch or session down). Usage is what Redis said at the last read plus
 what this mount's own commits added since (``VolumeMeta.charged``), so a mount never
 admits bytes its own recent commits already spent.
 """
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from chunkfs.errors import SessionExpired
+from chunkfs.errors import Fenced, SessionExpired
 from chunkfs.meta.redis_meta import VolumeMeta
 from chunkfs.meta.schema import VolumeRecord
 
@@ -44,6 +45,16 @@ class VolumeState:
     def used(self) -> int:
         """Bytes in use: the last read, plus our commits since."""
         return self.record.used + self.meta.charged
+
+    def check_writable(self) -> None:
+        """Raise ``Fenced`` once this mount may no longer change the volume."""
+        if self.fenced:
+            raise Fenced("writer lease revoked: this node may no longer write the volume")
+
+    def refused(self) -> None:
+        """A script refused this mount's epoch or session: fenced from now on (the
+        refused operation reports the error itself)."""
+        self.fenced = True
 
     def fence(self, why: str, **extra: Any) -> None:
         """From now on this mount changes nothing (its lease or session is gone)."""

@@ -1,7 +1,13 @@
 """The data of one regular file as this mount sees it: committed slices plus local changes.
 
-Its surface is narrow: ``read``, ``write``, ``flush``, ``truncate``, ``size`` (and, for the
-mount's budget and readahead, ``dirty_blocks``/``start_upload``/``readahead``). Inside:
+Its surface is narrow: ``read``, ``write``, ``flush``, ``truncate``, ``size``, ``is_clean``.
+It does its own readahead (a reader's ``ReadStream`` says how far it has read in order)
+and its own accounting: the write-buffer bytes it holds (``dirty_bytes``), the capacity
+its uncommitted writes will charge (``uncommitted_growth``), and the admission of a write
+against the volume's capacity (``Admission``, the mount's registry) before it buffers a
+byte. The mount's registry (``chunkfs.openfiles``) alone uses the rest: loading
+(``loaded``), memory pressure (``dirty_blocks``/``start_upload``), upkeep at the last
+close (``look_after``/``busy``/``settled``) and dropping local state (``abandon``). Inside:
 
 * Committed state: per block, the slice list last committed (``chunkfs.blocks.slices``).
 * Local changes, per block, oldest first, as *generations* (``Gen``): bytes written since
@@ -43,8 +49,9 @@ import enum
 import errno
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from chunkfs.blocks import slices as sl
 from chunkfs.blocks.budget import WriteBudget
@@ -75,8 +82,30 @@ MOVE_COUNT = 64
 COMPACT_OBJECTS = 16
 COMPACT_SLICES = 256
 MERGE_RATIO = 4  # a merge takes the next older slice while it is at most this times bigger
+RANDOM_READ_MAX = 128 * 1024  # a read out of order up to this size fetches only its range
 _ids = itertools.count(1)
 Buffer = bytes | bytearray | memoryview
+
+
+class Admission(Protocol):
+    """Who admits writes against the volume's capacity (the mount's registry)."""
+
+    def fits(self, growth: int) -> bool:
+        """Whether ``growth`` more bytes are admitted at once, far from the limit (no
+        question to Redis first): the common case, without an await."""
+
+    async def admit(self, growth: Callable[[], int]) -> None:
+        """Return when the volume can hold ``growth()`` more bytes (asked again after any
+        wait, the file may have changed meanwhile); raise ``NoSpace`` when it cannot."""
+
+
+@dataclass
+class ReadStream:
+    """One reader's position in a file (a FUSE handle's): whether a read continues where
+    the last one ended, and how many bytes it has read in order (sizes the readahead)."""
+
+    next_offset: int = 0
+    streak: int = 0
 
 
 class State(enum.Enum):
@@ -108,13 +137,16 @@ class Gen:
 
 class FileData:
     def __init__(self, ino: int, meta: VolumeMeta, blocks: BlockStore, budget: WriteBudget, *,
-                 block_size: int, inline_limit: int) -> None:
+                 block_size: int, inline_limit: int, readahead_blocks: int = 0,
+                 admission: Admission | None = None) -> None:
         self.ino = ino
         self.meta = meta
         self.blocks = blocks
         self.budget = budget
         self.bs = block_size
         self.inline_limit = inline_limit
+        self.readahead_blocks = readahead_blocks  # 0: none
+        self.admission = admission  # None: no capacity check before buffering
         self.inline: bytearray | None = None  # a small file's whole body ('d')
         self.inline_dirty = False
         self.converted = False  # its body became blocks: the next commit drops 'd'
@@ -131,7 +163,6 @@ class FileData:
         self.uncertain: _Commit | None = None  # sent, outcome unknown: replayed as it was
         self.writes = 0
         self.lock = asyncio.Lock()
-        self.opens = 0
         self._todo: dict[int, bool] = {}  # blocks to look after -> move every inline slice
         self._upkeep: asyncio.Task[None] | None = None
 
@@ -189,10 +220,23 @@ class FileData:
         return max(0, growth)
 
     # ---- reads ---------------------------------------------------------------------
-    async def read(self, off: int, size: int, *, random: bool = False) -> Buffer:
+    async def read(self, off: int, size: int, stream: ReadStream | None = None) -> Buffer:
         """Bytes ``[off, off+size)`` (fewer at the end of the file): a read-only buffer
         (bytes, bytearray or a memoryview of a cached block) that the caller must not
-        keep beyond its reply."""
+        keep beyond its reply.
+
+        With the reader's ``stream``, a read that continues where its last one ended
+        starts loading the blocks it reaches next (``_readahead``), and a small read out
+        of order fetches only its range, not its whole block. Without one, the read is
+        whole-block and starts nothing else."""
+        random = False
+        if stream is not None:
+            sequential = off == stream.next_offset
+            stream.streak = stream.streak + size if sequential else 0
+            if sequential:
+                self._readahead(off + size, stream.streak)
+            stream.next_offset = off + size
+            random = not sequential and size <= RANDOM_READ_MAX
         for _ in range(READ_ATTEMPTS - 1):
             try:
                 return await self._read(off, size, random=random)
@@ -298,8 +342,20 @@ class FileData:
         data = await self.blocks.get(ref)
         return memoryview(data)[at:at + n]
 
-    def readahead(self, first: int, count: int) -> None:
-        """Start loading the objects of blocks ``first .. first+count-1`` (sequential readers)."""
+    def _readahead(self, pos: int, streak: int) -> None:
+        """Start loading the blocks a sequential reader reaches next: from the block under
+        ``pos`` on, as far as four times the bytes it read in a row so far, at most
+        ``readahead_blocks`` blocks. A reader of a file's first bytes gets the one block it
+        needs, alone on the link (the first byte of a new mount); a streaming reader has
+        the full window within its first block."""
+        if self.readahead_blocks <= 0:
+            return
+        first = pos // self.bs
+        last = min(first + self.readahead_blocks, (pos + 4 * streak) // self.bs + 1)
+        self._prefetch(first, last - first)
+
+    def _prefetch(self, first: int, count: int) -> None:
+        """Start loading the objects of blocks ``first .. first+count-1``."""
         if self.inline is not None:
             return
         for idx in range(first, first + count):
@@ -311,6 +367,12 @@ class FileData:
 
     # ---- writes --------------------------------------------------------------------
     async def write(self, off: int, buf: bytes) -> None:
+        """Buffer ``buf`` at ``off``; ``NoSpace`` (nothing buffered) when the volume
+        cannot hold what its commit would charge (``growth_of``)."""
+        if self.admission is not None:
+            n = len(buf)
+            if not self.admission.fits(self.growth_of(off, n)):
+                await self.admission.admit(lambda: self.growth_of(off, n))
         self.writes += 1
         end = off + len(buf)
         if self.inline is not None:
