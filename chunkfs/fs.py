@@ -582,10 +582,18 @@ class ChunkFS(pyfuse3.Operations):
             await self.meta.setxattr(inode, name, value)
         finally:
             self.cache.forget(inode)
+            self.cache.forget_xattrs(inode)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        value = await self.meta.getxattr(inode, name)
+        # the kernel asks for security.capability before every write: served from the cache
+        hit = self.cache.xattr(inode, name)
+        if hit is None:
+            at = self.cache.clock()
+            value = await self.meta.getxattr(inode, name)
+            self.cache.put_xattr(inode, name, value, at)
+        else:
+            value = hit[0]
         if value is None:
             raise FsError(pyfuse3.ENOATTR)
         return value
@@ -606,6 +614,7 @@ class ChunkFS(pyfuse3.Operations):
             raise
         finally:
             self.cache.forget(inode)
+            self.cache.forget_xattrs(inode)
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

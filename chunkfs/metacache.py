@@ -15,10 +15,15 @@ every file of a directory) costs no Redis round trip per name:
   created on another node is visible at once, as it was before this cache);
 * every change this mount makes forgets what it touches (the inode, the names, the
   parent directory's attributes), so this mount always sees its own changes;
-* ``open`` reads the attributes afresh (close-to-open) and stores what it read.
+* ``open`` reads the attributes afresh (close-to-open) and stores what it read;
+* extended attributes, found or missing, are kept for ``attr-timeout`` too: the kernel
+  asks for ``security.capability`` before every write to a file (to drop privileges of
+  a set-uid file), and without this each of those would be a Redis round trip (four per
+  SQLite commit in WAL mode). Only this mount's own xattr changes forget them (not every
+  flush: writing data leaves xattrs alone).
 
-Negative answers are left to the kernel (it caches them for ``entry-timeout`` and drops
-them itself when this mount creates the name); this cache holds positive ones only.
+Negative lookups are left to the kernel (it caches them for ``entry-timeout`` and drops
+them itself when this mount creates the name); this cache holds positive entries only.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class MetaCache:
         self._entries: OrderedDict[tuple[int, bytes], tuple[int, float]] = OrderedDict()
         # directory -> (time, every (name, ino)): a complete listing, for opendir
         self._listed: OrderedDict[int, tuple[float, list[tuple[bytes, int]]]] = OrderedDict()
+        # inode -> (time of its newest answer, xattr name -> (its value, None if it has
+        # none; time of the request)), least recently answered first
+        self._xattrs: OrderedDict[int, tuple[float, dict[bytes, tuple[bytes | None, float]]]] \
+            = OrderedDict()
+        self._xattrs_changed: dict[int, float] = {}  # inode -> when this mount changed its xattrs
         # when this mount last changed an inode or a name: answers to requests sent
         # before that are not stored (they may predate the change)
         self._changed: dict[Key, float] = {}
@@ -107,6 +117,18 @@ class MetaCache:
             return None
         return found[1], left
 
+    def xattr(self, ino: int, name: bytes) -> tuple[bytes | None] | None:
+        """A cached answer for an extended attribute: ``(value,)``, ``(None,)`` when the
+        inode has no such attribute; None when unknown or stale (then ask Redis)."""
+        names = self._xattrs.get(ino)
+        found = None if names is None else names[1].get(name)
+        if found is None:
+            return None
+        if found[1] + self.attr_timeout <= self.clock():
+            del names[1][name]  # type: ignore[index]
+            return None
+        return (found[0],)
+
     def entry_ino(self, parent: int, name: bytes) -> int | None:
         """The inode a cached entry names, however old (to forget what a change touches)."""
         found = self._entries.get((parent, name))
@@ -159,6 +181,20 @@ class MetaCache:
             self._listed[parent] = (at, sorted((name, attr.ino) for name, attr in listing))
             self._listed.move_to_end(parent)
 
+    def put_xattr(self, ino: int, name: bytes, value: bytes | None, at: float) -> None:
+        """What Redis answered for xattr ``name`` of ``ino`` (None: it has none) to a
+        request sent at ``at``."""
+        changed = self._xattrs_changed.get(ino)
+        if not (self.enabled and (changed is None or at >= changed)
+                and at + self.attr_timeout > self.clock()):
+            return
+        newest, names = self._xattrs.pop(ino, (at, {}))
+        old = names.get(name)
+        if old is None or old[1] <= at:
+            names[name] = (value, at)
+        self._xattrs[ino] = (max(newest, at), names)
+        self._trim()
+
     # ---- this mount's own changes ------------------------------------------------------
     def forget(self, *inos: int) -> None:
         """Inodes this mount changes (or is about to): the next getattr asks Redis, and an
@@ -169,6 +205,17 @@ class MetaCache:
             self._listed.pop(ino, None)
             self._changed[ino] = now
         self._trim_changed(now)
+
+    def forget_xattrs(self, ino: int) -> None:
+        """This mount changes (or is about to change) an xattr of ``ino``, or removes the
+        inode: its xattrs are asked of Redis again, and an answer to a request sent
+        before now is not stored."""
+        now = self.clock()
+        self._xattrs.pop(ino, None)
+        self._xattrs_changed[ino] = now
+        if len(self._xattrs_changed) > 4096:
+            cutoff = now - self.attr_timeout
+            self._xattrs_changed = {k: t for k, t in self._xattrs_changed.items() if t >= cutoff}
 
     def forget_entry(self, parent: int, name: bytes) -> None:
         """A name this mount changes (created, removed, renamed, replaced)."""
@@ -182,6 +229,7 @@ class MetaCache:
         self._entries.clear()
         self._listed.clear()
         self._misses.clear()
+        self._xattrs.clear()
 
     # ---- bounds ------------------------------------------------------------------------
     def _trim(self) -> None:
@@ -193,6 +241,10 @@ class MetaCache:
         while self._entries and (len(self._entries) > self.limit
                                  or next(iter(self._entries.values()))[1] < cutoff):
             self._entries.popitem(last=False)
+        stale = self.clock() - self.attr_timeout  # an inode's newest answer older than
+        while self._xattrs and (len(self._xattrs) > self.limit  # this: all of it is stale
+                                or next(iter(self._xattrs.values()))[0] <= stale):
+            self._xattrs.popitem(last=False)
         while self._listed and (len(self._listed) > self.limit // 100
                                 or next(iter(self._listed.values()))[0] < cutoff):
             self._listed.popitem(last=False)

@@ -279,8 +279,10 @@ class FileData:
                 layers.append(g.sparse)
         return layers
 
-    async def _block_range(self, idx: int, start: int, stop: int, *, random: bool) -> Buffer:
-        """Bytes ``[start, stop)`` of block ``idx``.
+    async def _block_range(self, idx: int, start: int, stop: int, *, random: bool,
+                           layers: list[Slice | Sparse] | None = None) -> Buffer:
+        """Bytes ``[start, stop)`` of block ``idx`` (of ``layers``, oldest first; default:
+        the committed slices and local changes).
 
         A range one slice supplies whole (a streaming reader of a file written
         sequentially, the common case) is that slice's bytes as they are: a view of
@@ -288,7 +290,7 @@ class FileData:
         out: bytearray | None = None
         uncovered = [(start, stop)]
         wanted: list[tuple[Slice, int, int]] = []
-        for layer in reversed(self._layers(idx)):
+        for layer in reversed(self._layers(idx) if layers is None else layers):
             if not uncovered:
                 break
             rest: list[tuple[int, int]] = []
@@ -671,29 +673,36 @@ class FileData:
     async def _maintain(self) -> None:
         while self._todo:
             idx, move_all = self._todo.popitem()
-            async with self.lock:
-                work = None if idx in self.local else self._work(idx, move_all=move_all)
-                if work is None:
-                    continue  # written meanwhile (the next commit looks again), or done
-                try:
-                    await self._rewrite(idx, work)
-                except (SliceConflict, BlockMissing):
-                    # another commit changed the block (the compare-and-set refused, or a
-                    # piece of our view was freed meanwhile): read what it is now
+            work = None if idx in self.local else self._work(idx, move_all=move_all)
+            if work is None:
+                continue  # written meanwhile (the next commit looks again), or done
+            try:
+                await self._rewrite(idx, work)
+            except (SliceConflict, BlockMissing):
+                # another commit changed the block (the compare-and-set refused, or a
+                # piece of our view was freed meanwhile): read what it is now
+                async with self.lock:
                     with contextlib.suppress(ChunkfsError):
                         await self._refresh_committed()
-                except ChunkfsError as exc:  # a later commit or close tries again
-                    if isinstance(exc, FsError) and exc.errno == errno.ENOENT:
-                        # the file is gone (last link removed, purged): nothing to keep up
-                        log.debug("slice upkeep: file gone", extra={"ino": self.ino})
-                        return
-                    log.warning("slice upkeep failed", extra={"ino": self.ino, "block": idx,
-                                                              "work": work, "error": str(exc)})
+            except ChunkfsError as exc:  # a later commit or close tries again
+                if isinstance(exc, FsError) and exc.errno == errno.ENOENT:
+                    # the file is gone (last link removed, purged): nothing to keep up
+                    log.debug("slice upkeep: file gone", extra={"ino": self.ino})
                     return
+                log.warning("slice upkeep failed", extra={"ino": self.ino, "block": idx,
+                                                          "work": work, "error": str(exc)})
+                return
 
     async def _rewrite(self, idx: int, work: str) -> None:
-        """Store the same bytes of block ``idx`` otherwise, in one compare-and-set commit."""
-        view = self.committed.get(idx, [])
+        """Store the same bytes of block ``idx`` otherwise, in one compare-and-set commit.
+
+        The bytes are read and uploaded without the file's lock, from the committed view
+        only, so a commit of this file (the next fsync of a log or a WAL) never waits for
+        an upload of bytes that are durable already. Only the compare-and-set takes the
+        lock: if the view is still the start of the block's list (this mount appended on
+        top meanwhile), the rewritten view replaces it under what was appended since;
+        otherwise the upload is given back and a later commit looks again."""
+        view = list(self.committed.get(idx, []))
         if work == "move":  # inline slices into one object, each in its place in the list
             body, at = bytearray(), {}
             for s in view:
@@ -707,23 +716,29 @@ class FileData:
             # is rewritten a logarithmic number of times, however long the block's history)
             run = merge_run(view)
             lo, hi = min(s.pos for s in run), max(s.end for s in run)
-            ref = await self.blocks.put(bytearray(await self._block_range(idx, lo, hi, random=False)))
+            merged_bytes = await self._block_range(idx, lo, hi, random=False, layers=list(view))
+            ref = await self.blocks.put(bytearray(merged_bytes))
             merged = [Slice(ref.ref, 0, hi - lo, lo) if ref else Slice(ZERO, 0, hi - lo, lo)]
             new = sl.append(view[:len(view) - len(run)], merged)
         crash_point("before-upkeep-commit")
         try:
-            await self.meta.commit(self.ino, size=0, ops=[BlockOp(idx, "C", sl.encode(new),
-                                                                   sl.encode(view))],
-                                   settle=[ref.key] if ref else [], keep_times=True)
+            async with self.lock:
+                now = self.committed.get(idx, [])
+                if now[:len(view)] != view:  # truncated, or a big write dropped part of it
+                    raise SliceConflict(f"block {idx} of inode {self.ino} changed under its upkeep")
+                new += now[len(view):]
+                await self.meta.commit(self.ino, size=0, ops=[BlockOp(idx, "C", sl.encode(new),
+                                                                       sl.encode(now))],
+                                       settle=[ref.key] if ref else [], keep_times=True)
+                if new and not all(s.ref == ZERO for s in new):
+                    self.committed[idx] = new
+                else:
+                    self.committed.pop(idx, None)
         except BaseException:
             if ref is not None:
                 with contextlib.suppress(Exception):
                     await self.meta.settle_uploads([ref.key])
             raise
-        if new and not all(s.ref == ZERO for s in new):
-            self.committed[idx] = new
-        else:
-            self.committed.pop(idx, None)
         if self._work(idx, move_all=False):  # a merge may leave the block over a bound still
             self._todo.setdefault(idx, False)
 

@@ -151,3 +151,52 @@ def test_the_cache_is_bounded(clock: Clock) -> None:
     assert cache.attr(10) is None and cache.entry(1, b"f0") is None, "oldest dropped first"
     assert cache.entry(1, b"f999") is not None
     assert len(cache._attrs) <= 100 and len(cache._entries) <= 100
+
+
+def test_xattr_answers_found_or_missing_are_served_until_the_attribute_timeout(
+        cache: MetaCache, clock: Clock) -> None:
+    sent = clock.now
+    clock.now += 0.25
+    cache.put_xattr(5, b"security.capability", None, sent)
+    cache.put_xattr(5, b"user.k", b"v", sent)
+    assert cache.xattr(5, b"security.capability") == (None,), "a missing xattr is an answer too"
+    assert cache.xattr(5, b"user.k") == (b"v",)
+    assert cache.xattr(5, b"user.other") is None, "a name never asked is unknown"
+    assert cache.xattr(6, b"user.k") is None
+    clock.now = sent + 1.0
+    assert cache.xattr(5, b"security.capability") is None, "expired at attr-timeout after the request"
+    assert cache.xattr(5, b"user.k") is None
+
+
+def test_only_this_mounts_xattr_changes_forget_xattrs_and_older_answers_stay_out(
+        cache: MetaCache, clock: Clock) -> None:
+    cache.put_xattr(5, b"user.k", None, clock.now)
+    cache.forget(5)  # a flush, a truncate, a chmod: the data or attributes changed
+    assert cache.xattr(5, b"user.k") == (None,), "writing data leaves the xattrs cached"
+    sent = clock.now
+    clock.now += 0.1
+    cache.forget_xattrs(5)  # setxattr on this mount
+    assert cache.xattr(5, b"user.k") is None
+    cache.put_xattr(5, b"user.k", None, sent)
+    assert cache.xattr(5, b"user.k") is None, "an answer sent before the change may predate it"
+    cache.put_xattr(5, b"user.k", b"new", clock.now)
+    assert cache.xattr(5, b"user.k") == (b"new",)
+    cache.put_xattr(5, b"user.k", b"older", sent + 0.05)
+    assert cache.xattr(5, b"user.k") == (b"new",), "an older answer never replaces a newer one"
+
+
+def test_xattrs_are_not_cached_when_the_timeouts_are_zero(clock: Clock) -> None:
+    off = MetaCache(attr_timeout=0.0, entry_timeout=0.0, clock=clock)
+    off.put_xattr(5, b"user.k", b"v", clock.now)
+    assert off.xattr(5, b"user.k") is None
+
+
+def test_the_xattr_cache_is_bounded_and_drops_what_expired(clock: Clock) -> None:
+    small = MetaCache(attr_timeout=1.0, entry_timeout=1.0, clock=clock, limit=3)
+    for ino in range(10):
+        small.put_xattr(ino, b"security.capability", None, clock.now)
+    assert len(small._xattrs) == 3
+    assert small.xattr(9, b"security.capability") == (None,), "the newest are kept"
+    clock.now += 2.0
+    small.put_xattr(20, b"user.k", b"v", clock.now)
+    assert list(small._xattrs) == [20], "inodes whose answers all expired are dropped"
