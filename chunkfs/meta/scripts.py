@@ -158,12 +158,13 @@ local function vanished(old, new)
   return gone
 end
 -- inline slices whose bytes live in the inode's slices_key hash; a slice leaving its list takes
--- its bytes with it (inline ids are unique: one slice names each), unless ``keep`` (ref ->
--- true) still names it (a commit applied twice re-appends the same inline slice)
+-- its bytes with it unless ``keep`` (ref -> true: every slice the file still has) names its
+-- id: one small flush stores its ranges of a block under one id that several slices name,
+-- and a commit applied twice re-appends the same inline slice
 local function free_inline(ykey, gone, keep)
   local freed = 0
   for _, x in ipairs(gone) do
-    if string.sub(x[1], 1, 1) == '@' and not (keep and keep[x[1]]) then
+    if string.sub(x[1], 1, 1) == '@' and not keep[x[1]] then
       local id = string.sub(x[1], 2)
       freed = freed + redis.call('HSTRLEN', ykey, id)
       redis.call('HDEL', ykey, id)
@@ -514,17 +515,30 @@ if d then
   end
   redis.call('HSET', KEYS[2], F.data, nd)
 else
+  -- one inline id may be named by several slices (the ranges of one small flush): its
+  -- bytes go only when no slice the file keeps names it any more
   local all = redis.call('HGETALL', KEYS[3])
+  local gone_all, kept = {}, {}
   for i = 1, #all, 2 do
+    local v = all[i + 1]
     local keep = size - tonumber(all[i]) * bs
-    local before = extent_of(all[i + 1])
+    local before = extent_of(v)
     if before > keep then
-      local v, gone = trim_slices(all[i + 1], math.max(keep, 0))
+      local gone
+      v, gone = trim_slices(v, math.max(keep, 0))
       v = normalized(v)
       if v == '' then redis.call('HDEL', KEYS[3], all[i]) else redis.call('HSET', KEYS[3], all[i], v) end
-      free_inline(KEYS[4], gone, nil)
+      for _, x in ipairs(gone) do gone_all[#gone_all + 1] = x end
       delta = delta + extent_of(v) - before
     end
+    kept[#kept + 1] = v
+  end
+  if #gone_all > 0 then
+    local named = {}
+    for _, v in ipairs(kept) do
+      for _, x in ipairs(slice_list(v)) do named[x[1]] = true end
+    end
+    free_inline(KEYS[4], gone_all, named)
   end
 end
 redis.call('HSET', KEYS[2], F.size, ARGV[2], F.mtime, ARGV[4], F.ctime, ARGV[4])

@@ -381,19 +381,28 @@ async def test_the_file_accounts_for_what_it_buffers_and_what_its_commit_will_ch
     assert f.growth_of(5000, 10) == 4010  # until a write reaches into them
 
 
-@pytest.mark.xfail(strict=True, reason="TRUNCATE (chunkfs/meta/scripts.py) frees an inline "
-                   "slice's bytes that a slice it keeps still names (one id, several slices)")
+@pytest.mark.parametrize("cut", [0, 500, 1000, 10_000, 50_000, 50_500, 51_000, 120_000])
 async def test_a_truncate_through_one_small_flush_keeps_its_bytes_before_the_cut(
-        node: Nodes) -> None:
-    """One flush of two small ranges of a block stores them inline as one id named by two
-    slices; a truncation between them must keep the first range's bytes."""
+        node: Nodes, cut: int) -> None:
+    """One flush of small ranges of a block stores them inline as one id that several
+    slices name; a truncation anywhere (inside a range, between them, before or past all
+    of them) must keep every byte before the cut, and free the id's bytes only with its
+    last slice."""
     a = await node()
     ino = await new_file(a)
     f = await a.opened(ino)
-    head, tail = random.randbytes(1000), random.randbytes(1000)
-    await f.write(0, head)
-    await f.write(50_000, tail)  # past the inline limit: block slices, both in one generation
+    ranges = [(0, random.randbytes(1000)), (50_000, random.randbytes(1000)),
+              (100_000, random.randbytes(700))]
+    model = bytearray()
+    for off, data in ranges:  # past the inline limit: block slices, all in one generation
+        await f.write(off, data)
+        model[len(model):off] = bytes(off - len(model))
+        model[off:off + len(data)] = data
     await f.flush()
-    await f.truncate(10_000)  # drops the second slice only
+    await f.truncate(cut)
+    model = model[:cut] + bytes(max(0, cut - len(model)))
     reader = await (await node()).opened(ino)
-    assert await read_all(reader) == head + bytes(9000)
+    assert await read_all(reader) == bytes(model)
+    if cut == 0:  # nothing names the id any more: its bytes are gone from Redis
+        state = await a.meta.volume_state()
+        assert state is not None and state.slicebytes == 0
