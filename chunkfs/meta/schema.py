@@ -81,7 +81,8 @@ Redis Cluster hash tag, so every multi-key script of one volume runs on one shar
                                  pages_written, bytes_written; temp: the namespace id of the
                                  point-in-time copy a backup in progress exports (a leftover
                                  of a backup that died is deleted by the next one); kind (full
-                                 or incremental), captured (inodes the backup read from Redis)
+                                 or incremental), base (the backup it was made incrementally
+                                 from), captured (inodes the backup read from Redis)
     cfs{ID}:changed        SET   inode numbers changed since the capture of the backup that
                                  ``backup`` records (docs/dev/backup.md): every mutation script
                                  adds the inodes whose keys it wrote, while the set exists;
