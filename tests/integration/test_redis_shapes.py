@@ -217,7 +217,9 @@ class Appender:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.acks.append(float(line.split()[1]))
+            fields = line.split()
+            if len(fields) == 2:  # "<n> <time>"; anything else (a torn last line) is no ack
+                self.acks.append(float(fields[1]))
 
     def failed(self) -> bool:
         return self.proc.poll() not in (None, 0)
