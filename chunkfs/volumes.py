@@ -259,10 +259,9 @@ class VolumeService:
         began = time.monotonic()
         k = Keys(ns)
         async with backup.backup_lock(self.r, name, wait=wait):
-            leftover = await self._redis(lambda: self.r.hget(k.backup, "temp"))
+            leftover, last = await self._redis(lambda: self.r.hmget(k.backup, "temp", "id"))
             if leftover is not None:  # a backup that died midway
                 await self._redis(lambda: nsops.delete_namespace(self.r, leftover.decode()))
-            last = await self._redis(lambda: self.r.hget(k.backup, "id"))
             base = None if full or last is None else \
                 await backup.read_base(self.store, name, last.decode())
             tmp = nsops.new_namespace_id()

@@ -132,7 +132,8 @@ def _unfrozen(settings: dict[str, Any]) -> dict[str, Any]:
 # Change capture for an incremental backup (docs/dev/backup.md), one atomic step: the
 # changes noted since the last capture move from ``changed`` into ``capture`` (which keeps
 # those of a capture whose backup failed), and tracking goes on in a new ``changed``.
-# KEYS: vol, changed, capture ; ARGV: '1' to return the captured inodes
+# KEYS: vol, changed, capture ; ARGV: '1' to return the captured inodes, NO_INODE (the
+# member that keeps the new ``changed`` existing)
 #   ->  {1 if tracking was on, the inode numbers in capture (when asked and tracking was on)}
 _CAPTURE = lua(r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('NOVOL') end
